@@ -1,0 +1,17 @@
+"""Layers: causal depthwise convolution, MDHA, feed-forward, decoder block."""
+
+from keras_primer.layers.causal_depthwise_conv import (
+    CausalDepthwiseConv,
+    CausalSmoothingInitializer,
+)
+from keras_primer.layers.decoder_block import PrimerDecoderBlock
+from keras_primer.layers.feed_forward import FeedForward
+from keras_primer.layers.multi_dconv_head_attention import MultiDConvHeadAttention
+
+__all__ = [
+    "CausalDepthwiseConv",
+    "CausalSmoothingInitializer",
+    "FeedForward",
+    "MultiDConvHeadAttention",
+    "PrimerDecoderBlock",
+]

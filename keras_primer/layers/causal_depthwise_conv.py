@@ -1,0 +1,183 @@
+"""Causal depthwise convolution along the sequence axis of per-head tensors."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_primer")
+class CausalSmoothingInitializer(keras.initializers.Initializer):
+    """Initial depthwise taps: `current` on the newest tap, the rest on the past.
+
+    The Primer code from Google starts every channel as a causal smoother
+    (0.5 on the current position, 0.5 / 3 on each of the two previous ones
+    for width 3) rather than as the identity. Taps are laid out oldest first,
+    so the last entry along axis 0 multiplies the current position.
+    """
+
+    def __init__(self, current: float = 0.5, past_total: float = 1.0 / 3.0):
+        self.current = current
+        self.past_total = past_total
+
+    def __call__(self, shape, dtype=None):
+        kernel_size = shape[0]
+        past = self.past_total / max(kernel_size - 1, 1)
+        taps = [past] * (kernel_size - 1) + [self.current]
+        taps = ops.convert_to_tensor(taps, dtype=dtype or "float32")
+        taps = ops.reshape(taps, [kernel_size] + [1] * (len(shape) - 1))
+        return ops.broadcast_to(taps, shape)
+
+    def get_config(self):
+        return {"current": self.current, "past_total": self.past_total}
+
+
+@keras.saving.register_keras_serializable(package="keras_primer")
+class CausalDepthwiseConv(keras.layers.Layer):
+    """Causal depthwise 1-D convolution over `[batch, time, heads, head_dim]`.
+
+    Output at position `t` mixes inputs at `t - kernel_size + 1 .. t` with one
+    kernel per (head, channel), or, with `share_across_heads=True`, one kernel
+    per channel shared by every head (the layout of the labml-nn reference).
+    Positions before the start are zero, or come from `state` when decoding
+    incrementally: `state` holds the `kernel_size - 1` inputs that precede
+    `inputs`, and the call returns the rows that precede the next position.
+
+    Kernel taps are stored oldest first (`kernel[-1]` multiplies position
+    `t`), the order of PyTorch's `Conv1d` cross-correlation, so the identity
+    kernel is `(0, ..., 0, 1)`.
+
+    Args:
+        kernel_size: Number of taps, 1 or more.
+        share_across_heads: Share the per-channel kernels across heads.
+        use_bias: Add a learned per-channel bias after the convolution.
+        kernel_initializer: Initializer of the taps; defaults to the causal
+            smoother of the Primer code.
+        bias_initializer: Initializer of the bias.
+
+    Example:
+
+    >>> import numpy as np
+    >>> conv = CausalDepthwiseConv(kernel_size=3)
+    >>> x = np.arange(1, 6, dtype="float32").reshape(1, 5, 1, 1)
+    >>> conv.build(x.shape)
+    >>> conv.kernel.assign(np.array([100.0, 10.0, 1.0]).reshape(3, 1, 1))
+    >>> np.asarray(conv(x)).ravel()
+    array([  1.,  12., 123., 234., 345.], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 3,
+        share_across_heads: bool = False,
+        use_bias: bool = False,
+        kernel_initializer="causal_smoothing",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if int(kernel_size) < 1:
+            raise ValueError(
+                f"`kernel_size` must be at least 1. Received: {kernel_size}"
+            )
+        self.kernel_size = int(kernel_size)
+        self.share_across_heads = share_across_heads
+        self.use_bias = use_bias
+        if kernel_initializer == "causal_smoothing":
+            kernel_initializer = CausalSmoothingInitializer()
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    def build(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError(
+                "`CausalDepthwiseConv` expects inputs of shape "
+                f"[batch, time, heads, head_dim]. Received: {input_shape}"
+            )
+        num_heads, head_dim = input_shape[2], input_shape[3]
+        channel_shape = [head_dim] if self.share_across_heads else [num_heads, head_dim]
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=[self.kernel_size] + channel_shape,
+            initializer=self.kernel_initializer,
+        )
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias", shape=channel_shape, initializer=self.bias_initializer
+            )
+
+    @property
+    def state_length(self) -> int:
+        """Rows of history a decoding step needs: `kernel_size - 1`."""
+        return self.kernel_size - 1
+
+    def call(self, inputs, state=None, state_index=None):
+        """Convolves `inputs`; with `state`, also returns the next state.
+
+        Args:
+            inputs: `[batch, time, heads, head_dim]`. Rows that must not leak
+                into later positions (padding) should already be zero.
+            state: Optional `[batch, kernel_size - 1, heads, head_dim]`, the
+                inputs at the positions just before `inputs[:, 0]`.
+            state_index: Optional int tensor, relative to the first position of
+                `inputs`: the returned state holds the rows just before that
+                position. Defaults to `time` (the rows after the last input).
+
+        Returns:
+            The convolved tensor, or `(convolved, next_state)` when `state` is
+            given.
+        """
+        history = self.state_length
+        length = ops.shape(inputs)[1]
+        return_state = state is not None
+        if history == 0:
+            padded = inputs
+        elif state is None:
+            padded = ops.pad(inputs, [[0, 0], [history, 0], [0, 0], [0, 0]])
+        else:
+            padded = ops.concatenate([ops.cast(state, inputs.dtype), inputs], axis=1)
+        kernel = self._broadcast_kernel(inputs.dtype)
+        outputs = None
+        for tap in range(self.kernel_size):
+            window = padded[:, tap : tap + length]
+            term = window * kernel[tap]
+            outputs = term if outputs is None else outputs + term
+        if self.bias is not None:
+            outputs = outputs + self._broadcast(self.bias, inputs.dtype)
+        if not return_state:
+            return outputs
+        if history == 0:
+            return outputs, state
+        if state_index is None:
+            next_state = padded[:, -history:]
+        else:
+            rows = ops.arange(history, dtype="int32") + ops.cast(state_index, "int32")
+            next_state = ops.take(padded, rows, axis=1)
+        return outputs, next_state
+
+    def _broadcast_kernel(self, dtype):
+        kernel = ops.cast(self.kernel, dtype)
+        if self.share_across_heads:
+            kernel = ops.expand_dims(kernel, axis=1)
+        return kernel
+
+    def _broadcast(self, weight, dtype):
+        weight = ops.cast(weight, dtype)
+        if self.share_across_heads:
+            weight = ops.expand_dims(weight, axis=0)
+        return weight
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "kernel_size": self.kernel_size,
+                "share_across_heads": self.share_across_heads,
+                "use_bias": self.use_bias,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            }
+        )
+        return config

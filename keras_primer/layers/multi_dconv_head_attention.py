@@ -1,0 +1,257 @@
+"""Multi-DConv-Head Attention (MDHA), the attention of Primer EZ."""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_primer.layers.cache_utils import causal_attention_mask, write_rows
+from keras_primer.layers.causal_depthwise_conv import CausalDepthwiseConv
+
+
+@keras.saving.register_keras_serializable(package="keras_primer")
+class MultiDConvHeadAttention(keras.layers.Layer):
+    """Causal self-attention with a depthwise convolution after Q, K and V.
+
+    Each of the query, key and value projections is split into heads and then
+    convolved along the sequence by a causal depthwise convolution of width
+    `kernel_size` (zero history before the first position), before scaled
+    dot-product attention and the output projection. With `use_dconv=False`
+    this is standard causal multi-head attention, the Transformer baseline.
+
+    Incremental decoding keeps two tensors per layer: the post-convolution keys
+    and values of every position (`[batch, 2, max_length, heads, head_dim]`),
+    and the convolution state, the last `kernel_size - 1` pre-convolution rows
+    of q, k and v (`[batch, 3, kernel_size - 1, heads, head_dim]`).
+
+    Args:
+        num_heads: Number of attention heads.
+        key_dim: Size of each head.
+        kernel_size: Width of the depthwise convolutions.
+        use_dconv: Apply the depthwise convolutions (Primer); `False` gives
+            plain multi-head attention.
+        share_conv_kernels_across_heads: One set of per-channel kernels used by
+            every head, as in the labml-nn reference, instead of one kernel per
+            (head, channel) as in the paper.
+        conv_bias: Learned bias after each convolution (labml-nn has one).
+        dropout: Dropout rate on the attention probabilities.
+        use_bias: Biases in the Q, K, V and output projections.
+        kernel_initializer: Initializer of the projection kernels.
+        bias_initializer: Initializer of the projection biases.
+        conv_kernel_initializer: Initializer of the convolution taps.
+
+    Example:
+
+    >>> import numpy as np
+    >>> attention = MultiDConvHeadAttention(num_heads=2, key_dim=4)
+    >>> x = np.random.rand(1, 5, 8).astype("float32")
+    >>> attention(x).shape
+    (1, 5, 8)
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        key_dim: int,
+        kernel_size: int = 3,
+        use_dconv: bool = True,
+        share_conv_kernels_across_heads: bool = False,
+        conv_bias: bool = False,
+        dropout: float = 0.0,
+        use_bias: bool = True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        conv_kernel_initializer="causal_smoothing",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.kernel_size = kernel_size
+        self.use_dconv = use_dconv
+        self.share_conv_kernels_across_heads = share_conv_kernels_across_heads
+        self.conv_bias = conv_bias
+        self.dropout = dropout
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.conv_kernel_initializer = conv_kernel_initializer
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        common = dict(
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            dtype=self.dtype_policy,
+        )
+        head_shape = (None, self.num_heads, self.key_dim)
+        head_bias = "de" if self.use_bias else None
+        self.query_dense = keras.layers.EinsumDense(
+            "abc,cde->abde", head_shape, bias_axes=head_bias, name="query", **common
+        )
+        self.key_dense = keras.layers.EinsumDense(
+            "abc,cde->abde", head_shape, bias_axes=head_bias, name="key", **common
+        )
+        self.value_dense = keras.layers.EinsumDense(
+            "abc,cde->abde", head_shape, bias_axes=head_bias, name="value", **common
+        )
+        self.output_dense = keras.layers.EinsumDense(
+            "abcd,cde->abe",
+            (None, hidden_dim),
+            bias_axes="e" if self.use_bias else None,
+            name="attention_output",
+            **common,
+        )
+        for dense in (self.query_dense, self.key_dense, self.value_dense):
+            dense.build(input_shape)
+        heads_shape = tuple(input_shape[:-1]) + (self.num_heads, self.key_dim)
+        self.output_dense.build(heads_shape)
+        self.convs = []
+        if self.use_dconv:
+            for name in ("query_conv", "key_conv", "value_conv"):
+                conv = CausalDepthwiseConv(
+                    kernel_size=self.kernel_size,
+                    share_across_heads=self.share_conv_kernels_across_heads,
+                    use_bias=self.conv_bias,
+                    kernel_initializer=self.conv_kernel_initializer,
+                    dtype=self.dtype_policy,
+                    name=name,
+                )
+                conv.build(heads_shape)
+                self.convs.append(conv)
+        self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+        self.built = True
+
+    @property
+    def conv_state_length(self) -> int:
+        """Rows of pre-convolution history a decoding step needs (0 if none)."""
+        return self.kernel_size - 1 if self.use_dconv else 0
+
+    def call(
+        self,
+        inputs,
+        padding_mask=None,
+        cache=None,
+        cache_update_index=None,
+        conv_state_index=None,
+        training=None,
+    ):
+        """Causal self-attention over `inputs` (`[batch, length, hidden]`).
+
+        Args:
+            inputs: Hidden states.
+            padding_mask: Bool `[batch, length]` (no cache) or
+                `[batch, max_length]` (with a cache): False marks padding,
+                which no query attends to and which the convolutions see as
+                zeros. None means no padding.
+            cache: Optional dict with `"key_value"` and, if the layer has
+                convolutions of width > 1, `"conv"` (see the class docstring).
+                Enables incremental decoding.
+            cache_update_index: Position of `inputs[:, 0]` in the sequence;
+                required with `cache`.
+            conv_state_index: Optional position (relative to `inputs[:, 0]`)
+                before which the returned convolution state is taken; defaults
+                to just after the last input.
+            training: Enables attention dropout.
+
+        Returns:
+            The attention output, or `(output, next_cache)` with a cache.
+        """
+        length = ops.shape(inputs)[1]
+        query_mask = padding_mask
+        start = 0
+        if cache is not None:
+            if cache_update_index is None:
+                raise ValueError("`cache_update_index` is required with `cache`.")
+            start = cache_update_index
+            if padding_mask is not None:
+                rows = ops.arange(length, dtype="int32") + ops.cast(start, "int32")
+                query_mask = ops.take(padding_mask, rows, axis=1)
+
+        projections = [
+            self.query_dense(inputs),
+            self.key_dense(inputs),
+            self.value_dense(inputs),
+        ]
+        if query_mask is not None:
+            keep = ops.cast(query_mask, projections[0].dtype)[:, :, None, None]
+            projections = [p * keep for p in projections]
+
+        next_conv_state = None
+        if self.convs:
+            states = [None] * 3
+            has_state = cache is not None and self.conv_state_length > 0
+            if has_state:
+                states = [cache["conv"][:, i] for i in range(3)]
+            convolved, next_states = [], []
+            for conv, projection, state in zip(self.convs, projections, states):
+                if has_state:
+                    out, new_state = conv(projection, state=state, state_index=conv_state_index)
+                    next_states.append(new_state)
+                else:
+                    out = conv(projection)
+                convolved.append(out)
+            projections = convolved
+            if has_state:
+                next_conv_state = ops.stack(next_states, axis=1)
+        query, key, value = projections
+
+        if cache is None:
+            attended = self._attend(
+                query, key, value, padding_mask, query_start=0, training=training
+            )
+            return self.output_dense(attended)
+
+        key_value = cache["key_value"]
+        key_cache = write_rows(key_value[:, 0], key, start)
+        value_cache = write_rows(key_value[:, 1], value, start)
+        attended = self._attend(
+            query, key_cache, value_cache, padding_mask, query_start=start, training=training
+        )
+        next_cache = {"key_value": ops.stack([key_cache, value_cache], axis=1)}
+        if next_conv_state is not None:
+            next_cache["conv"] = next_conv_state
+        return self.output_dense(attended), next_cache
+
+    def _attend(self, query, key, value, key_padding_mask, query_start, training):
+        scale = 1.0 / math.sqrt(self.key_dim)
+        query_length, key_length = ops.shape(query)[1], ops.shape(key)[1]
+        use_dropout = training and self.dropout > 0
+        is_plain_causal = key_padding_mask is None and isinstance(query_start, int) and query_start == 0
+        if not use_dropout and is_plain_causal:
+            return ops.dot_product_attention(query, key, value, scale=scale, is_causal=True)
+        mask = causal_attention_mask(query_length, key_length, query_start, key_padding_mask)
+        if not use_dropout:
+            return ops.dot_product_attention(query, key, value, mask=mask, scale=scale)
+        # dot_product_attention has no dropout on the probabilities: spell it out.
+        scores = ops.einsum("bqhd,bkhd->bhqk", query, key) * ops.cast(scale, query.dtype)
+        scores = ops.cast(scores, "float32")
+        scores = ops.where(mask, scores, ops.full_like(scores, -1e9))
+        probabilities = ops.cast(ops.softmax(scores, axis=-1), query.dtype)
+        probabilities = self.dropout_layer(probabilities, training=training)
+        return ops.einsum("bhqk,bkhd->bqhd", probabilities, value)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "key_dim": self.key_dim,
+                "kernel_size": self.kernel_size,
+                "use_dconv": self.use_dconv,
+                "share_conv_kernels_across_heads": self.share_conv_kernels_across_heads,
+                "conv_bias": self.conv_bias,
+                "dropout": self.dropout,
+                "use_bias": self.use_bias,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+                "conv_kernel_initializer": self.conv_kernel_initializer
+                if isinstance(self.conv_kernel_initializer, str)
+                else keras.initializers.serialize(self.conv_kernel_initializer),
+            }
+        )
+        return config

@@ -1,0 +1,1 @@
+"""Model families: `primer` (Primer EZ and the Transformer baseline)."""

@@ -1,0 +1,101 @@
+"""Pieces shared by the causal LMs: input checks and generation post-processing."""
+
+import numpy as np
+from keras import ops
+
+from keras_hub.src.utils.tensor_utils import any_equal
+
+from keras_primer.utils.validation import check_token_ids
+
+
+def finish_generation(token_ids, padding_mask, stop_token_ids):
+    """Marks everything after the first generated stop token as padding."""
+    if stop_token_ids is None:
+        return {"token_ids": token_ids, "padding_mask": ops.ones_like(token_ids, dtype="bool")}
+    end_locations = ops.cast(
+        any_equal(token_ids, stop_token_ids, ops.logical_not(padding_mask)), "int32"
+    )
+    cumsum = ops.cast(ops.cumsum(end_locations, axis=-1), "int32")
+    overflow = cumsum - end_locations
+    return {"token_ids": token_ids, "padding_mask": ops.logical_not(ops.cast(overflow, "bool"))}
+
+
+def _as_prompt_list(inputs):
+    if isinstance(inputs, (str, bytes)):
+        return [inputs]
+    if isinstance(inputs, (list, tuple)) and all(isinstance(x, (str, bytes)) for x in inputs):
+        return list(inputs)
+    if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "USO":
+        return [x for x in inputs.reshape(-1)]
+    return None
+
+
+class GenerateInputChecks:
+    """Mixin for `CausalLM` subclasses: clear errors before `generate`/`fit`.
+
+    Checks that prompts are non-empty strings that fit in `max_length`, that
+    `max_length` fits the backbone, and that token-id inputs (NumPy or eager
+    tensors) hold ids inside the vocabulary.
+    """
+
+    def _check_features(self, x):
+        if isinstance(x, tuple) and x:
+            x = x[0]
+        if isinstance(x, dict) and "token_ids" in x:
+            backbone = self.backbone
+            check_token_ids(x["token_ids"], backbone.vocabulary_size, backbone.max_sequence_length)
+
+    def fit(self, x=None, *args, **kwargs):
+        self._check_features(x)
+        return super().fit(x, *args, **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        self._check_features(x)
+        return super().evaluate(x, *args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        self._check_features(x)
+        return super().predict(x, *args, **kwargs)
+
+    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
+        backbone = self.backbone
+        if max_length is None and self.preprocessor is not None:
+            max_length = self.preprocessor.sequence_length
+        if max_length is not None and not 1 <= int(max_length) <= backbone.max_sequence_length:
+            raise ValueError(
+                f"`max_length` must be between 1 and the model's "
+                f"max_sequence_length={backbone.max_sequence_length}. "
+                f"Received: {max_length}"
+            )
+        prompts = _as_prompt_list(inputs)
+        if prompts is not None and self.preprocessor is not None:
+            self._check_prompts(prompts, max_length)
+        elif isinstance(inputs, dict):
+            self._check_features(inputs)
+        return super().generate(
+            inputs, max_length=max_length, stop_token_ids=stop_token_ids, strip_prompt=strip_prompt
+        )
+
+    def _check_prompts(self, prompts, max_length):
+        if not prompts:
+            raise ValueError("`generate()` received no prompts; pass a string or a list of strings.")
+        tokenizer = self.preprocessor.tokenizer
+        start = 1 if self.preprocessor.add_start_token else 0
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, bytes):
+                prompt = prompt.decode("utf-8", errors="replace")
+            if not isinstance(prompt, str):
+                raise ValueError(
+                    f"Prompts must be strings. Prompt {i} has type {type(prompt).__name__}."
+                )
+            if prompt == "":
+                raise ValueError(
+                    f"Prompt {i} is empty. `generate()` needs at least one character of prompt text."
+                )
+            num_tokens = len(np.asarray(tokenizer(prompt)).reshape(-1)) + start
+            if max_length is not None and num_tokens > max_length:
+                raise ValueError(
+                    f"Prompt {i} is {num_tokens} tokens long (start token included), "
+                    f"more than max_length={max_length}. Shorten the prompt or raise "
+                    "`max_length`; prompts are never truncated silently."
+                )

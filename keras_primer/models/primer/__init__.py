@@ -1,0 +1,4 @@
+from keras_primer.models.primer.primer_backbone import PrimerBackbone
+from keras_primer.models.primer.primer_causal_lm import PrimerCausalLM
+from keras_primer.models.primer.primer_causal_lm_preprocessor import PrimerCausalLMPreprocessor
+from keras_primer.models.primer.primer_tokenizer import PrimerTokenizer

@@ -1,0 +1,187 @@
+"""Primer EZ causal language model with cached generation."""
+
+import keras
+import numpy as np
+from keras import ops
+from keras_hub.metrics import Perplexity
+from keras_hub.models import CausalLM
+
+from keras_primer.models.primer.primer_backbone import PrimerBackbone
+from keras_primer.models.primer.primer_causal_lm_preprocessor import (
+    PrimerCausalLMPreprocessor,
+)
+from keras_primer.models.generation import (
+    GenerateInputChecks,
+    finish_generation,
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_primer")
+class PrimerCausalLM(GenerateInputChecks, CausalLM):
+    """Next-token prediction head on a `PrimerBackbone`, with `generate()`.
+
+    `fit()` trains on strings when a preprocessor is attached (or on
+    `{"token_ids", "padding_mask"}` dicts without one); `generate()` decodes
+    with keras-hub samplers (`compile(sampler="greedy" | "top_k" | "top_p")`)
+    and a key/value + convolution-state cache, one step per new token.
+
+    Args:
+        backbone: A `PrimerBackbone`.
+        preprocessor: A `PrimerCausalLMPreprocessor` or None.
+
+    Example:
+
+    >>> from keras_primer import (PrimerBackbone, PrimerCausalLM,
+    ...     PrimerCausalLMPreprocessor, PrimerTokenizer)
+    >>> backbone = PrimerBackbone(vocabulary_size=256, num_layers=1,
+    ...     num_heads=2, hidden_dim=16, intermediate_dim=32,
+    ...     max_sequence_length=64)
+    >>> preprocessor = PrimerCausalLMPreprocessor(PrimerTokenizer(), sequence_length=32)
+    >>> lm = PrimerCausalLM(backbone, preprocessor)
+    >>> lm.compile(sampler="greedy")
+    >>> lm.generate("ROMEO:", max_length=16).startswith("ROMEO:")
+    True
+    """
+
+    backbone_cls = PrimerBackbone
+    preprocessor_cls = PrimerCausalLMPreprocessor
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+
+        # === Functional model ===
+        inputs = backbone.input
+        hidden_states = backbone(inputs)
+        outputs = backbone.token_embedding(hidden_states, reverse=True)
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="top_k", **kwargs):
+        """keras-hub defaults, plus perplexity among the metrics."""
+        if weighted_metrics == "auto":
+            weighted_metrics = [
+                keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                Perplexity(from_logits=True, name="perplexity"),
+            ]
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            weighted_metrics=weighted_metrics,
+            sampler=sampler,
+            **kwargs,
+        )
+
+    # === Cached decoding ===
+
+    def call_with_cache(
+        self,
+        token_ids,
+        cache,
+        cache_update_index,
+        padding_mask=None,
+        conv_state_index=None,
+    ):
+        """Forward pass for `token_ids` at `cache_update_index`, reusing `cache`.
+
+        Args:
+            token_ids: int `[batch, n]`, the tokens at positions
+                `cache_update_index .. cache_update_index + n - 1`.
+            cache: dict from `_build_cache()`: `"key_value"` `[batch,
+                num_layers, 2, max_length, num_heads, head_dim]` (post-conv
+                keys/values) and, with convolutions, `"conv"` `[batch,
+                num_layers, 3, kernel_size - 1, num_heads, head_dim]` (the
+                pre-conv q, k, v rows before the next position).
+            cache_update_index: int (tensor), position of `token_ids[:, 0]`.
+            padding_mask: Optional `[batch, max_length]` mask of the whole
+                sequence (False = padding, on either side); None = no padding.
+            conv_state_index: Optional position, relative to
+                `cache_update_index`, before which the returned conv state is
+                taken (default: after the last token).
+
+        Returns:
+            `(logits, hidden_states, next_cache)`.
+        """
+        backbone = self.backbone
+        x = backbone.embed(token_ids, padding_mask, start_index=cache_update_index)
+        key_values, conv_states = [], []
+        for i, block in enumerate(backbone.transformer_layers):
+            layer_cache = {"key_value": cache["key_value"][:, i]}
+            if "conv" in cache:
+                layer_cache["conv"] = cache["conv"][:, i]
+            x, next_layer_cache = block(
+                x,
+                padding_mask=padding_mask,
+                cache=layer_cache,
+                cache_update_index=cache_update_index,
+                conv_state_index=conv_state_index,
+            )
+            key_values.append(next_layer_cache["key_value"])
+            if "conv" in next_layer_cache:
+                conv_states.append(next_layer_cache["conv"])
+        next_cache = {"key_value": ops.stack(key_values, axis=1)}
+        if conv_states:
+            next_cache["conv"] = ops.stack(conv_states, axis=1)
+        hidden_states = backbone.layer_norm(x)
+        logits = backbone.token_embedding(hidden_states, reverse=True)
+        return logits, hidden_states, next_cache
+
+    def empty_cache(self, batch_size, max_length):
+        """A zero cache for sequences of up to `max_length` tokens."""
+        backbone = self.backbone
+        heads = [backbone.num_heads, backbone.head_dim]
+        cache = {
+            "key_value": ops.zeros(
+                [batch_size, backbone.num_layers, 2, max_length] + heads,
+                dtype=self.compute_dtype,
+            )
+        }
+        if backbone.conv_state_length:
+            cache["conv"] = ops.zeros(
+                [batch_size, backbone.num_layers, 3, backbone.conv_state_length] + heads,
+                dtype=self.compute_dtype,
+            )
+        return cache
+
+    def _build_cache(self, token_ids, padding_mask=None, conv_state_index=None):
+        """Prefills a cache with `token_ids`; returns `(hidden_states, cache)`."""
+        batch_size, max_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        cache = self.empty_cache(batch_size, max_length)
+        _, hidden_states, cache = self.call_with_cache(
+            token_ids,
+            cache,
+            0,
+            padding_mask=padding_mask,
+            conv_state_index=conv_state_index,
+        )
+        return hidden_states, cache
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """One compiled generation call for a batch of right-padded prompts."""
+        token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+        row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
+        index = ops.min(row_lengths)
+        # The first step recomputes position `index - 1`, so the conv state
+        # must hold the rows before it, not the rows after the padded end.
+        hidden_states, cache = self._build_cache(token_ids, conv_state_index=index - 1)
+
+        def next(prompt, cache, index):
+            cache_update_index = index - 1
+            batch_size = ops.shape(prompt)[0]
+            prompt = ops.slice(prompt, [0, cache_update_index], [batch_size, 1])
+            logits, hidden_states, cache = self.call_with_cache(
+                prompt, cache, cache_update_index
+            )
+            return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
+
+        token_ids = self.sampler(
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=index,
+            mask=padding_mask,
+            stop_token_ids=stop_token_ids,
+            hidden_states=hidden_states,
+            model=self,
+        )
+        return finish_generation(token_ids, padding_mask, stop_token_ids)
