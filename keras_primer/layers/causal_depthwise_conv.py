@@ -24,7 +24,7 @@ class CausalSmoothingInitializer(keras.initializers.Initializer):
         taps = [past] * (kernel_size - 1) + [self.current]
         taps = ops.convert_to_tensor(taps, dtype=dtype or "float32")
         taps = ops.reshape(taps, [kernel_size] + [1] * (len(shape) - 1))
-        return ops.broadcast_to(taps, shape)
+        return taps * ops.ones(shape, dtype=taps.dtype)  # a real tensor, not a broadcast view
 
     def get_config(self):
         return {"current": self.current, "past_total": self.past_total}

@@ -1,0 +1,19 @@
+"""Production export: TF Serving SavedModel, ONNX, ONNX Runtime generation.
+
+`export_model("model.keras", "out/")` writes
+
+    out/serving/models.config
+    out/serving/<name>/<version>/          (SavedModel, TF Serving layout)
+    out/onnx/model.onnx, decoder_step.onnx, export_config.json (+ int8)
+
+Whatever backend trained the model, the export runs under the TensorFlow
+backend: in this process when it already uses it, else in a
+`KERAS_BACKEND=tensorflow` subprocess.
+
+Submodules: `saved_model`, `onnx_export` (TensorFlow backend), and
+`ort_generator`, `serving_client` (NumPy + onnxruntime / TF Serving API only).
+"""
+
+from keras_primer.export.command import export_model
+
+__all__ = ["export_model"]

@@ -1,0 +1,400 @@
+"""SavedModel export for TensorFlow Serving (TensorFlow backend only).
+
+`export_saved_model(model, base_dir, name, version)` writes
+
+    base_dir/
+      models.config                       # TF Serving model config
+      <name>/<version>/saved_model.pb     # signatures below, float32 weights
+      <name>/<version>/variables/
+      <name>/<version>/assets.extra/tf_serving_warmup_requests
+
+Signatures (all traced with `jit_compile=False`, core TensorFlow ops only):
+
+* `serving_default`: `token_ids` int32 `[batch, length]`, `padding_mask`
+  int32 `[batch, length]` -> `logits` float32 `[batch, length, vocab]`.
+* `generate`: `prompts` string `[batch]` -> `outputs` (prompt + completion,
+  special tokens removed, as `CausalLM.generate` returns) and `completions`
+  (the new text only), greedy, `default_max_new_tokens` new tokens at most.
+* `generate_with_options`: `prompts`, `max_new_tokens` int32 `[]`,
+  `temperature` float32 `[]` (0 = greedy), `top_k` int32 `[]` (0 = off),
+  `top_p` float32 `[]` (1 = off), `seed` int32 `[]`; same outputs.
+
+TF Serving requires every input of a signature in each request, so the
+optional inputs live in a second signature instead of being optional.
+Byte tokenization and detokenization happen in the graph (`bytes_split`,
+`decode_raw`, a 256-entry byte table, `reduce_join`, `unicode_transcode`),
+and the decoding loop is a `tf.while_loop` over the fixed-shape cache.
+"""
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from keras_primer.export.adapters import get_adapter
+
+FORBIDDEN_OPS = ("PyFunc", "EagerPyFunc", "PyFuncStateless", "_XlaCompile", "_XlaRun", "XlaLaunch")
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+NEG_INF = -1e9
+
+
+def _byte_table():
+    return tf.constant([bytes([i]) for i in range(256)])
+
+
+class GenerationGraph:
+    """The TensorFlow functions behind the signatures, for one adapter."""
+
+    def __init__(self, adapter, default_max_new_tokens=32):
+        self.adapter = adapter
+        limit = adapter.max_sequence_length - (2 if adapter.add_start_token else 1)
+        if not 1 <= default_max_new_tokens <= limit:
+            raise ValueError(
+                f"`default_max_new_tokens` must be between 1 and {limit} for a model "
+                f"with max_sequence_length={adapter.max_sequence_length}. "
+                f"Received: {default_max_new_tokens}"
+            )
+        self.default_max_new_tokens = int(default_max_new_tokens)
+
+    # === serving_default ===
+    def logits(self, token_ids, padding_mask):
+        a = self.adapter
+        shape = tf.shape(token_ids)
+        checks = [
+            tf.debugging.assert_equal(
+                tf.shape(padding_mask), shape,
+                message="`padding_mask` must have the shape of `token_ids` [batch, length].",
+            ),
+            tf.debugging.assert_positive(shape[1], message="`token_ids` must hold at least one token."),
+            tf.debugging.assert_less_equal(
+                shape[1], a.max_sequence_length,
+                message=f"`token_ids` is longer than the model's max_sequence_length={a.max_sequence_length}.",
+            ),
+            tf.debugging.assert_non_negative(token_ids, message="`token_ids` contains a negative id."),
+            tf.debugging.assert_less(
+                token_ids, a.vocabulary_size,
+                message=f"`token_ids` contains an id >= vocabulary_size={a.vocabulary_size}.",
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            token_ids = tf.identity(token_ids)
+            padding_mask = tf.identity(padding_mask)
+        logits = a.logits(token_ids, padding_mask)
+        return {"logits": tf.cast(logits, tf.float32)}
+
+    # === generate ===
+    def tokenize(self, prompts):
+        a = self.adapter
+        pieces = tf.strings.bytes_split(prompts)
+        ids = tf.ragged.map_flat_values(tf.io.decode_raw, pieces, tf.uint8)
+        ids = tf.cast(tf.squeeze(ids, -1), tf.int32)
+        if a.add_start_token:
+            starts = tf.RaggedTensor.from_tensor(tf.fill([tf.shape(prompts)[0], 1], a.start_id))
+            ids = tf.concat([starts, ids], axis=1)
+        return ids
+
+    def detokenize(self, token_ids, keep):
+        pieces = tf.gather(_byte_table(), tf.ragged.boolean_mask(token_ids, keep))
+        text = tf.strings.reduce_join(pieces, axis=-1)
+        return tf.strings.unicode_transcode(
+            text, "UTF-8", "UTF-8", errors="replace", replacement_char=65533
+        )
+
+    def choose(self, logits, options, step):
+        """Next ids from `[batch, vocab]` logits: greedy or sampled."""
+        logits = tf.cast(logits, tf.float32)
+        vocab = self.adapter.vocabulary_size
+        sorted_logits, sorted_ids = tf.math.top_k(logits, k=vocab)
+        greedy = sorted_ids[:, 0]
+        if options is None:
+            return greedy
+        temperature, top_k, top_p, seed = options
+        scaled = sorted_logits / tf.maximum(temperature, 1e-6)
+        probabilities = tf.nn.softmax(scaled, axis=-1)
+        mass_before = tf.cumsum(probabilities, axis=-1, exclusive=True)
+        rank = tf.range(vocab)[None, :]
+        k = tf.where(top_k > 0, top_k, vocab)
+        keep = tf.logical_and(rank < k, mass_before < top_p)
+        keep = tf.logical_or(keep, tf.equal(rank, 0))
+        masked = tf.where(keep, scaled, NEG_INF)
+        choice = tf.random.stateless_categorical(
+            masked, 1, seed=tf.stack([seed, step]), dtype=tf.int32
+        )
+        sampled = tf.gather(sorted_ids, choice[:, 0], batch_dims=1)
+        return tf.where(temperature > 0, sampled, greedy)
+
+    def generate(self, prompts, max_new_tokens, options=None):
+        a = self.adapter
+        prompts = tf.convert_to_tensor(prompts)
+        max_new_tokens = tf.cast(max_new_tokens, tf.int32)
+        byte_lengths = tf.strings.length(prompts, unit="BYTE")
+        extra = 1 if a.add_start_token else 0
+        checks = [
+            tf.debugging.assert_equal(tf.rank(prompts), 1, message="`prompts` must be a 1-D batch of strings."),
+            tf.debugging.assert_positive(tf.size(prompts), message="`prompts` is empty: send at least one prompt."),
+            tf.debugging.assert_positive(
+                byte_lengths, message="Every prompt must be a non-empty string (a prompt is empty)."
+            ),
+            tf.debugging.assert_greater_equal(
+                max_new_tokens, 1, message="`max_new_tokens` must be at least 1."
+            ),
+            tf.debugging.assert_less_equal(
+                byte_lengths + extra + max_new_tokens,
+                a.max_sequence_length,
+                message=(
+                    "Prompt bytes + start token + `max_new_tokens` exceed the model's "
+                    f"max_sequence_length={a.max_sequence_length}: shorten the prompt or "
+                    "lower `max_new_tokens`."
+                ),
+            ),
+        ]
+        if options is not None:
+            temperature, top_k, top_p, _ = options
+            checks += [
+                tf.debugging.assert_non_negative(temperature, message="`temperature` must be >= 0 (0 = greedy)."),
+                tf.debugging.assert_non_negative(top_k, message="`top_k` must be >= 0 (0 = off)."),
+                tf.debugging.assert_positive(top_p, message="`top_p` must be in (0, 1]."),
+                tf.debugging.assert_less_equal(top_p, 1.0, message="`top_p` must be in (0, 1]."),
+            ]
+        with tf.control_dependencies(checks):
+            prompts = tf.identity(prompts)
+            max_new_tokens = tf.identity(max_new_tokens)
+
+        ids = self.tokenize(prompts)
+        lengths = tf.cast(ids.row_lengths(), tf.int32)
+        batch_size = tf.shape(lengths)[0]
+        total = tf.reduce_max(lengths) + max_new_tokens
+        tokens = ids.to_tensor(default_value=a.pad_id)
+        tokens = tf.pad(tokens, [[0, 0], [0, max_new_tokens]], constant_values=a.pad_id)
+        limits = lengths + max_new_tokens
+        start = tf.reduce_min(lengths)
+
+        state = a.empty_state(batch_size, total)
+        logits, state = a.step(tokens[:, :start], state, 0)
+        last_logits = logits[:, -1]
+        positions = tf.range(total)[None, :]
+
+        def cond(p, tokens, state, last_logits, done):
+            return tf.logical_and(p < total, tf.logical_not(tf.reduce_all(done)))
+
+        def body(p, tokens, state, last_logits, done):
+            chosen = self.choose(last_logits, options, p)
+            in_prompt = p < lengths
+            prompt_token = tf.gather(tokens, p, axis=1)
+            chosen = tf.where(in_prompt, prompt_token, chosen)
+            tokens = tf.where(tf.equal(positions, p), chosen[:, None], tokens)
+            ended = tf.logical_and(tf.logical_not(in_prompt), tf.equal(chosen, a.end_id))
+            done = done | ended | (p + 1 >= limits)
+            logits, state = a.step(chosen[:, None], state, p)
+            return p + 1, tokens, state, logits[:, -1], done
+
+        done = tf.zeros([batch_size], tf.bool)
+        _, tokens, _, _, _ = tf.while_loop(
+            cond,
+            body,
+            (start, tokens, state, last_logits, done),
+            maximum_iterations=total - start,
+        )
+
+        valid = positions < limits[:, None]
+        generated = positions >= lengths[:, None]
+        ends = tf.cast(generated & valid & tf.equal(tokens, a.end_id), tf.int32)
+        after_end = (tf.cumsum(ends, axis=1) - ends) > 0
+        keep = valid & tf.logical_not(after_end)
+        for special in sorted({a.start_id, a.end_id, a.pad_id}):
+            keep = keep & tf.not_equal(tokens, special)
+        return {
+            "outputs": self.detokenize(tokens, keep),
+            "completions": self.detokenize(tokens, keep & generated),
+            "num_new_tokens": tf.reduce_sum(
+                tf.cast(generated & valid & tf.logical_not(after_end), tf.int32), axis=1
+            ),
+        }
+
+
+def build_module(model, default_max_new_tokens=32):
+    """A `tf.Module` holding the model variables and the three signatures."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            "SavedModel export runs under the TensorFlow backend. Use "
+            "`keras_primer.export.export_model(...)` or `keras-primer export`, "
+            "which start a KERAS_BACKEND=tensorflow subprocess when needed."
+        )
+    adapter = get_adapter(model)
+    graph = GenerationGraph(adapter, default_max_new_tokens)
+    module = tf.Module()
+    module.model_variables = list(model.variables)
+    module.model = model  # keeps the Keras objects tracked for the signatures
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], tf.int32, name="token_ids"),
+            tf.TensorSpec([None, None], tf.int32, name="padding_mask"),
+        ],
+        jit_compile=False,
+        autograph=False,
+    )
+    def serving_default(token_ids, padding_mask):
+        return graph.logits(token_ids, padding_mask)
+
+    @tf.function(
+        input_signature=[tf.TensorSpec([None], tf.string, name="prompts")],
+        jit_compile=False,
+        autograph=False,
+    )
+    def generate(prompts):
+        return graph.generate(prompts, tf.constant(graph.default_max_new_tokens))
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None], tf.string, name="prompts"),
+            tf.TensorSpec([], tf.int32, name="max_new_tokens"),
+            tf.TensorSpec([], tf.float32, name="temperature"),
+            tf.TensorSpec([], tf.int32, name="top_k"),
+            tf.TensorSpec([], tf.float32, name="top_p"),
+            tf.TensorSpec([], tf.int32, name="seed"),
+        ],
+        jit_compile=False,
+        autograph=False,
+    )
+    def generate_with_options(prompts, max_new_tokens, temperature, top_k, top_p, seed):
+        return graph.generate(prompts, max_new_tokens, (temperature, top_k, top_p, seed))
+
+    module.serving_default = serving_default
+    module.generate = generate
+    module.generate_with_options = generate_with_options
+    signatures = {
+        "serving_default": serving_default.get_concrete_function(),
+        "generate": generate.get_concrete_function(),
+        "generate_with_options": generate_with_options.get_concrete_function(),
+    }
+    return module, signatures, adapter
+
+
+def warmup_requests(model_name, adapter, default_max_new_tokens):
+    """`PredictRequest`s that exercise each signature once (small inputs)."""
+    from keras_primer.export import serving_client as sc
+
+    token_ids = [[adapter.start_id, 72, 105], [adapter.start_id, 33, adapter.pad_id]]
+    requests = [
+        sc.grpc_request(model_name, *sc.logits_inputs(token_ids, [[1, 1, 1], [1, 1, 0]])),
+        sc.grpc_request(model_name, *sc.generate_inputs(["Hi", "The"])),
+        sc.grpc_request(
+            model_name,
+            *sc.generate_inputs(
+                ["Hi"], max_new_tokens=max(1, min(4, default_max_new_tokens)),
+                temperature=0.8, top_k=5, top_p=0.9, seed=1,
+            ),
+        ),
+    ]
+    return requests
+
+
+def write_warmup(version_dir, requests):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = os.path.join(version_dir, WARMUP_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        for req in requests:
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=req)
+            )
+            writer.write(log.SerializeToString())
+    return path
+
+
+def models_config(model_name, base_path):
+    """TF Serving `--model_config_file` text proto for one model."""
+    return (
+        "model_config_list {\n"
+        "  config {\n"
+        f'    name: "{model_name}"\n'
+        f'    base_path: "{base_path}"\n'
+        '    model_platform: "tensorflow"\n'
+        "  }\n"
+        "}\n"
+    )
+
+
+def check_graph(saved_model_dir, allow_tensorflow_text=False):
+    """Walks every node of every function of a SavedModel.
+
+    Returns the sorted list of op types. Raises ValueError on a forbidden op
+    (`PyFunc`, `EagerPyFunc`, `Xla*`, `_XlaCompile`/`_XlaRun`), on a function
+    or node marked for XLA compilation, or on an op not registered in
+    TensorFlow core (or tensorflow-text when `allow_tensorflow_text`).
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tensorflow.python.framework import op_def_registry
+
+    if allow_tensorflow_text:
+        import tensorflow_text  # noqa: F401  registers its ops
+
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    op_types, problems = set(), []
+    for meta_graph in proto.meta_graphs:
+        graph_def = meta_graph.graph_def
+        functions = {f.signature.name for f in graph_def.library.function}
+        node_lists = [("<graph>", graph_def.node)]
+        for function in graph_def.library.function:
+            for key in ("_XlaMustCompile", "_noinline_xla"):
+                if key in function.attr and function.attr[key].b and key == "_XlaMustCompile":
+                    problems.append(f"function {function.signature.name} has _XlaMustCompile=True")
+            node_lists.append((function.signature.name, function.node_def))
+        for owner, nodes in node_lists:
+            for node in nodes:
+                op = node.op
+                if op in functions:
+                    continue
+                op_types.add(op)
+                if op in FORBIDDEN_OPS or op.startswith("Xla"):
+                    problems.append(f"{owner}: node {node.name} uses forbidden op {op}")
+                elif op_def_registry.get(op) is None:
+                    problems.append(f"{owner}: node {node.name} uses unregistered op {op}")
+                if "_XlaMustCompile" in node.attr and node.attr["_XlaMustCompile"].b:
+                    problems.append(f"{owner}: node {node.name} has _XlaMustCompile=True")
+    if problems:
+        raise ValueError("SavedModel graph breaks the serving rules:\n" + "\n".join(sorted(set(problems))[:50]))
+    return sorted(op_types)
+
+
+def export_saved_model(model, base_dir, model_name="primer", version=1, default_max_new_tokens=32,
+                       serving_base_path=None):
+    """Writes the TF Serving layout for `model`; returns the version dir.
+
+    Args:
+        model: A float32 causal LM with a registered adapter.
+        base_dir: Directory that receives `models.config` and `<model_name>/`.
+        model_name: TF Serving model name.
+        version: Integer version directory.
+        default_max_new_tokens: New tokens of the `generate` signature.
+        serving_base_path: `base_path` written in `models.config` (default
+            `/models/<model_name>`, the path of the documented docker line).
+    """
+    if int(version) < 1:
+        raise ValueError(f"`version` must be a positive integer. Received: {version}")
+    version_dir = os.path.join(base_dir, model_name, str(int(version)))
+    if os.path.exists(os.path.join(version_dir, "saved_model.pb")):
+        raise FileExistsError(f"{version_dir} already holds a SavedModel; pick another --version.")
+    module, signatures, adapter = build_module(model, default_max_new_tokens)
+    tf.saved_model.save(
+        module,
+        version_dir,
+        signatures=signatures,
+        options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
+    )
+    write_warmup(version_dir, warmup_requests(model_name, adapter, default_max_new_tokens))
+    with open(os.path.join(base_dir, "models.config"), "w") as f:
+        f.write(models_config(model_name, serving_base_path or f"/models/{model_name}"))
+    meta = dict(adapter.metadata(), default_max_new_tokens=int(default_max_new_tokens),
+                model_name=model_name, version=int(version))
+    with open(os.path.join(version_dir, "assets.extra", "keras_primer.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    check_graph(version_dir)
+    return version_dir

@@ -1,0 +1,179 @@
+"""Feedback Transformer backbone: token embedding, feedback layers, final norm."""
+
+import keras
+from keras_hub.layers import ReversibleEmbedding
+from keras_hub.models import Backbone
+
+from keras_primer.activations import get_activation, serialize_activation
+from keras_primer.layers.feedback_attention import FeedbackStack
+from keras_primer.utils.validation import check_padding_mask, check_token_ids
+
+
+def _normal(stddev=0.02):
+    return keras.initializers.RandomNormal(stddev=stddev)
+
+
+@keras.saving.register_keras_serializable(package="keras_primer")
+class FeedbackBackbone(Backbone):
+    """Feedback Transformer (Fan et al. 2020) with labml-nn semantics.
+
+    Token embedding (no absolute positions) -> `FeedbackStack` (all layers
+    and the feedback memory, run as one time loop) -> final layer norm. Every
+    layer at step `t` attends to the memory slots of the steps `< t`; each
+    slot mixes the outputs of all layers at its step, the embedding included,
+    with softmax-normalised learned weights. Positions enter only through
+    learned relative terms in the attention scores. See
+    `keras_primer.layers.feedback_attention` for the maths and every
+    difference to the reference.
+
+    Inputs are a dict of `"token_ids"` (int `[batch, length]`) and
+    `"padding_mask"` (`[batch, length]`, 1 for real tokens); padding slots
+    are never attended to, so right or left padding gives the same outputs at
+    the real tokens as the unpadded sequence. The output is the final hidden
+    states `[batch, length, hidden_dim]`.
+
+    Args:
+        vocabulary_size: Number of token ids.
+        num_layers: Number of feedback layers.
+        num_heads: Attention heads per layer.
+        hidden_dim: Model width.
+        intermediate_dim: Feed-forward hidden width.
+        dropout: Dropout on the embeddings and both residual branches.
+        max_sequence_length: Longest input the model accepts (sizes the
+            relative-position tables).
+        activation: Feed-forward activation; `"squared_relu"` gives the
+            Primer-style Feedback Transformer.
+        shared_kv: True: one key/value projection shared by all layers (the
+            fast variant, labml's `FeedbackTransformerKV`); False: one per
+            layer (the original).
+        memory_window: None, or attend only to the last `memory_window` steps.
+        layer_norm_epsilon: Epsilon of every layer norm.
+        tie_embeddings: Share the token embedding with the output projection.
+        dtype: Dtype policy of the layers (e.g. `"mixed_bfloat16"`).
+
+    Example:
+
+    >>> import numpy as np
+    >>> backbone = FeedbackBackbone(
+    ...     vocabulary_size=256, num_layers=2, num_heads=2, hidden_dim=16,
+    ...     intermediate_dim=32, max_sequence_length=32,
+    ...     activation="squared_relu")
+    >>> inputs = {"token_ids": np.ones((1, 8), "int32"),
+    ...           "padding_mask": np.ones((1, 8), "int32")}
+    >>> backbone(inputs).shape
+    (1, 8, 16)
+    """
+
+    def __init__(
+        self,
+        vocabulary_size: int,
+        num_layers: int,
+        num_heads: int,
+        hidden_dim: int,
+        intermediate_dim: int,
+        dropout: float = 0.0,
+        max_sequence_length: int = 1024,
+        activation="relu",
+        shared_kv: bool = True,
+        memory_window: int | None = None,
+        layer_norm_epsilon: float = 1e-5,
+        tie_embeddings: bool = True,
+        dtype=None,
+        **kwargs,
+    ):
+        if hidden_dim % num_heads:
+            raise ValueError(
+                f"`hidden_dim` ({hidden_dim}) must be divisible by `num_heads` "
+                f"({num_heads})."
+            )
+        # === Layers ===
+        self.token_embedding = ReversibleEmbedding(
+            input_dim=vocabulary_size,
+            output_dim=hidden_dim,
+            tie_weights=tie_embeddings,
+            embeddings_initializer=_normal(),
+            dtype=dtype,
+            name="token_embedding",
+        )
+        self.embeddings_dropout = keras.layers.Dropout(
+            dropout, dtype=dtype, name="embeddings_dropout"
+        )
+        self.feedback_stack = FeedbackStack(
+            num_layers=num_layers,
+            num_heads=num_heads,
+            intermediate_dim=intermediate_dim,
+            max_sequence_length=max_sequence_length,
+            activation=activation,
+            dropout=dropout,
+            shared_kv=shared_kv,
+            memory_window=memory_window,
+            layer_norm_epsilon=layer_norm_epsilon,
+            kernel_initializer=_normal(),
+            dtype=dtype,
+            name="feedback_stack",
+        )
+        self.layer_norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="layer_norm"
+        )
+
+        # === Functional model ===
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
+        x = self.embed(token_ids)
+        x = self.feedback_stack(x, padding_mask=padding_mask)
+        outputs = self.layer_norm(x)
+        super().__init__(
+            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=outputs,
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.dropout = dropout
+        self.max_sequence_length = max_sequence_length
+        self.activation = get_activation(activation)
+        self.shared_kv = shared_kv
+        self.memory_window = memory_window
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.tie_embeddings = tie_embeddings
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.num_heads
+
+    def embed(self, token_ids, training=None):
+        """Token embeddings (then dropout); there are no absolute positions."""
+        return self.embeddings_dropout(self.token_embedding(token_ids), training=training)
+
+    def call(self, inputs, training=None, mask=None):
+        token_ids = inputs["token_ids"] if isinstance(inputs, dict) else inputs
+        check_token_ids(token_ids, self.vocabulary_size, self.max_sequence_length)
+        if isinstance(inputs, dict):
+            check_padding_mask(inputs.get("padding_mask"), token_ids)
+        return super().call(inputs, training=training, mask=mask)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "vocabulary_size": self.vocabulary_size,
+                "num_layers": self.num_layers,
+                "num_heads": self.num_heads,
+                "hidden_dim": self.hidden_dim,
+                "intermediate_dim": self.intermediate_dim,
+                "dropout": self.dropout,
+                "max_sequence_length": self.max_sequence_length,
+                "activation": serialize_activation(self.activation),
+                "shared_kv": self.shared_kv,
+                "memory_window": self.memory_window,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "tie_embeddings": self.tie_embeddings,
+            }
+        )
+        return config

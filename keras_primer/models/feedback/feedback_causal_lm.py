@@ -1,0 +1,162 @@
+"""Feedback Transformer causal language model with cached generation."""
+
+import keras
+from keras import ops
+from keras_hub.metrics import Perplexity
+from keras_hub.models import CausalLM
+
+from keras_primer.models.feedback.feedback_backbone import FeedbackBackbone
+from keras_primer.models.feedback.feedback_causal_lm_preprocessor import (
+    FeedbackCausalLMPreprocessor,
+)
+from keras_primer.models.generation import GenerateInputChecks, finish_generation
+
+
+@keras.saving.register_keras_serializable(package="keras_primer")
+class FeedbackCausalLM(GenerateInputChecks, CausalLM):
+    """Next-token prediction head on a `FeedbackBackbone`, with `generate()`.
+
+    `fit()` trains on strings when a preprocessor is attached (or on
+    `{"token_ids", "padding_mask"}` dicts without one). `generate()` decodes
+    with keras-hub samplers (`compile(sampler="greedy" | "top_k" | "top_p")`)
+    and a cache of the feedback memory of past steps (its key/value
+    projections), so every token, prompt tokens included, costs one step of
+    all layers at one position.
+
+    Args:
+        backbone: A `FeedbackBackbone`.
+        preprocessor: A `FeedbackCausalLMPreprocessor` or None.
+
+    Example:
+
+    >>> from keras_primer.models.feedback import (FeedbackBackbone,
+    ...     FeedbackCausalLM, FeedbackCausalLMPreprocessor, FeedbackTokenizer)
+    >>> backbone = FeedbackBackbone(vocabulary_size=256, num_layers=1,
+    ...     num_heads=2, hidden_dim=16, intermediate_dim=32,
+    ...     max_sequence_length=64)
+    >>> preprocessor = FeedbackCausalLMPreprocessor(FeedbackTokenizer(), sequence_length=32)
+    >>> lm = FeedbackCausalLM(backbone, preprocessor)
+    >>> lm.compile(sampler="greedy")
+    >>> lm.generate("ROMEO:", max_length=16).startswith("ROMEO:")
+    True
+    """
+
+    backbone_cls = FeedbackBackbone
+    preprocessor_cls = FeedbackCausalLMPreprocessor
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+
+        # === Functional model ===
+        inputs = backbone.input
+        hidden_states = backbone(inputs)
+        outputs = backbone.token_embedding(hidden_states, reverse=True)
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    def compile(
+        self,
+        optimizer="auto",
+        loss="auto",
+        *,
+        weighted_metrics="auto",
+        sampler="top_k",
+        **kwargs,
+    ):
+        """keras-hub defaults, plus perplexity among the metrics."""
+        if weighted_metrics == "auto":
+            weighted_metrics = [
+                keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                Perplexity(from_logits=True, name="perplexity"),
+            ]
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            weighted_metrics=weighted_metrics,
+            sampler=sampler,
+            **kwargs,
+        )
+
+    # === Cached decoding ===
+
+    def call_with_cache(self, token_ids, cache, cache_update_index, padding_mask=None):
+        """Forward pass for `token_ids` at `cache_update_index`, reusing `cache`.
+
+        Args:
+            token_ids: int `[batch, n]`, the tokens at positions
+                `cache_update_index .. cache_update_index + n - 1` (`n = 1`
+                while decoding: then there is no loop in the graph).
+            cache: dict from `empty_cache()`: `"key"` and `"value"`, each
+                `[batch, max_length, kv_groups, num_heads, head_dim]`, the
+                key/value projections of the memory slots of past steps
+                (`kv_groups` = 1 with shared keys/values, `num_layers`
+                otherwise). Rows at or after `cache_update_index` are ignored
+                and overwritten.
+            cache_update_index: int (tensor), position of `token_ids[:, 0]`.
+            padding_mask: Optional `[batch, max_length]` mask (False =
+                padding slots, never attended to); None = no padding.
+
+        Returns:
+            `(logits, hidden_states, next_cache)`.
+        """
+        backbone = self.backbone
+        x = backbone.embed(token_ids)
+        x, (keys, values) = backbone.feedback_stack(
+            x,
+            padding_mask=padding_mask,
+            cache=(cache["key"], cache["value"]),
+            cache_update_index=cache_update_index,
+        )
+        hidden_states = backbone.layer_norm(x)
+        logits = backbone.token_embedding(hidden_states, reverse=True)
+        return logits, hidden_states, {"key": keys, "value": values}
+
+    def empty_cache(self, batch_size, max_length):
+        """A zero cache for sequences of up to `max_length` tokens."""
+        keys, values = self.backbone.feedback_stack.empty_cache(batch_size, max_length)
+        return {"key": keys, "value": values}
+
+    def _build_cache(self, token_ids, num_steps, padding_mask=None):
+        """Runs the first `num_steps` tokens one step each; returns
+        `(hidden_states, cache)` (hidden states are zero from `num_steps` on)."""
+        backbone = self.backbone
+        batch_size, max_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        cache = self.empty_cache(batch_size, max_length)
+        x, (keys, values) = backbone.feedback_stack.prefill(
+            backbone.embed(token_ids),
+            (cache["key"], cache["value"]),
+            num_steps,
+            padding_mask=padding_mask,
+        )
+        return backbone.layer_norm(x), {"key": keys, "value": values}
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """One compiled generation call for a batch of right-padded prompts."""
+        token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+        row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
+        index = ops.min(row_lengths)
+        # The sampler's first call computes position `index - 1`, so the
+        # prefill stops before it: the prompt costs one step per token.
+        hidden_states, cache = self._build_cache(token_ids, ops.maximum(index - 1, 0))
+
+        def next(prompt, cache, index):
+            cache_update_index = index - 1
+            batch_size = ops.shape(prompt)[0]
+            prompt = ops.slice(prompt, [0, cache_update_index], [batch_size, 1])
+            logits, hidden_states, cache = self.call_with_cache(
+                prompt, cache, cache_update_index
+            )
+            return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
+
+        token_ids = self.sampler(
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=index,
+            mask=padding_mask,
+            stop_token_ids=stop_token_ids,
+            hidden_states=hidden_states,
+            model=self,
+        )
+        return finish_generation(token_ids, padding_mask, stop_token_ids)

@@ -1,0 +1,10 @@
+"""Presets, optimizer, callbacks, the training driver, comparison and distribution.
+
+Importing this package does not import TensorFlow (only the `mirrored`
+distribution and `to_tf_dataset` do).
+"""
+
+from keras_primer.training.presets import PRESETS, TrainPreset, get_preset
+from keras_primer.training.optimizer import WarmupCosineDecay, build_optimizer
+from keras_primer.training.models import MODELS, build_backbone, build_causal_lm, feedback_available
+from keras_primer.training.driver import RunConfig, plan_segments, train

@@ -1,0 +1,154 @@
+"""Training on many devices.
+
+* JAX: `keras.distribution.DataParallel` (`data_parallel`) and
+  `ModelParallel` with `primer_layout_map` (`model_parallel`: embedding,
+  attention and feed-forward kernels sharded over a `"model"` mesh axis,
+  the batch over `"batch"`). Multi-host: call `initialize_multi_host()`
+  (`keras.distribution.initialize`) on every host before anything else.
+* TensorFlow: `tf.distribute.MirroredStrategy` (`mirrored`).
+* PyTorch: Keras 3 has no `DistributedDataParallel` integration
+  (`keras.distribution` is JAX-only), so PyTorch runs on one device; use
+  the JAX or TensorFlow backend for several devices.
+
+`distribution_scope(kind)` sets one of these up for the driver and undoes
+it afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+
+KINDS = ("none", "data_parallel", "model_parallel", "mirrored")
+
+
+def initialize_multi_host(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """`keras.distribution.initialize` for multi-host JAX (one call per host, first).
+
+    With no arguments, JAX reads the cluster from the environment
+    (`KERAS_DISTRIBUTION_*` variables, TPU pods, Slurm).
+    """
+    keras.distribution.initialize(
+        job_addresses=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+
+
+def primer_layout_map(device_mesh, model_axis: str = "model"):
+    """A `LayoutMap` sharding a `PrimerBackbone` (or the Transformer baseline).
+
+    Token embedding: the width; query/key/value kernels, their biases and
+    the depthwise convolutions: the heads; attention output: the heads;
+    feed-forward: the intermediate width. Norms and position embeddings are
+    replicated. `num_heads` and `intermediate_dim` must divide by the size
+    of `model_axis`.
+    """
+    m = model_axis
+    layout_map = keras.distribution.LayoutMap(device_mesh)
+    layout_map["token_embedding/embeddings"] = (None, m)
+    layout_map[r".*attention/(query|key|value)/kernel"] = (None, m, None)
+    layout_map[r".*attention/(query|key|value)/bias"] = (m, None)
+    layout_map[r".*attention/(query|key|value)_conv/kernel"] = (None, m, None)
+    layout_map[r".*attention/attention_output/kernel"] = (m, None, None)
+    layout_map[r".*feed_forward/intermediate/kernel"] = (None, m)
+    layout_map[r".*feed_forward/intermediate/bias"] = (m,)
+    layout_map[r".*feed_forward/output/kernel"] = (m, None)
+    return layout_map
+
+
+def data_parallel(devices: list | None = None):
+    """`keras.distribution.DataParallel` over `devices` (default: all)."""
+    devices = devices or keras.distribution.list_devices()
+    return keras.distribution.DataParallel(devices=devices)
+
+
+def model_parallel(model_axis_size: int = 2, devices: list | None = None):
+    """`ModelParallel` on a `(batch, model)` mesh with `primer_layout_map`.
+
+    Raises:
+        ValueError: The device count does not divide by `model_axis_size`.
+    """
+    devices = devices or keras.distribution.list_devices()
+    if len(devices) % model_axis_size:
+        raise ValueError(
+            f"{len(devices)} devices do not divide into a model axis of "
+            f"{model_axis_size}. Pick a model axis size that divides the device count."
+        )
+    mesh = keras.distribution.DeviceMesh(
+        shape=(len(devices) // model_axis_size, model_axis_size),
+        axis_names=("batch", "model"),
+        devices=devices,
+    )
+    return keras.distribution.ModelParallel(
+        layout_map=primer_layout_map(mesh), batch_dim_name="batch"
+    )
+
+
+class _Plan:
+    """What the driver needs to know about a distribution."""
+
+    def __init__(self, kind: str, replicas: int = 1, strategy=None):
+        self.kind = kind
+        self.replicas = replicas
+        self.strategy = strategy
+
+    def batch_divides(self, n: int) -> bool:
+        return n % self.replicas == 0
+
+    def eval_batch_size(self, batch_size: int) -> int:
+        return max(self.replicas, batch_size - batch_size % self.replicas)
+
+    def dataset(self, dataset):
+        if self.kind == "mirrored":
+            from keras_primer.data import to_tf_dataset
+
+            return to_tf_dataset(dataset)
+        return dataset
+
+
+@contextlib.contextmanager
+def distribution_scope(kind: str = "none", model_axis_size: int = 2):
+    """Sets up `kind` for building and training a model; undoes it on exit.
+
+    Raises:
+        ValueError: Unknown kind, or one the backend does not support (the
+            message says which backend to use).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"Unknown distribution {kind!r}. Choose one of: {', '.join(KINDS)}.")
+    backend = keras.backend.backend()
+    if kind == "none":
+        yield _Plan(kind)
+        return
+    if kind == "mirrored":
+        if backend != "tensorflow":
+            raise ValueError(
+                f"`mirrored` (tf.distribute.MirroredStrategy) needs the TensorFlow "
+                f"backend; this is {backend}. On JAX use `data_parallel` or "
+                "`model_parallel`; PyTorch has no multi-device support in Keras."
+            )
+        import tensorflow as tf
+
+        strategy = tf.distribute.MirroredStrategy()
+        with strategy.scope():
+            yield _Plan(kind, strategy.num_replicas_in_sync, strategy)
+        return
+    if backend != "jax":
+        hint = (
+            "use `mirrored` on TensorFlow"
+            if backend == "tensorflow"
+            else "Keras has no DistributedDataParallel support for PyTorch; use JAX or TensorFlow"
+        )
+        raise ValueError(f"`{kind}` (keras.distribution) needs the JAX backend; {hint}.")
+    distribution = data_parallel() if kind == "data_parallel" else model_parallel(model_axis_size)
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(distribution)
+    replicas = distribution.device_mesh.shape[0]
+    try:
+        yield _Plan(kind, replicas)
+    finally:
+        keras.distribution.set_distribution(previous)

@@ -1,0 +1,317 @@
+"""Feedback Transformer layers: numeric oracles on every backend."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_primer.activations import squared_relu
+from keras_primer.layers.feedback_attention import FeedbackAttention, FeedbackStack
+
+BACKEND = keras.backend.backend()
+HIDDEN, HEADS, FF, LAYERS, MAX_LEN = 16, 2, 24, 2, 12
+
+
+def _np(x):
+    x = ops.convert_to_numpy(x) if not isinstance(x, np.ndarray) else x
+    return np.asarray(x, dtype="float64")
+
+
+def _stack(shared_kv=True, memory_window=None, activation="relu", randomize=True, **kwargs):
+    stack = FeedbackStack(
+        num_layers=LAYERS,
+        num_heads=HEADS,
+        intermediate_dim=FF,
+        max_sequence_length=MAX_LEN,
+        activation=activation,
+        shared_kv=shared_kv,
+        memory_window=memory_window,
+        **kwargs,
+    )
+    stack.build((None, None, HIDDEN))
+    if randomize:
+        # Non-zero relative tables, norms, biases and mixing weights, so every
+        # term of the maths is exercised.
+        rng = np.random.default_rng(1)
+        for variable in stack.weights:
+            if "seed" in variable.path:
+                continue
+            shape = tuple(variable.shape)
+            scale = 0.2 if "kernel" not in variable.path else 0.25
+            value = rng.normal(0.0, scale, shape)
+            if "gamma" in variable.path:
+                value += 1.0
+            variable.assign(value.astype(variable.dtype))
+    return stack
+
+
+def _layer_norm(x, norm):
+    mean = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + norm.epsilon) * _np(norm.gamma) + _np(norm.beta)
+
+
+def _softmax(x, axis=-1):
+    x = x - x.max(axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis, keepdims=True)
+
+
+def reference_forward(stack, x):
+    """Plain step-by-step NumPy reference with labml-nn's loop structure: a
+    Python list of memory slots, keys/values re-projected from the stacked
+    memory at every step and layer. Returns (outputs, memory, layer_outputs)."""
+    x = _np(x)
+    batch, length, hidden = x.shape
+    heads, head_dim = stack.num_heads, stack.head_dim
+    act = (lambda u: np.maximum(u, 0) ** 2) if stack.activation is squared_relu else (
+        lambda u: np.maximum(u, 0)
+    )
+    mixing = _softmax(_np(stack.layer_weights))
+    wk, wv = _np(stack.key_kernel), _np(stack.value_kernel)
+    vb = None if stack.value_bias is None else _np(stack.value_bias)
+    window = stack.memory_window or length + 1
+    memory, outputs, per_layer = [], [], []
+    for t in range(length):
+        h = x[:, t]
+        outs = [h]
+        for i in range(stack.num_layers):
+            attention = stack.attentions[i]
+            starts = max(0, t - window)
+            if t > starts:
+                mem = np.stack(memory[starts:], axis=1)  # [B, n, d]
+                g = 0 if stack.shared_kv else i
+                keys = np.einsum("bsd,dhk->bshk", mem, wk[:, g])
+                values = np.einsum("bsd,dhk->bshk", mem, wv[:, g])
+                if vb is not None:
+                    values = values + vb[g]
+                q = np.einsum("bd,dhk->bhk", _layer_norm(h, stack.attention_norms[i]),
+                              _np(attention.query_kernel))
+                rows = np.clip(t - np.arange(starts, t) - 1, 0, attention.max_relative_distance - 1)
+                p = _np(attention.relative_key_embedding)[rows]
+                s = _np(attention.relative_bias)[rows]
+                scores = (
+                    np.einsum("bhk,bshk->bhs", q + _np(attention.query_bias), keys)
+                    + np.einsum("bhk,shk->bhs", q, p)
+                    + s.T[None]
+                ) / np.sqrt(head_dim)
+                probs = _softmax(scores)
+                attended = np.einsum("bhs,bshk->bhk", probs, values)
+                h = h + np.einsum("bhk,hkd->bd", attended, _np(attention.output_kernel)) + _np(
+                    attention.output_bias
+                )
+            ffn = stack.feed_forwards[i]
+            u = _layer_norm(h, stack.feed_forward_norms[i])
+            u = act(u @ _np(ffn.intermediate_dense.kernel) + _np(ffn.intermediate_dense.bias))
+            h = h + u @ _np(ffn.output_dense.kernel) + _np(ffn.output_dense.bias)
+            outs.append(h)
+        memory.append(sum(w * o for w, o in zip(mixing, outs)))
+        outputs.append(h)
+        per_layer.append(np.stack(outs, 1))
+    return np.stack(outputs, 1), np.stack(memory, 1), np.stack(per_layer, 1)
+
+
+def _inputs(batch=2, length=7, seed=0):
+    return np.random.default_rng(seed).normal(size=(batch, length, HIDDEN)).astype("float32")
+
+
+@pytest.mark.parametrize(
+    "shared_kv,memory_window,activation",
+    [(True, None, "relu"), (False, None, "squared_relu"), (True, 3, "squared_relu")],
+)
+def test_compiled_loop_equals_python_reference(shared_kv, memory_window, activation):
+    stack = _stack(shared_kv, memory_window, activation)
+    x = _inputs()
+    outputs, memory = stack(x, return_memory=True)
+    ref_out, ref_mem, _ = reference_forward(stack, x)
+    np.testing.assert_allclose(_np(outputs), ref_out, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(_np(memory), ref_mem, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_loop_inside_jit_equals_reference():
+    """The loop traced and compiled (jit / tf.function / torch eager)."""
+    stack = _stack(shared_kv=False)
+    x = _inputs()
+    model = keras.Sequential([keras.Input((None, HIDDEN)), stack])
+    outputs = model.predict(x, verbose=0)
+    np.testing.assert_allclose(_np(outputs), reference_forward(stack, x)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chosen", [0, 1, LAYERS])
+def test_one_hot_layer_weights_make_memory_the_chosen_layer_output(chosen):
+    stack = _stack(shared_kv=chosen % 2 == 0)
+    weights = np.full((LAYERS + 1,), -1e4, "float32")
+    weights[chosen] = 1e4
+    stack.layer_weights.assign(weights)
+    x = _inputs()
+    outputs, memory = stack(x, return_memory=True)
+    _, _, per_layer = reference_forward(stack, x)
+    np.testing.assert_allclose(_np(memory), per_layer[:, :, chosen], atol=1e-5, rtol=1e-5)
+    if chosen == 0:
+        np.testing.assert_array_equal(_np(memory), _np(x))
+    if chosen == LAYERS:
+        np.testing.assert_array_equal(_np(memory), _np(outputs))
+
+
+def test_mixing_weights_start_uniform():
+    stack = _stack(randomize=False)
+    np.testing.assert_allclose(_np(stack.mixing_weights()), np.full(LAYERS + 1, 1 / (LAYERS + 1)))
+
+
+def test_step_zero_has_no_memory():
+    stack = _stack()
+    x = _inputs()
+    before = _np(stack(x))
+    rng = np.random.default_rng(5)
+    for attention in stack.attentions:
+        for variable in attention.weights:
+            variable.assign(rng.normal(size=tuple(variable.shape)).astype("float32"))
+    after = _np(stack(x))
+    np.testing.assert_array_equal(after[:, 0], before[:, 0])
+    assert np.abs(after[:, 1:] - before[:, 1:]).max() > 1e-3
+
+
+@pytest.mark.parametrize("shared_kv", [True, False])
+def test_causality(shared_kv):
+    stack = _stack(shared_kv)
+    x = _inputs(length=8)
+    changed = x.copy()
+    changed[:, 4:] = np.random.default_rng(3).normal(size=changed[:, 4:].shape)
+    a, b = _np(stack(x)), _np(stack(changed))
+    np.testing.assert_array_equal(a[:, :4], b[:, :4])
+    assert np.abs(a[:, 4:] - b[:, 4:]).max() > 1e-3
+
+
+def test_relative_bias_on_offset_one_attends_to_previous_step_only():
+    attention = FeedbackAttention(num_heads=HEADS, key_dim=4, max_relative_distance=MAX_LEN)
+    attention.build((None, HIDDEN))
+    attention.query_kernel.assign(np.zeros(tuple(attention.query_kernel.shape), "float32"))
+    bias = np.zeros((MAX_LEN, HEADS), "float32")
+    bias[0] = 1e4  # row 0 = offset 1, the newest memory slot
+    attention.relative_bias.assign(bias)
+    rng = np.random.default_rng(0)
+    t = 5
+    keys = rng.normal(size=(2, MAX_LEN, HEADS, 4)).astype("float32")
+    values = rng.normal(size=(2, MAX_LEN, HEADS, 4)).astype("float32")
+    offsets = t - np.arange(MAX_LEN)
+    index = np.clip(offsets - 1, 0, MAX_LEN - 1).astype("int32")
+    mask = np.broadcast_to(offsets >= 1, (2, MAX_LEN))
+    query = rng.normal(size=(2, HIDDEN)).astype("float32")
+    out = _np(attention(query, keys, values, index, mask))
+    expected = np.einsum("bhk,hkd->bd", values[:, t - 1], _np(attention.output_kernel))
+    np.testing.assert_allclose(out, expected + _np(attention.output_bias), atol=1e-5)
+
+
+def test_per_layer_variant_with_tied_projections_equals_shared():
+    shared = _stack(shared_kv=True)
+    per_layer = _stack(shared_kv=False)
+    for a, b in zip(shared.weights, per_layer.weights):
+        if a.path.split("/")[-1] == b.path.split("/")[-1] and tuple(a.shape) == tuple(b.shape):
+            b.assign(a.value)
+    for name in ("key_kernel", "value_kernel"):
+        tied = np.repeat(_np(getattr(shared, name)), LAYERS, axis=1).astype("float32")
+        getattr(per_layer, name).assign(tied)
+    per_layer.value_bias.assign(np.zeros(tuple(per_layer.value_bias.shape), "float32"))
+    x = _inputs()
+    np.testing.assert_allclose(_np(per_layer(x)), _np(shared(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("shared_kv", [True, False])
+def test_cached_steps_equal_full_forward(shared_kv):
+    stack = _stack(shared_kv, memory_window=4)
+    x = _inputs(length=7)
+    full = _np(stack(x))
+    cache = stack.empty_cache(2, MAX_LEN)
+    pieces = []
+    # Prefill 3 steps, then one step at a time, rewriting step 2 once as the
+    # keras-hub generate loop does.
+    out, cache = stack(x[:, :3], cache=cache, cache_update_index=0)
+    pieces.append(_np(out))
+    out, cache = stack(x[:, 2:3], cache=cache, cache_update_index=2)
+    np.testing.assert_allclose(_np(out), full[:, 2:3], atol=1e-5)
+    for t in range(3, 7):
+        out, cache = stack(x[:, t : t + 1], cache=cache, cache_update_index=t)
+        pieces.append(_np(out))
+    np.testing.assert_allclose(np.concatenate(pieces, 1), full, atol=1e-5)
+    assert tuple(cache[0].shape) == (2, MAX_LEN, 1 if shared_kv else LAYERS, HEADS, HIDDEN // HEADS)
+
+
+def _gradients(layer, x, loss_fn):
+    variables = layer.trainable_variables
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn(layer(x))
+        grads = tape.gradient(loss, [v.value for v in variables])
+    elif BACKEND == "torch":
+        loss = loss_fn(layer(x))
+        loss.backward()
+        grads = [v.value.grad for v in variables]
+    else:
+        import jax
+
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def f(trainable):
+            out, _ = layer.stateless_call(trainable, non_trainable, x)
+            return loss_fn(out)
+
+        grads = jax.grad(f)([v.value for v in variables])
+    return {v.path.split("/")[-1]: _np(g) for v, g in zip(variables, grads)}
+
+
+@pytest.mark.parametrize("shared_kv", [True, False])
+def test_gradients_reach_mixing_and_memory_projections(shared_kv):
+    stack = _stack(shared_kv)
+    x = _inputs(length=6)
+    target = np.random.default_rng(2).normal(size=x.shape).astype("float32")
+
+    def loss_fn(out):
+        return ops.mean(ops.square(out - target))
+
+    grads = _gradients(stack, x, loss_fn)
+    for name in ("layer_weights", "key_kernel", "value_kernel"):
+        assert np.linalg.norm(grads[name]) > 1e-6, name
+    # The layer-weight gradient matches a central finite difference.
+    direction = np.random.default_rng(4).normal(size=LAYERS + 1)
+    w0 = _np(stack.layer_weights)
+    eps = 1e-2
+    losses = []
+    for sign in (1, -1):
+        stack.layer_weights.assign((w0 + sign * eps * direction).astype("float32"))
+        losses.append(float(_np(loss_fn(stack(x)))))
+    numeric = (losses[0] - losses[1]) / (2 * eps)
+    np.testing.assert_allclose(grads["layer_weights"] @ direction, numeric, rtol=3e-2, atol=1e-5)
+
+
+def test_dropout_only_in_training():
+    stack = _stack(dropout=0.5)
+    x = _inputs()
+    np.testing.assert_allclose(_np(stack(x)), reference_forward(stack, x)[0], atol=1e-5)
+    assert np.abs(_np(stack(x, training=True)) - _np(stack(x))).max() > 1e-3
+
+
+def test_mixed_precision_keeps_mixing_weights_float32():
+    stack = _stack(dtype="mixed_bfloat16", randomize=False)
+    out = stack(_inputs())
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    assert keras.backend.standardize_dtype(stack.layer_weights.dtype) == "float32"
+    assert np.isfinite(_np(ops.cast(out, "float32"))).all()
+
+
+def test_config_round_trip():
+    stack = _stack(shared_kv=False, memory_window=5, activation="squared_relu")
+    config = stack.get_config()
+    assert config["activation"] == "squared_relu" and config["memory_window"] == 5
+    clone = FeedbackStack.from_config(config)
+    clone.build((None, None, HIDDEN))
+    clone.set_weights(stack.get_weights())
+    x = _inputs()
+    np.testing.assert_array_equal(_np(clone(x)), _np(stack(x)))
+
+
+def test_bad_memory_window():
+    with pytest.raises(ValueError, match="memory_window"):
+        FeedbackStack(num_layers=1, num_heads=2, intermediate_dim=8, max_sequence_length=8,
+                      memory_window=0)

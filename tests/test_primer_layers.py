@@ -1,0 +1,241 @@
+"""Layer-level oracles for squared ReLU, the causal depthwise conv and MDHA."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_primer.activations import squared_relu
+from keras_primer.layers import (
+    CausalDepthwiseConv,
+    FeedForward,
+    MultiDConvHeadAttention,
+    PrimerDecoderBlock,
+)
+
+
+def to_np(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+# --- squared ReLU -----------------------------------------------------------
+
+
+def test_squared_relu_values_and_slope():
+    x = np.array([-1.0, 0.0, 0.5, 2.0], "float32")
+    np.testing.assert_allclose(to_np(squared_relu(x)), [0.0, 0.0, 0.25, 4.0])
+    h = 1e-3
+    slope = (to_np(squared_relu(x + h)) - to_np(squared_relu(x - h))) / (2 * h)
+    np.testing.assert_allclose(slope[[0, 2, 3]], [0.0, 1.0, 4.0], atol=1e-2)
+
+
+def test_squared_relu_by_name_survives_safe_mode_keras_file(tmp_path):
+    model = keras.Sequential(
+        [keras.Input((4,)), FeedForward(8, activation="squared_relu"), keras.layers.Dense(3, activation=squared_relu)]
+    )
+    x = np.random.randn(2, 4).astype("float32")
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path, safe_mode=True)
+    assert restored.layers[0].get_config()["activation"] == "squared_relu"
+    np.testing.assert_allclose(to_np(restored(x)), to_np(model(x)), atol=1e-6)
+
+
+def test_feed_forward_identity_weights_give_squared_hidden():
+    ffn = FeedForward(4, activation="squared_relu", use_bias=False)
+    ffn.build((1, 4))
+    ffn.intermediate_dense.kernel.assign(np.eye(4, dtype="float32"))
+    ffn.output_dense.kernel.assign(np.eye(4, dtype="float32"))
+    x = np.array([[-2.0, -0.5, 0.5, 3.0]], "float32")
+    np.testing.assert_allclose(to_np(ffn(x)), [[0.0, 0.0, 0.25, 9.0]], atol=1e-6)
+    relu_ffn = FeedForward(4, activation="relu")
+    relu_ffn.build((1, 4))
+    assert relu_ffn.count_params() == ffn.count_params() + 8  # + the two biases
+
+
+# --- causal depthwise convolution -------------------------------------------
+
+
+def test_conv_tap_order():
+    conv = CausalDepthwiseConv(kernel_size=3)
+    x = np.arange(1, 6, dtype="float32").reshape(1, 5, 1, 1)
+    conv.build(x.shape)
+    conv.kernel.assign(np.array([100.0, 10.0, 1.0], "float32").reshape(3, 1, 1))
+    np.testing.assert_allclose(to_np(conv(x)).ravel(), [1, 12, 123, 234, 345])
+
+
+def test_conv_default_init_is_causal_smoother():
+    conv = CausalDepthwiseConv(kernel_size=3)
+    conv.build((1, 4, 2, 3))
+    np.testing.assert_allclose(to_np(conv.kernel)[:, 1, 2], [1 / 6, 1 / 6, 0.5], atol=1e-7)
+
+
+def test_conv_stepping_with_state_equals_full_sequence():
+    conv = CausalDepthwiseConv(kernel_size=4, use_bias=True, bias_initializer="random_normal", kernel_initializer="random_normal")
+    x = np.random.randn(2, 7, 3, 2).astype("float32")
+    full = to_np(conv(x))
+    state = np.zeros((2, 3, 3, 2), "float32")
+    # Prefill three rows, then single steps.
+    out, state = conv(x[:, :3], state=state)
+    pieces = [to_np(out)]
+    for t in range(3, 7):
+        out, state = conv(x[:, t : t + 1], state=state)
+        pieces.append(to_np(out))
+    np.testing.assert_allclose(np.concatenate(pieces, 1), full, atol=1e-6)
+    # state_index picks the rows before a chosen position.
+    _, mid_state = conv(x, state=np.zeros((2, 3, 3, 2), "float32"), state_index=5)
+    np.testing.assert_allclose(to_np(mid_state), x[:, 2:5], atol=0)
+
+
+def test_conv_rejects_bad_kernel_size_and_rank():
+    with pytest.raises(ValueError, match="kernel_size"):
+        CausalDepthwiseConv(kernel_size=0)
+    with pytest.raises(ValueError, match="batch, time, heads, head_dim"):
+        CausalDepthwiseConv().build((2, 5, 4))
+
+
+# --- MDHA -------------------------------------------------------------------
+
+BATCH, LENGTH, HIDDEN, HEADS = 2, 6, 8, 2
+HEAD_DIM = HIDDEN // HEADS
+
+
+def random_inputs(length=LENGTH, batch=BATCH):
+    return np.random.randn(batch, length, HIDDEN).astype("float32")
+
+
+def build_mdha(**kwargs):
+    kwargs.setdefault("conv_kernel_initializer", "random_normal")
+    layer = MultiDConvHeadAttention(num_heads=HEADS, key_dim=HEAD_DIM, bias_initializer="random_normal", **kwargs)
+    layer.build((None, None, HIDDEN))
+    return layer
+
+
+def numpy_mdha(layer, x):
+    """Slow reference: explicit loops over batch, heads, positions and taps."""
+    w = {d.name: [to_np(v) for v in d.weights] for d in (layer.query_dense, layer.key_dense, layer.value_dense, layer.output_dense)}
+    batch, length, _ = x.shape
+    projections = []
+    for i, name in enumerate(("query", "key", "value")):
+        kernel, bias = w[name]
+        p = np.einsum("btc,chd->bthd", x, kernel) + bias
+        if layer.use_dconv:
+            conv = layer.convs[i]
+            taps = to_np(conv.kernel)
+            if conv.share_across_heads:
+                taps = np.broadcast_to(taps[:, None, :], (taps.shape[0], HEADS, HEAD_DIM))
+            size = taps.shape[0]
+            out = np.zeros_like(p)
+            for t in range(length):
+                for j in range(size):
+                    source = t - (size - 1) + j
+                    if source >= 0:
+                        out[:, t] += taps[j] * p[:, source]
+            if conv.bias is not None:
+                out += to_np(conv.bias)
+            p = out
+        projections.append(p)
+    q, k, v = projections
+    result = np.zeros((batch, length, HEADS, HEAD_DIM), "float64")
+    for b in range(batch):
+        for h in range(HEADS):
+            scores = q[b, :, h] @ k[b, :, h].T / np.sqrt(HEAD_DIM)
+            scores = np.where(np.tril(np.ones((length, length))) > 0, scores, -np.inf)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            result[b, :, h] = probs @ v[b, :, h]
+    kernel, bias = w["attention_output"]
+    return np.einsum("bthd,hdc->btc", result, kernel) + bias
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_mdha_matches_numpy_reference(shared):
+    layer = build_mdha(share_conv_kernels_across_heads=shared, conv_bias=shared)
+    x = random_inputs()
+    np.testing.assert_allclose(to_np(layer(x)), numpy_mdha(layer, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_identity_kernels_equal_keras_multi_head_attention(kernel_size):
+    layer = build_mdha(kernel_size=kernel_size)
+    identity = np.zeros((kernel_size, HEADS, HEAD_DIM), "float32")
+    identity[-1] = 1.0
+    for conv in layer.convs:
+        conv.kernel.assign(identity)
+    reference = keras.layers.MultiHeadAttention(num_heads=HEADS, key_dim=HEAD_DIM)
+    x = random_inputs()
+    reference(x, x, use_causal_mask=True)
+    for ours, theirs in zip(
+        (layer.query_dense, layer.key_dense, layer.value_dense, layer.output_dense),
+        (reference._query_dense, reference._key_dense, reference._value_dense, reference._output_dense),
+    ):
+        for a, b in zip(theirs.weights, ours.weights):
+            a.assign(b)
+    expected = to_np(reference(x, x, use_causal_mask=True))
+    np.testing.assert_allclose(to_np(layer(x)), expected, atol=1e-5)
+
+
+def test_heads_have_their_own_kernels_unless_shared():
+    x = np.random.randn(1, 5, 1, 1).astype("float32")
+    same_series = np.repeat(np.repeat(x, HEADS, axis=2), HEAD_DIM, axis=3)
+    per_head = CausalDepthwiseConv(kernel_initializer="random_normal")
+    shared = CausalDepthwiseConv(kernel_initializer="random_normal", share_across_heads=True)
+    out_per_head = to_np(per_head(same_series))
+    out_shared = to_np(shared(same_series))
+    assert not np.allclose(out_per_head[:, :, 0], out_per_head[:, :, 1])
+    np.testing.assert_allclose(out_shared[:, :, 0], out_shared[:, :, 1])
+
+
+def test_conv_parameter_counts():
+    hidden, heads = 32, 4
+    head_dim = hidden // heads
+    def conv_params(**kwargs):
+        layer = MultiDConvHeadAttention(num_heads=heads, key_dim=head_dim, **kwargs)
+        layer.build((None, None, hidden))
+        return sum(c.count_params() for c in layer.convs)
+    assert conv_params() == 9 * hidden  # paper: 3 taps x (heads x head_dim) x q, k, v
+    assert conv_params(share_conv_kernels_across_heads=True, conv_bias=True) == 12 * head_dim  # labml-nn
+    assert conv_params(use_dconv=False) == 0
+
+
+def test_mdha_is_causal():
+    layer = build_mdha()
+    x = random_inputs(length=8)
+    changed = x.copy()
+    changed[:, 5:] = np.random.randn(*changed[:, 5:].shape)
+    np.testing.assert_array_equal(to_np(layer(x))[:, :5], to_np(layer(changed))[:, :5])
+    assert not np.allclose(to_np(layer(x))[:, 5:], to_np(layer(changed))[:, 5:])
+
+
+def test_mdha_left_padding_matches_unpadded_row():
+    layer = build_mdha()
+    x = random_inputs(length=5, batch=1)
+    padded = np.concatenate([np.random.randn(1, 3, HIDDEN).astype("float32"), x], axis=1)
+    mask = np.array([[0, 0, 0, 1, 1, 1, 1, 1]], bool)
+    out = to_np(layer(padded, padding_mask=mask))
+    np.testing.assert_allclose(out[:, 3:], to_np(layer(x)), atol=1e-5)
+
+
+def test_layer_configs_round_trip():
+    x = random_inputs()
+    for layer in (
+        build_mdha(share_conv_kernels_across_heads=True, conv_bias=True, kernel_size=4),
+        PrimerDecoderBlock(num_heads=HEADS, intermediate_dim=16, activation="gelu", use_dconv=False),
+        PrimerDecoderBlock(num_heads=HEADS, intermediate_dim=16),
+    ):
+        expected = to_np(layer(x))
+        clone = layer.__class__.from_config(layer.get_config())
+        clone(x)
+        clone.set_weights(layer.get_weights())
+        np.testing.assert_allclose(to_np(clone(x)), expected, atol=1e-6)
+        assert clone.get_config() == layer.get_config()
+
+
+def test_block_runs_in_mixed_bfloat16():
+    block = PrimerDecoderBlock(num_heads=HEADS, intermediate_dim=16, dtype="mixed_bfloat16")
+    out = block(random_inputs())
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    assert np.isfinite(to_np(ops.cast(out, "float32"))).all()
+    assert keras.backend.standardize_dtype(block.attention.convs[0].kernel.dtype) == "float32"
