@@ -4,6 +4,45 @@ import keras
 from keras import ops
 
 
+def causal_depthwise_conv(inputs, kernel, bias=None, state=None, state_index=None):
+    """Causal depthwise convolution along axis 1 of `[batch, time, ...]`.
+
+    Args:
+        inputs: `[batch, time, *channels]`.
+        kernel: `[kernel_size, *channels]` (or broadcastable), oldest tap first.
+        bias: Optional, broadcastable to `channels`.
+        state: Optional `[batch, kernel_size - 1, *channels]`: the inputs just
+            before `inputs[:, 0]` (zeros when None).
+        state_index: Optional int (tensor), relative to `inputs[:, 0]`: the
+            returned state holds the rows just before it (default: `time`).
+
+    Returns:
+        `(outputs, next_state)`; `next_state` is None when `kernel_size == 1`.
+    """
+    kernel_size = kernel.shape[0]
+    history = kernel_size - 1
+    length = ops.shape(inputs)[1]
+    kernel = ops.cast(kernel, inputs.dtype)
+    if history == 0:
+        padded = inputs
+    elif state is None:
+        pad = [[0, 0], [history, 0]] + [[0, 0]] * (len(inputs.shape) - 2)
+        padded = ops.pad(inputs, pad)
+    else:
+        padded = ops.concatenate([ops.cast(state, inputs.dtype), inputs], axis=1)
+    outputs = padded[:, :length] * kernel[0]
+    for tap in range(1, kernel_size):
+        outputs = outputs + padded[:, tap : tap + length] * kernel[tap]
+    if bias is not None:
+        outputs = outputs + ops.cast(bias, inputs.dtype)
+    if history == 0:
+        return outputs, None
+    if state_index is None:
+        return outputs, padded[:, -history:]
+    rows = ops.arange(history, dtype="int32") + ops.cast(state_index, "int32")
+    return outputs, ops.take(padded, rows, axis=1)
+
+
 @keras.saving.register_keras_serializable(package="keras_primer")
 class CausalSmoothingInitializer(keras.initializers.Initializer):
     """Initial depthwise taps: `current` on the newest tap, the rest on the past.
@@ -126,45 +165,24 @@ class CausalDepthwiseConv(keras.layers.Layer):
             The convolved tensor, or `(convolved, next_state)` when `state` is
             given.
         """
-        history = self.state_length
-        length = ops.shape(inputs)[1]
-        return_state = state is not None
-        if history == 0:
-            padded = inputs
-        elif state is None:
-            padded = ops.pad(inputs, [[0, 0], [history, 0], [0, 0], [0, 0]])
-        else:
-            padded = ops.concatenate([ops.cast(state, inputs.dtype), inputs], axis=1)
-        kernel = self._broadcast_kernel(inputs.dtype)
-        outputs = None
-        for tap in range(self.kernel_size):
-            window = padded[:, tap : tap + length]
-            term = window * kernel[tap]
-            outputs = term if outputs is None else outputs + term
-        if self.bias is not None:
-            outputs = outputs + self._broadcast(self.bias, inputs.dtype)
-        if not return_state:
+        outputs, next_state = causal_depthwise_conv(
+            inputs, self.channel_kernel(), self.channel_bias(), state, state_index
+        )
+        if state is None:
             return outputs
-        if history == 0:
-            return outputs, state
-        if state_index is None:
-            next_state = padded[:, -history:]
-        else:
-            rows = ops.arange(history, dtype="int32") + ops.cast(state_index, "int32")
-            next_state = ops.take(padded, rows, axis=1)
-        return outputs, next_state
+        return outputs, state if next_state is None else next_state
 
-    def _broadcast_kernel(self, dtype):
-        kernel = ops.cast(self.kernel, dtype)
+    def channel_kernel(self):
+        """The taps as `[kernel_size, heads or 1, head_dim]`."""
         if self.share_across_heads:
-            kernel = ops.expand_dims(kernel, axis=1)
-        return kernel
+            return ops.expand_dims(self.kernel, axis=1)
+        return self.kernel
 
-    def _broadcast(self, weight, dtype):
-        weight = ops.cast(weight, dtype)
-        if self.share_across_heads:
-            weight = ops.expand_dims(weight, axis=0)
-        return weight
+    def channel_bias(self):
+        """The bias as `[heads or 1, head_dim]`, or None."""
+        if self.bias is None or not self.share_across_heads:
+            return self.bias
+        return ops.expand_dims(self.bias, axis=0)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -6,7 +6,10 @@ import keras
 from keras import ops
 
 from keras_primer.layers.cache_utils import causal_attention_mask, write_rows
-from keras_primer.layers.causal_depthwise_conv import CausalDepthwiseConv
+from keras_primer.layers.causal_depthwise_conv import (
+    CausalDepthwiseConv,
+    causal_depthwise_conv,
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -169,33 +172,29 @@ class MultiDConvHeadAttention(keras.layers.Layer):
                 rows = ops.arange(length, dtype="int32") + ops.cast(start, "int32")
                 query_mask = ops.take(padding_mask, rows, axis=1)
 
-        projections = [
-            self.query_dense(inputs),
-            self.key_dense(inputs),
-            self.value_dense(inputs),
-        ]
+        # q, k and v side by side on axis 2, so the mask and the three
+        # convolutions are one elementwise pass each.
+        qkv = ops.stack(
+            [self.query_dense(inputs), self.key_dense(inputs), self.value_dense(inputs)],
+            axis=2,
+        )
         if query_mask is not None:
-            keep = ops.cast(query_mask, projections[0].dtype)[:, :, None, None]
-            projections = [p * keep for p in projections]
+            qkv = qkv * ops.cast(query_mask, qkv.dtype)[:, :, None, None, None]
 
         next_conv_state = None
         if self.convs:
-            states = [None] * 3
-            has_state = cache is not None and self.conv_state_length > 0
-            if has_state:
-                states = [cache["conv"][:, i] for i in range(3)]
-            convolved, next_states = [], []
-            for conv, projection, state in zip(self.convs, projections, states):
-                if has_state:
-                    out, new_state = conv(projection, state=state, state_index=conv_state_index)
-                    next_states.append(new_state)
-                else:
-                    out = conv(projection)
-                convolved.append(out)
-            projections = convolved
-            if has_state:
-                next_conv_state = ops.stack(next_states, axis=1)
-        query, key, value = projections
+            kernel = ops.stack([c.channel_kernel() for c in self.convs], axis=1)
+            bias = None
+            if self.conv_bias:
+                bias = ops.stack([c.channel_bias() for c in self.convs], axis=0)
+            state = None
+            if cache is not None and self.conv_state_length > 0:
+                # Cache layout [batch, 3, rows, heads, head_dim] -> rows first.
+                state = ops.transpose(cache["conv"], (0, 2, 1, 3, 4))
+            qkv, next_state = causal_depthwise_conv(qkv, kernel, bias, state, conv_state_index)
+            if state is not None:
+                next_conv_state = ops.transpose(next_state, (0, 2, 1, 3, 4))
+        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
         if cache is None:
             attended = self._attend(
