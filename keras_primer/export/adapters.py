@@ -101,7 +101,45 @@ class PrimerAdapter(CausalLMAdapter):
         return logits, next_state
 
 
-ADAPTERS = {"PrimerCausalLM": PrimerAdapter}
+class CachedCausalLMAdapter(CausalLMAdapter):
+    """Any causal LM with `empty_cache(batch, max_length)` (a dict of tensors)
+    and `call_with_cache(token_ids, cache, index) -> (logits, hidden, cache)`.
+
+    The batch axis is axis 0; the `max_length` axis of each state is found by
+    comparing `empty_cache(1, 2)` with `empty_cache(1, 3)`.
+    """
+
+    def __init__(self, model):
+        super().__init__(model)
+        small, large = model.empty_cache(1, 2), model.empty_cache(1, 3)
+        self.state_names = tuple(small)
+        self._shapes = {}
+        for name in self.state_names:
+            a, b = list(small[name].shape), list(large[name].shape)
+            self._shapes[name] = [None] + [None if x != y else int(x) for x, y in zip(a[1:], b[1:])]
+
+    def state_specs(self, max_length=None):
+        return {
+            name: ([None] + [max_length if d is None else d for d in shape[1:]], "float32")
+            for name, shape in self._shapes.items()
+        }
+
+    def empty_state(self, batch_size, max_length):
+        return self.model.empty_cache(batch_size, max_length)
+
+    def step(self, token_ids, state, position):
+        logits, _, next_state = self.model.call_with_cache(token_ids, dict(state), position)
+        return logits, next_state
+
+
+class FeedbackAdapter(CachedCausalLMAdapter):
+    """`FeedbackCausalLM`: state `key`/`value` `[batch, max_length, kv_groups,
+    heads, head_dim]`, the memory of past steps (shared or per-layer)."""
+
+    family = "feedback"
+
+
+ADAPTERS = {"PrimerCausalLM": PrimerAdapter, "FeedbackCausalLM": FeedbackAdapter}
 
 
 def register_adapter(class_name, adapter_cls):
@@ -114,13 +152,8 @@ def get_adapter(model):
     for cls in type(model).__mro__:
         if cls.__name__ in ADAPTERS:
             return ADAPTERS[cls.__name__](model)
-    try:  # The Feedback family registers itself when it exists.
-        from keras_primer.export import feedback_adapter  # noqa: F401
-    except ImportError:
-        pass
-    for cls in type(model).__mro__:
-        if cls.__name__ in ADAPTERS:
-            return ADAPTERS[cls.__name__](model)
+    if hasattr(model, "empty_cache") and hasattr(model, "call_with_cache"):
+        return CachedCausalLMAdapter(model)
     raise ValueError(
         f"Cannot export a {type(model).__name__}: supported model classes are "
         f"{sorted(ADAPTERS)}."

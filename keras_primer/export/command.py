@@ -20,8 +20,9 @@ def _parser():
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--name", default=None, help="TF Serving model name (default: file stem)")
     parser.add_argument("--version", type=int, default=1, help="TF Serving version (default 1)")
-    parser.add_argument("--max-new-tokens", type=int, default=32,
-                        help="new tokens of the `generate` signature (default 32)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="new tokens of the `generate` signature (default: 32, "
+                             "or fewer when the model's max_sequence_length needs it)")
     parser.add_argument("--int8", action="store_true", help="also write int8-quantized ONNX models")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX files")
     parser.add_argument("--no-saved-model", action="store_true", help="skip the SavedModel")
@@ -40,7 +41,7 @@ def _backend():
     return keras.backend.backend()
 
 
-def export_model(model_path, out_dir, name=None, version=1, max_new_tokens=32, int8=False,
+def export_model(model_path, out_dir, name=None, version=1, max_new_tokens=None, int8=False,
                  saved_model=True, onnx=True):
     """Exports `model_path`; returns `{"saved_model": dir, "onnx": {...}, ...}`.
 
@@ -51,12 +52,12 @@ def export_model(model_path, out_dir, name=None, version=1, max_new_tokens=32, i
         raise FileNotFoundError(f"No model file at {model_path}")
     name = name or _default_name(model_path)
     if _backend() != "tensorflow":
-        argv = [model_path, "--out", out_dir, "--name", name, "--version", str(version),
-                "--max-new-tokens", str(max_new_tokens), "--json"]
+        argv = [model_path, "--out", out_dir, "--name", name, "--version", str(version), "--json"]
+        argv += ["--max-new-tokens", str(max_new_tokens)] if max_new_tokens is not None else []
         argv += ["--int8"] * int8 + ["--no-onnx"] * (not onnx) + ["--no-saved-model"] * (not saved_model)
         env = dict(os.environ, KERAS_BACKEND="tensorflow")
         result = subprocess.run(
-            [sys.executable, "-m", "keras_primer.export.command", *argv],
+            [sys.executable, "-m", "keras_primer.export", *argv],
             env=env, capture_output=True, text=True,
         )
         if result.returncode != 0:
@@ -66,6 +67,8 @@ def export_model(model_path, out_dir, name=None, version=1, max_new_tokens=32, i
     from keras_primer.export.adapters import load_float32
 
     model = load_float32(model_path)
+    if max_new_tokens is None:
+        max_new_tokens = max(1, min(32, int(model.backbone.max_sequence_length) - 2))
     written = {"name": name, "version": int(version)}
     if saved_model:
         from keras_primer.export.saved_model import export_saved_model

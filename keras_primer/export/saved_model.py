@@ -29,7 +29,6 @@ and the decoding loop is a `tf.while_loop` over the fixed-shape cache.
 import json
 import os
 
-import numpy as np
 import tensorflow as tf
 
 from keras_primer.export.adapters import get_adapter
@@ -226,8 +225,7 @@ def build_module(model, default_max_new_tokens=32):
     adapter = get_adapter(model)
     graph = GenerationGraph(adapter, default_max_new_tokens)
     module = tf.Module()
-    module.model_variables = list(model.variables)
-    module.model = model  # keeps the Keras objects tracked for the signatures
+
 
     @tf.function(
         input_signature=[
@@ -271,6 +269,14 @@ def build_module(model, default_max_new_tokens=32):
         "generate": generate.get_concrete_function(),
         "generate_with_options": generate_with_options.get_concrete_function(),
     }
+    # Track the tf.Variables the traced functions capture (as Keras'
+    # ExportArchive does), not the Keras variable wrappers: the TF1-style
+    # loader of TF Serving and `saved_model_cli run` restores exactly these.
+    captured = {}
+    for function in signatures.values():
+        for variable in function.variables:
+            captured[id(variable)] = variable
+    module.model_variables = list(captured.values())
     return module, signatures, adapter
 
 
@@ -343,9 +349,8 @@ def check_graph(saved_model_dir, allow_tensorflow_text=False):
         functions = {f.signature.name for f in graph_def.library.function}
         node_lists = [("<graph>", graph_def.node)]
         for function in graph_def.library.function:
-            for key in ("_XlaMustCompile", "_noinline_xla"):
-                if key in function.attr and function.attr[key].b and key == "_XlaMustCompile":
-                    problems.append(f"function {function.signature.name} has _XlaMustCompile=True")
+            if "_XlaMustCompile" in function.attr and function.attr["_XlaMustCompile"].b:
+                problems.append(f"function {function.signature.name} has _XlaMustCompile=True")
             node_lists.append((function.signature.name, function.node_def))
         for owner, nodes in node_lists:
             for node in nodes:

@@ -343,8 +343,11 @@ class FeedbackStack(keras.layers.Layer):
         outputs = [x]
         for i in range(self.num_layers):
             group = 0 if self.shared_kv else i
-            attended = self.attentions[i](
-                self.attention_norms[i](x),
+            # Sublayers are called through `.call`: inside this layer's call
+            # (same dtype policy, already autocast) `__call__` would only add
+            # per-step overhead, which dominates PyTorch's Python time loop.
+            attended = self.attentions[i].call(
+                self.attention_norms[i].call(x),
                 keys[:, :, group],
                 values[:, :, group],
                 relative_index,
@@ -354,7 +357,7 @@ class FeedbackStack(keras.layers.Layer):
             if drop_masks is not None:
                 attended = attended * drop_masks[:, i, 0]
             x = x + attended
-            fed = self.feed_forwards[i](self.feed_forward_norms[i](x), training=training)
+            fed = self._feed_forward(i, self.feed_forward_norms[i].call(x))
             if drop_masks is not None:
                 fed = fed * drop_masks[:, i, 1]
             x = x + fed
@@ -365,6 +368,11 @@ class FeedbackStack(keras.layers.Layer):
         keys = write_rows(keys, new_keys[:, None], position)
         values = write_rows(values, new_values[:, None], position)
         return x, memory, keys, values
+
+    def _feed_forward(self, i, x):
+        ffn = self.feed_forwards[i]
+        hidden = ffn.activation(ffn.intermediate_dense.call(x))
+        return ffn.output_dense.call(hidden)
 
     def _dropout_masks(self, batch_size, length, training):
         if not training or not self.dropout:

@@ -10,8 +10,19 @@ import time
 import keras
 
 
+def sync_state(model) -> None:
+    """Writes JAX's in-flight training state back into the model's variables.
+
+    During `fit()` on JAX the variables are only updated at epoch ends; a
+    callback that reads or saves them mid-epoch must sync first.
+    """
+    if getattr(model, "_jax_state", None) is not None and hasattr(model, "jax_state_sync"):
+        model.jax_state_sync()
+
+
 def optimizer_step(model) -> int:
     """Optimizer steps taken so far (the global training step)."""
+    sync_state(model)
     return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
@@ -77,6 +88,7 @@ class StepBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
+        sync_state(self.model)
         self.model.save_weights(filepath=self._weights_path + ".tmp.weights.h5", overwrite=True)
         os.replace(self._weights_path + ".tmp.weights.h5", self._weights_path)
         metadata = {

@@ -152,3 +152,34 @@ def distribution_scope(kind: str = "none", model_axis_size: int = 2):
         yield _Plan(kind, replicas)
     finally:
         keras.distribution.set_distribution(previous)
+
+
+def data_parallel_size() -> int:
+    """Batch shards of the active `keras.distribution` (1 without one)."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return 1
+    mesh = distribution.device_mesh
+    axis = getattr(distribution, "batch_dim_name", None) or mesh.axis_names[0]
+    return int(mesh.shape[list(mesh.axis_names).index(axis)])
+
+
+def generate(lm, prompts, max_length: int | None = None):
+    """`lm.generate(prompts)` for any batch size under a distribution.
+
+    A distributed batch must divide by the number of batch shards; the
+    prompts are padded (by repeating the last one) to a multiple, and the
+    extra outputs dropped. A single string gives a single string.
+    """
+    single = isinstance(prompts, str)
+    prompts = [prompts] if single else list(prompts)
+    if not prompts:
+        raise ValueError("`prompts` is empty: pass at least one prompt string.")
+    shards = data_parallel_size()
+    padded = prompts + [prompts[-1]] * (-len(prompts) % shards)
+    if len(padded) == 1:
+        outputs = [lm.generate(padded[0], max_length=max_length)]
+    else:
+        outputs = list(lm.generate(padded, max_length=max_length))
+    outputs = outputs[: len(prompts)]
+    return outputs[0] if single else outputs

@@ -30,7 +30,7 @@ from keras_primer.training.callbacks import (
 )
 from keras_primer.training.models import MODELS, build_causal_lm
 from keras_primer.training.optimizer import build_optimizer
-from keras_primer.training.presets import get_preset
+from keras_primer.training.presets import TrainPreset, get_preset
 from keras_primer.training.reporting import (
     generate_text,
     plot_learning_curve,
@@ -75,7 +75,7 @@ class RunConfig:
     model: str = "primer_ez"
     out: str = "runs/train"
     data: str | None = None
-    preset: str = "tiny"
+    preset: "str | TrainPreset" = "tiny"
     steps: int | None = None
     batch_size: int | None = None
     sequence_length: int | None = None
@@ -206,6 +206,7 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
         eval_interval=config.eval_interval,
         checkpoint_interval=config.checkpoint_interval,
     )
+    preset_name = config.preset if isinstance(config.preset, str) else "custom"
     total_steps = preset.steps
     interval = max(1, min(preset.eval_interval, total_steps))
 
@@ -271,10 +272,9 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
             ),
             backup,
         ]
-        if config.tensorboard:
-            callbacks.append(
-                keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"), write_graph=False)
-            )
+        tensorboard = tensorboard_callback(os.path.join(out, "tensorboard")) if config.tensorboard else None
+        if tensorboard is not None:
+            callbacks.append(tensorboard)
         callbacks += list(extra_callbacks or [])
 
         for first, initial_epoch, epochs, per_epoch in plan_segments(start, total_steps, interval):
@@ -297,6 +297,7 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
                 initial_epoch=initial_epoch,
                 epochs=epochs,
                 steps_per_epoch=per_epoch,
+                shuffle=False,  # batch i is the batch of step first + i
                 callbacks=callbacks,
                 verbose=config.verbose,
             )
@@ -318,12 +319,12 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
 
     history = read_history(history_path)
     curve = plot_learning_curve(
-        history, os.path.join(out, "learning_curve.png"), f"{config.model} ({config.preset})"
+        history, os.path.join(out, "learning_curve.png"), f"{config.model} ({preset_name})"
     )
     val_loss = float(results["loss"])
     summary = {
         "model": config.model,
-        "preset": config.preset,
+        "preset": preset_name,
         "backend": keras.backend.backend(),
         "precision": config.precision,
         "distribution": config.distribution,
@@ -349,13 +350,30 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
             "best_model": os.path.join(out, "best.keras"),
             "history": history_path,
             "learning_curve": curve,
-            "tensorboard": os.path.join(out, "tensorboard") if config.tensorboard else None,
+            "tensorboard": os.path.join(out, "tensorboard") if tensorboard is not None else None,
             "backup": os.path.join(out, "backup"),
         },
-        "config": dataclasses.asdict(config),
+        "preset_settings": dataclasses.asdict(preset),
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "preset"},
     }
     write_json(os.path.join(out, "summary.json"), summary)
     return summary
+
+
+def tensorboard_callback(log_dir: str):
+    """`keras.callbacks.TensorBoard`, or None (with a warning) when the
+    `tensorboard` package is missing (TensorFlow >= 2.21 no longer installs it)."""
+    import importlib.util
+    import warnings
+
+    if importlib.util.find_spec("tensorboard") is None:
+        warnings.warn(
+            "No TensorBoard logs: the `tensorboard` package is not installed "
+            "(`pip install tensorboard`). history.csv has the same numbers.",
+            stacklevel=2,
+        )
+        return None
+    return keras.callbacks.TensorBoard(log_dir, write_graph=False)
 
 
 def keras_hub_sampler():

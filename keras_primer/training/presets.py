@@ -55,10 +55,10 @@ PRESETS: dict[str, TrainPreset] = {
     # `make demo`: a few minutes on a 2-core CPU, recognisable Shakespeare.
     "cpu": TrainPreset(
         num_layers=3, num_heads=4, hidden_dim=128, intermediate_dim=512,
-        sequence_length=128, dropout=0.0, batch_size=32, steps=600,
+        sequence_length=64, dropout=0.0, batch_size=16, steps=1000,
         learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=50,
-        eval_interval=150, eval_windows=64, checkpoint_interval=50,
-        description="3x128, context 128: the CPU demo (minutes)",
+        eval_interval=250, eval_windows=64, checkpoint_interval=250,
+        description="3x128, context 64: the CPU demo (minutes)",
     ),
     # nanoGPT's shakespeare_char configuration (a GPU run).
     "shakespeare_char": TrainPreset(
@@ -71,12 +71,15 @@ PRESETS: dict[str, TrainPreset] = {
 }
 
 
-def get_preset(name: str, **overrides) -> TrainPreset:
-    """The preset called `name`, with `overrides` (None values ignored).
+def get_preset(name: "str | TrainPreset", **overrides) -> TrainPreset:
+    """The preset called `name` (or a `TrainPreset` itself), with `overrides`
+    (None values ignored).
 
     Raises:
         ValueError: Unknown name (the message lists the known ones).
     """
+    if isinstance(name, TrainPreset):
+        return name.replace(**overrides)
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}. Choose one of: {', '.join(PRESETS)}.")
     return PRESETS[name].replace(**overrides)

@@ -80,7 +80,9 @@ def generate_text(lm, prompt: str, num_tokens: int, window: int | None = None) -
         keep = ids[-(window // 2):] if len(ids) > window // 2 else ids
         context = tokenizer.detokenize(keep)
         context = context.numpy().decode("utf-8", "replace") if hasattr(context, "numpy") else context
-        out = lm.generate(context, max_length=window)
+        from keras_primer.training.distribution import generate
+
+        out = generate(lm, context, max_length=window)
         if not isinstance(out, str):
             out = out.numpy().decode("utf-8", "replace") if hasattr(out, "numpy") else str(out)
         new = out[len(context):] if out.startswith(context) else out

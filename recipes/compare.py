@@ -1,0 +1,53 @@
+"""Primer EZ vs the Transformer baseline (and Feedback) with the same budget and seed.
+
+    python recipes/compare.py --out runs/compare --quick          # minutes, CPU
+    python recipes/compare.py --out runs/compare --preset shakespeare_char   # GPU
+
+Writes a table (comparison.md/.csv/.json), a plot of validation loss vs steps
+and vs wall-clock (comparison.png), and the ratio of steps Primer EZ needs to
+reach the baseline's final validation loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="tiny preset, 100 steps")
+    parser.add_argument("--models", default="primer_ez,transformer,feedback")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from keras_primer.training import RunConfig
+    from keras_primer.training.compare import compare
+
+    base = RunConfig(
+        out=args.out,
+        data=args.data,
+        preset="tiny" if args.quick else args.preset,
+        steps=args.steps or (100 if args.quick else None),
+        eval_interval=25 if args.quick else None,
+        seed=args.seed,
+        sample_tokens=100,
+        verbose=2,
+    )
+    try:
+        result = compare(base, tuple(args.models.split(",")))
+    except ValueError as e:
+        print(f"compare: error: {e}", file=sys.stderr)
+        return 2
+    print(open(os.path.join(os.path.abspath(args.out), "comparison.md")).read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    sys.exit(main())

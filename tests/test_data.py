@@ -1,0 +1,121 @@
+"""Corpus loading, byte and SentencePiece tokenization, splits, streaming batches."""
+
+import os
+
+import numpy as np
+import pytest
+
+from keras_primer.data import (
+    ByteCodec,
+    DataFileError,
+    WindowDataset,
+    list_text_files,
+    load_splits,
+    shakespeare_path,
+    validation_arrays,
+)
+
+
+def _write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return str(path)
+
+
+@pytest.mark.tensorflow_only
+def test_missing_and_empty_data_give_clear_errors(tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(DataFileError, match=r"not found: .*nope\.txt.*--data"):
+        list_text_files(str(missing))
+    empty = _write(str(tmp_path / "empty.txt"), "")
+    with pytest.raises(DataFileError, match="empty"):
+        list_text_files(empty)
+    os.makedirs(tmp_path / "folder")
+    _write(str(tmp_path / "folder" / "blank.txt"), "")
+    with pytest.raises(DataFileError, match=r"No non-empty text files .*found 1 empty"):
+        list_text_files(str(tmp_path / "folder"))
+
+
+@pytest.mark.tensorflow_only
+def test_shakespeare_path_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_PRIMER_SHAKESPEARE", str(tmp_path / "missing.txt"))
+    with pytest.raises(DataFileError, match=r"\$KERAS_PRIMER_SHAKESPEARE points to .*missing\.txt"):
+        shakespeare_path(download=False)
+    monkeypatch.delenv("KERAS_PRIMER_SHAKESPEARE")
+    with pytest.raises(DataFileError, match="no `--data` flag and no KERAS_PRIMER_SHAKESPEARE"):
+        shakespeare_path(download=False)
+    local = _write(str(tmp_path / "s.txt"), "ROMEO: hi\n")
+    assert shakespeare_path(local, download=False) == local
+
+
+@pytest.mark.tensorflow_only
+def test_corpus_smaller_than_a_window_is_an_error(tmp_path):
+    path = _write(str(tmp_path / "small.txt"), "x" * 100)
+    with pytest.raises(DataFileError, match=r"too small: 100 tokens .*sequence_length=64"):
+        load_splits(path, ByteCodec(), str(tmp_path / "cache"), sequence_length=64)
+
+
+@pytest.mark.tensorflow_only
+def test_folder_corpus_split_and_windows(tmp_path):
+    _write(str(tmp_path / "c" / "a.txt"), "abcdefghij" * 10)
+    _write(str(tmp_path / "c" / "sub" / "b.txt"), "0123456789" * 10)
+    _write(str(tmp_path / "c" / "ignored.bin"), "zzzz")
+    splits = load_splits(str(tmp_path / "c"), ByteCodec(), str(tmp_path / "cache"), 8, 0.2)
+    # 100 + separator + 100 ids; the last 20% held out.
+    assert len(splits.train) + len(splits.val) == 201
+    assert len(splits.val) == 40
+    assert int(splits.train[100]) == ByteCodec.end_id
+    assert bytes(np.asarray(splits.val)).decode() == "0123456789" * 4
+    assert splits.val_chars == 40
+    x, y = validation_arrays(splits.val, 8, max_windows=3)
+    assert x["token_ids"].shape == (3, 8) and y.shape == (3, 8)
+    np.testing.assert_array_equal(x["token_ids"][:, 0], 2)
+    np.testing.assert_array_equal(x["token_ids"][:, 1:], y[:, :-1])
+    assert bytes(y[0].astype(np.uint8)).decode() == "01234567"
+
+
+def test_window_dataset_is_a_function_of_the_global_step(tmp_path):
+    tokens = np.arange(1000) % 256
+    full = WindowDataset(tokens, 16, 4, num_steps=10, seed=3)
+    resumed = WindowDataset(tokens, 16, 4, num_steps=4, start_step=6, seed=3)
+    for i in range(4):
+        np.testing.assert_array_equal(full[6 + i][1], resumed[i][1])
+    assert not np.array_equal(full[0][1], full[1][1])
+    x, y = full[0]
+    assert x["token_ids"].dtype == np.int32 and x["token_ids"].shape == (4, 16)
+    np.testing.assert_array_equal(x["token_ids"][:, 1:], y[:, :-1])
+    with pytest.raises(IndexError):
+        full[10]
+
+
+@pytest.mark.tensorflow_only
+def test_tf_dataset_matches_py_dataset():
+    from keras_primer.data import to_tf_dataset
+
+    ds = WindowDataset(np.arange(500) % 256, 8, 2, num_steps=3, seed=1)
+    batches = list(to_tf_dataset(ds))
+    assert len(batches) == 3
+    np.testing.assert_array_equal(batches[2][1].numpy(), ds[2][1])
+
+
+@pytest.mark.tensorflow_only
+def test_sentencepiece_round_trip_and_model_tokenizer(tmp_path, shakespeare_path):
+    from keras_primer.data import SentencePieceCodec, train_sentencepiece
+
+    text = open(shakespeare_path, encoding="utf-8").read()[:200_000]
+    corpus = _write(str(tmp_path / "s.txt"), text)
+    codec = train_sentencepiece([corpus], 400, str(tmp_path / "sp.model"))
+    assert codec.vocabulary_size == 400
+    sample = "ROMEO:\nWhat  light,\n\n  é 你?\n"
+    ids = codec.encode(sample)
+    assert codec.decode(ids) == sample
+    assert len(codec.encode(text[:5000])) < 5000 * 0.75  # merges, not characters
+    tokenizer = codec.keras_tokenizer()
+    assert tokenizer.start_token_id == 2 and tokenizer.end_token_id == 3
+    assert tokenizer.pad_token_id == 0
+    np.testing.assert_array_equal(np.asarray(tokenizer("ROMEO: What")), codec.encode("ROMEO: What"))
+    reloaded = SentencePieceCodec(str(tmp_path / "sp.model"))
+    assert reloaded.describe() == codec.describe()
+    with pytest.raises(ValueError, match="at least 300"):
+        train_sentencepiece([corpus], 100)

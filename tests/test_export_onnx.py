@@ -1,0 +1,258 @@
+"""ONNX export + ONNX Runtime generator: numerics, greedy decoding, int8, errors,
+and JAX-/PyTorch-trained `.keras` files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from export_helpers import NEW_TOKENS, PROMPTS, keras_greedy, make_model, sample_ids
+
+pytestmark = pytest.mark.tensorflow_only
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    import keras
+
+    from keras_primer.export import export_model
+
+    root = tmp_path_factory.mktemp("onnx_export")
+    lm = make_model()
+    model_path = str(root / "tiny.keras")
+    lm.save(model_path)
+    written = export_model(model_path, str(root / "out"), int8=True, saved_model=False)
+    token_ids, padding_mask = sample_ids()
+    logits = keras.ops.convert_to_numpy(lm({"token_ids": token_ids, "padding_mask": padding_mask}))
+    return {"root": root, "lm": lm, "onnx": written["onnx"], "token_ids": token_ids,
+            "padding_mask": padding_mask, "logits": logits, "dir": str(root / "out" / "onnx")}
+
+
+@pytest.fixture(scope="module")
+def generator(exported):
+    from keras_primer.export.ort_generator import OrtGenerator
+
+    return OrtGenerator(exported["dir"])
+
+
+def test_files_ir_version_and_dynamic_axes(exported):
+    import onnx
+
+    for key in ("model", "decoder_step", "model_int8", "decoder_step_int8", "config"):
+        assert os.path.exists(exported["onnx"][key]), key
+    model = onnx.load(exported["onnx"]["model"])
+    assert model.ir_version == 8
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert set(dims) == {"token_ids", "padding_mask"}
+    assert all(isinstance(d, str) for d in dims["token_ids"])  # batch and length dynamic
+    step = onnx.load(exported["onnx"]["decoder_step"])
+    assert [i.name for i in step.graph.input] == ["token_ids", "position", "past_key_value", "past_conv"]
+    assert [o.name for o in step.graph.output] == ["logits", "present_key_value", "present_conv"]
+    kv = [d.dim_param or d.dim_value for d in step.graph.input[2].type.tensor_type.shape.dim]
+    assert isinstance(kv[0], str) and isinstance(kv[3], str) and kv[1:3] == [2, 2] and kv[4:] == [2, 8]
+    config = json.load(open(exported["onnx"]["config"]))
+    assert config["family"] == "primer" and config["states"]["conv"]["shape"] == [-1, 2, 3, 2, 2, 8]
+
+
+def test_ort_logits_match_keras(exported, generator):
+    np.testing.assert_allclose(
+        generator.logits(exported["token_ids"], exported["padding_mask"]), exported["logits"], atol=1e-4, rtol=0
+    )
+    import keras
+
+    ids = exported["token_ids"][:2, :5]
+    expected = keras.ops.convert_to_numpy(exported["lm"]({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
+    np.testing.assert_allclose(generator.logits(ids), expected, atol=1e-4, rtol=0)
+
+
+def test_decoder_step_matches_call_with_cache(exported, generator):
+    import keras
+
+    lm = exported["lm"]
+    ids = exported["token_ids"][:2, :6]
+    cache = lm.empty_cache(2, 9)
+    logits, _, cache = lm.call_with_cache(ids[:, :5], cache, 0)
+    step_logits, _, cache = lm.call_with_cache(ids[:, 5:6], cache, 5)
+    state = generator.empty_state(2, 9)
+    ort_logits, state = generator.step(ids[:, :5], 0, state)
+    np.testing.assert_allclose(ort_logits, keras.ops.convert_to_numpy(logits)[:, -1], atol=1e-4, rtol=0)
+    ort_logits, state = generator.step(ids[:, 5:6], 5, state)
+    np.testing.assert_allclose(ort_logits, keras.ops.convert_to_numpy(step_logits)[:, -1], atol=1e-4, rtol=0)
+    for name in ("key_value", "conv"):
+        np.testing.assert_allclose(state[name], keras.ops.convert_to_numpy(cache[name]), atol=1e-4, rtol=0)
+
+
+def test_ort_greedy_matches_keras_greedy(exported, generator):
+    expected = keras_greedy(exported["lm"], PROMPTS, NEW_TOKENS)
+    assert generator.generate(PROMPTS, max_new_tokens=NEW_TOKENS) == expected
+    assert generator.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS) == expected[0]
+
+
+def test_sampling_is_seeded(generator):
+    for sampler in ("top_k", "top_p"):
+        a = generator.generate(PROMPTS, max_new_tokens=5, sampler=sampler, top_k=4, top_p=0.8, seed=1)
+        b = generator.generate(PROMPTS, max_new_tokens=5, sampler=sampler, top_k=4, top_p=0.8, seed=1)
+        assert a == b and all(x.startswith(p) for x, p in zip(a, PROMPTS))
+    ids = generator.generate(["Hi"], max_new_tokens=5, sampler="top_k", top_k=1, seed=3, return_token_ids=True)
+    assert ids == generator.generate(["Hi"], max_new_tokens=5, return_token_ids=True)  # top_k=1 is greedy
+
+
+def test_int8_agreement_is_reported(exported, record_property):
+    from keras_primer.export.onnx_export import int8_agreement
+    from keras_primer.export.ort_generator import OrtGenerator
+
+    report = int8_agreement(exported["onnx"]["model"], exported["onnx"]["model_int8"],
+                            exported["token_ids"], exported["padding_mask"])
+    fp32 = OrtGenerator(exported["dir"]).generate(PROMPTS, max_new_tokens=NEW_TOKENS, return_token_ids=True)
+    int8 = OrtGenerator(exported["dir"], int8=True).generate(PROMPTS, max_new_tokens=NEW_TOKENS, return_token_ids=True)
+    same = [a == b for a, b in zip(fp32, int8)]
+    report["greedy_sequences_identical"] = f"{sum(same)}/{len(same)}"
+    record_property("int8_report", json.dumps(report))
+    print("int8 vs fp32:", json.dumps(report))
+    assert 0.0 < report["max_abs_logit_diff"] < 1.0
+    assert report["next_token_agreement"] >= 0.5
+
+
+def test_bad_inputs_give_clear_errors(generator):
+    with pytest.raises(ValueError, match="integer token ids"):
+        generator.logits(np.ones((1, 3), "float32"))
+    with pytest.raises(ValueError, match=r"shape \[batch, length\]"):
+        generator.logits(np.ones((3,), "int32"))
+    with pytest.raises(ValueError, match="max_sequence_length=32"):
+        generator.logits(np.ones((1, 40), "int32"))
+    with pytest.raises(ValueError, match=r"\[0, 255\]"):
+        generator.logits(np.full((1, 3), 256, "int32"))
+    with pytest.raises(ValueError, match="padding_mask"):
+        generator.logits(np.ones((1, 3), "int32"), np.ones((1, 4), "int32"))
+    with pytest.raises(ValueError, match="empty"):
+        generator.generate(["ok", ""])
+    with pytest.raises(ValueError, match="must be a string"):
+        generator.generate([7])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generator.generate(["ok"], max_new_tokens=40)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generator.generate(["ok"], max_new_tokens=0)
+    with pytest.raises(ValueError, match="sampler"):
+        generator.generate(["ok"], sampler="beam")
+    state = generator.empty_state(1, 4)
+    with pytest.raises(ValueError, match="float32"):
+        generator.step(np.ones((1, 1), "int32"), 0, dict(state, conv=state["conv"].astype("float64")))
+    with pytest.raises(ValueError, match="batch"):
+        generator.step(np.ones((2, 1), "int32"), 0, state)
+
+
+def test_cuda_provider_preferred_when_available(monkeypatch):
+    import onnxruntime
+
+    from keras_primer.export import ort_generator
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert ort_generator.default_providers()[0] == "CUDAExecutionProvider"
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert ort_generator.default_providers() == ["CPUExecutionProvider"]
+
+
+OTHER_BACKEND_SCRIPT = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import keras, numpy as np
+from export_helpers import make_model, sample_ids
+from keras_primer.export import export_model
+root = sys.argv[2]
+lm = make_model()
+lm.compile(optimizer=keras.optimizers.SGD(0.01))
+lm.fit(["To be, or not to be", "that is the question"], batch_size=2, epochs=1, verbose=0)
+lm.save(root + "/trained.keras")
+ids, mask = sample_ids()
+np.save(root + "/logits.npy", keras.ops.convert_to_numpy(lm({"token_ids": ids, "padding_mask": mask})))
+if sys.argv[3] == "export":  # the exporter starts its own TensorFlow subprocess
+    print(json.dumps(export_model(root + "/trained.keras", root + "/out", name="trained", onnx=False)))
+'''
+
+
+def _op_types(path):
+    import onnx
+
+    return sorted(n.op_type for n in onnx.load(path).graph.node)
+
+
+# JAX: the export is called on the JAX backend (it runs a TensorFlow
+# subprocess; SavedModel only, to save time); PyTorch: only training there,
+# the SavedModel and ONNX export run in this process.
+@pytest.mark.parametrize("backend,where", [("jax", "export"), ("torch", "train-only")])
+def test_model_trained_on_other_backend(backend, where, exported, tmp_path):
+    import tensorflow as tf
+
+    from keras_primer.export import export_model
+    from keras_primer.export.ort_generator import OrtGenerator
+
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    result = subprocess.run([sys.executable, "-c", OTHER_BACKEND_SCRIPT, TESTS_DIR, str(tmp_path), where],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if where == "export":
+        written = json.loads(result.stdout.strip().splitlines()[-1])
+    else:
+        written = export_model(str(tmp_path / "trained.keras"), str(tmp_path / "out"), name="trained")
+    expected = np.load(tmp_path / "logits.npy")
+    assert np.abs(expected - exported["logits"]).max() > 1e-4  # the training step changed the weights
+    if "onnx" in written:
+        ort_logits = OrtGenerator(written["onnx"]["config"].rsplit("/", 1)[0]).logits(
+            exported["token_ids"], exported["padding_mask"])
+        np.testing.assert_allclose(ort_logits, expected, atol=1e-4, rtol=0)
+        # Same artefacts as the TensorFlow-trained export.
+        for key in ("model", "decoder_step"):
+            assert _op_types(written["onnx"][key]) == _op_types(exported["onnx"][key]), key
+    loaded = tf.saved_model.load(written["saved_model"])
+    sm_logits = loaded.signatures["serving_default"](
+        token_ids=tf.constant(exported["token_ids"]), padding_mask=tf.constant(exported["padding_mask"]))["logits"]
+    np.testing.assert_allclose(sm_logits.numpy(), expected, atol=1e-4, rtol=0)
+    assert sorted(loaded.signatures) == ["generate", "generate_with_options", "serving_default"]
+
+
+def test_feedback_model_exports(tmp_path):
+    """The Feedback Transformer goes through the same exporters (its adapter:
+    state = keys/values of the memory of past steps)."""
+    import keras
+    import tensorflow as tf
+
+    from keras_primer.export import export_model
+    from keras_primer.export.ort_generator import OrtGenerator
+    from keras_primer.models.feedback import (
+        FeedbackBackbone,
+        FeedbackCausalLM,
+        FeedbackCausalLMPreprocessor,
+        FeedbackTokenizer,
+    )
+
+    backbone = FeedbackBackbone(vocabulary_size=256, num_layers=2, num_heads=2, hidden_dim=16,
+                                intermediate_dim=32, max_sequence_length=32)
+    lm = FeedbackCausalLM(backbone, FeedbackCausalLMPreprocessor(FeedbackTokenizer(), sequence_length=32))
+    rng = np.random.default_rng(1)
+    lm.set_weights([(rng.normal(0, 0.3, w.shape) + (1.0 if "gamma" in v.path else 0.0)).astype("float32")
+                    for v, w in zip(lm.weights, lm.get_weights())])
+    lm.save(str(tmp_path / "feedback.keras"))
+    written = export_model(str(tmp_path / "feedback.keras"), str(tmp_path / "out"), max_new_tokens=4)
+    config = json.load(open(written["onnx"]["config"]))
+    assert config["family"] == "feedback" and set(config["states"]) == {"key", "value"}
+
+    token_ids, padding_mask = sample_ids()
+    padding_mask = np.ones_like(padding_mask)
+    expected = keras.ops.convert_to_numpy(lm({"token_ids": token_ids, "padding_mask": padding_mask}))
+    generator = OrtGenerator(os.path.dirname(written["onnx"]["config"]))
+    np.testing.assert_allclose(generator.logits(token_ids, padding_mask), expected, atol=1e-4, rtol=0)
+    loaded = tf.saved_model.load(written["saved_model"])
+    sm_logits = loaded.signatures["serving_default"](
+        token_ids=tf.constant(token_ids), padding_mask=tf.constant(padding_mask))["logits"].numpy()
+    np.testing.assert_allclose(sm_logits, expected, atol=1e-4, rtol=0)
+
+    greedy = keras_greedy(lm, PROMPTS[:2], 4)
+    assert generator.generate(PROMPTS[:2], max_new_tokens=4) == greedy
+    outputs = loaded.signatures["generate"](prompts=tf.constant(PROMPTS[:2]))["outputs"].numpy()
+    assert [x.decode() for x in outputs] == greedy

@@ -1,0 +1,180 @@
+"""Training driver, outputs, step-exact resume, schedule, CLI errors."""
+
+import csv
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_primer.training import RunConfig, TrainPreset, plan_segments, train
+from keras_primer.training.callbacks import optimizer_step
+from keras_primer.training.models import feedback_available
+from keras_primer.training.optimizer import WarmupCosineDecay
+
+TINY = TrainPreset(
+    num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
+    sequence_length=16, dropout=0.0, batch_size=4, steps=10,
+    learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=2,
+    eval_interval=5, eval_windows=8, checkpoint_interval=3,
+)
+
+
+def _corpus(tmp_path, shakespeare_path, chars=20_000):
+    path = tmp_path / "corpus.txt"
+    path.write_text(open(shakespeare_path, encoding="utf-8").read()[:chars], encoding="utf-8")
+    return str(path)
+
+
+def _config(out, data, **kwargs):
+    defaults = dict(
+        out=str(out), data=data, preset=TINY, sample_tokens=8, verbose=0,
+        tensorboard=False, jit_compile=False,
+    )
+    defaults.update(kwargs)
+    return RunConfig(**defaults)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def __init__(self, at_step):
+        super().__init__()
+        self.at_step = at_step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if optimizer_step(self.model) == self.at_step:
+            raise KeyboardInterrupt("killed")
+
+
+def test_schedule_warmup_then_cosine():
+    schedule = WarmupCosineDecay(1.0, 0.1, warmup_steps=4, decay_steps=14)
+    lr = [float(keras.ops.convert_to_numpy(schedule(s))) for s in (0, 3, 4, 9, 14, 20)]
+    np.testing.assert_allclose(lr, [0.25, 1.0, 1.0, 0.55, 0.1, 0.1], atol=1e-6)
+
+
+@pytest.mark.tensorflow_only
+def test_plan_segments_align_epochs_with_eval_points():
+    assert plan_segments(0, 10, 5) == [(0, 0, 2, 5)]
+    assert plan_segments(6, 10, 5) == [(6, 1, 2, 4)]
+    assert plan_segments(3, 12, 5) == [(3, 0, 1, 2), (5, 1, 2, 5), (10, 2, 3, 2)]
+    assert plan_segments(10, 10, 5) == []
+
+
+@pytest.mark.slow
+def test_train_writes_every_output(tmp_path, shakespeare_path):
+    data = _corpus(tmp_path, shakespeare_path)
+    summary = train(_config(tmp_path / "run", data, model="transformer"))
+    out = tmp_path / "run"
+    for name in ("model.keras", "best.keras", "history.csv", "learning_curve.png",
+                 "samples.txt", "summary.json", "backup/latest.weights.h5"):
+        assert (out / name).exists(), name
+    assert summary["steps"] == 10
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(float(r["step"])) for r in rows] == [5, 10]
+    assert {"loss", "val_loss", "val_bits_per_char", "wall_time", "tokens_per_second"} <= set(rows[0])
+    saved = json.load(open(out / "summary.json"))
+    for key in ("val_loss", "val_bits_per_char", "tokens_per_second", "wall_time_s"):
+        assert math.isfinite(saved[key]) and saved[key] > 0, key
+    # Byte-level Shakespeare is ASCII: bits per char = loss / ln 2.
+    assert saved["val_bits_per_char"] == pytest.approx(saved["val_loss"] / math.log(2), rel=1e-3)
+    assert saved["val_loss"] < math.log(256)  # it learned something
+    assert saved["samples"]["ROMEO:"].startswith("ROMEO:")
+    lm = keras.saving.load_model(str(out / "best.keras"))
+    assert lm.backbone.use_dconv is False
+    assert isinstance(lm.generate("ROMEO:", max_length=12), str)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_at_its_last_backup_step(tmp_path, shakespeare_path):
+    data = _corpus(tmp_path, shakespeare_path)
+    reference = train(_config(tmp_path / "ref", data, sample_tokens=0))
+    with pytest.raises(KeyboardInterrupt):
+        # Backups every 3 steps: killed at step 8, mid-epoch (eval every 5).
+        train(_config(tmp_path / "run", data, sample_tokens=0), extra_callbacks=[_Interrupt(8)])
+    resumed = train(_config(tmp_path / "run", data, sample_tokens=0))
+    assert resumed["resumed_from_step"] == 6
+    assert resumed["steps"] == 10
+    assert [row["step"] for row in resumed["history"]] == [5, 10]
+    # Same batches, same steps: the same model as the uninterrupted run.
+    ref_lm = keras.saving.load_model(str(tmp_path / "ref" / "model.keras"))
+    lm = keras.saving.load_model(str(tmp_path / "run" / "model.keras"))
+    for a, b in zip(ref_lm.weights, lm.weights):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), atol=1e-5, err_msg=a.path
+        )
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-4)
+
+
+@pytest.mark.tensorflow_only
+def test_resume_with_another_vocabulary_is_an_error(tmp_path, shakespeare_path):
+    data = _corpus(tmp_path, shakespeare_path, chars=60_000)
+    tiny = TINY.replace(steps=1, eval_interval=1)
+    train(_config(tmp_path / "run", data, preset=tiny, sample_tokens=0))
+    with pytest.raises(ValueError, match=r"Vocabulary mismatch: .*bytes.*sentencepiece"):
+        train(_config(tmp_path / "run", data, preset=tiny, tokenizer="sentencepiece", vocabulary_size=320))
+
+
+@pytest.mark.tensorflow_only
+def test_cli_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
+    from keras_primer.cli import main
+
+    monkeypatch.delenv("KERAS_PRIMER_SHAKESPEARE", raising=False)
+    status = main(["train", "--out", str(tmp_path / "o"), "--no-download"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "KERAS_PRIMER_SHAKESPEARE" in err and "--data" in err
+    (tmp_path / "small.txt").write_text("tiny corpus")
+    assert main(["train", "--out", str(tmp_path / "o2"), "--data", str(tmp_path / "small.txt")]) == 2
+    assert "too small" in capsys.readouterr().err
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.slow
+def test_sentencepiece_training_run(tmp_path, shakespeare_path):
+    data = _corpus(tmp_path, shakespeare_path, chars=60_000)
+    summary = train(
+        _config(tmp_path / "run", data, tokenizer="sentencepiece", vocabulary_size=400,
+                preset=TINY.replace(steps=4, eval_interval=2))
+    )
+    assert (tmp_path / "run" / "tokenizer.model").exists()
+    assert summary["tokenizer"]["vocabulary_size"] == 400
+    # Bits per character account for several characters per piece.
+    ratio = summary["val_bits_per_char"] / (summary["val_loss"] / math.log(2))
+    assert 0.2 < ratio < 0.9, ratio
+    assert summary["samples"]["ROMEO:"].startswith("ROMEO:")
+
+
+@pytest.mark.skipif(
+    not feedback_available(),
+    reason="keras_primer.models.feedback (FeedbackBackbone, FeedbackCausalLM) is not there yet",
+)
+def test_feedback_model_trains(tmp_path, shakespeare_path):
+    data = _corpus(tmp_path, shakespeare_path)
+    summary = train(_config(tmp_path / "fb", data, model="feedback", preset=TINY.replace(steps=2, eval_interval=2)))
+    assert summary["steps"] == 2 and math.isfinite(summary["val_loss"])
+
+
+@pytest.mark.tensorflow_only
+def test_steps_to_reach_interpolates():
+    from keras_primer.training.compare import steps_to_reach
+
+    history = [{"step": 10, "val_loss": 3.0}, {"step": 20, "val_loss": 2.0}, {"step": 30, "val_loss": 1.5}]
+    assert steps_to_reach(history, 2.5) == pytest.approx(15.0)
+    assert steps_to_reach(history, 3.5) == 10.0
+    assert steps_to_reach(history, 1.0) is None
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.slow
+def test_comparison_writes_table_and_plot(tmp_path, shakespeare_path):
+    from keras_primer.training.compare import compare
+
+    data = _corpus(tmp_path, shakespeare_path)
+    base = _config(tmp_path / "cmp", data, preset=TINY.replace(steps=4, eval_interval=2), sample_tokens=0)
+    result = compare(base, ("primer_ez", "transformer"))
+    assert [row["model"] for row in result["rows"]] == ["primer_ez", "transformer"]
+    for name in ("comparison.md", "comparison.csv", "comparison.png", "comparison.json"):
+        assert (tmp_path / "cmp" / name).exists(), name
+    assert "primer_ez" in (tmp_path / "cmp" / "comparison.md").read_text()
