@@ -1,4 +1,4 @@
-"""`make demo`: train a small Primer EZ on Tiny Shakespeare on a CPU, save it, generate.
+"""`make demo`: train a small Primer EZ on Tiny Shakespeare on a CPU, save, export, generate.
 
     python recipes/demo.py --out runs/demo [--steps N] [--data PATH]
 
@@ -15,11 +15,24 @@ import sys
 import time
 
 
-def export_step(model_path: str, out_dir: str) -> None:
-    """Hook for the export step (TF Serving / ONNX), added by the export work.
+def export_step(model_path: str, out_dir: str, prompt: str) -> None:
+    """Exports the model (TF Serving SavedModel + ONNX) and generates with ONNX Runtime."""
+    from keras_primer.export.command import export_model
+    from keras_primer.export.ort_generator import OrtGenerator
 
-    Called with the saved `.keras` model and the run folder; does nothing yet.
-    """
+    export_dir = os.path.join(out_dir, "export")
+    if os.path.isdir(export_dir):
+        import shutil
+
+        shutil.rmtree(export_dir)  # the demo's own output: re-running replaces it
+    written = export_model(model_path, export_dir, name="primer_demo")
+    print(f"\nSavedModel (TF Serving layout): {written['saved_model']}")
+    for key, path in written.get("onnx", {}).items():
+        print(f"ONNX {key}: {path}")
+    generator = OrtGenerator(os.path.join(export_dir, "onnx"))
+    print(f"--- ONNX Runtime (top-k) continuation of {prompt!r} ---")
+    room = generator.max_sequence_length - len(generator.tokenize(prompt))
+    print(generator.generate([prompt], max_new_tokens=min(120, room), sampler="top_k", seed=0)[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
     model_path = summary["files"]["model"]
-    export_step(model_path, args.out)
     print(
         f"\nPrimer EZ, {summary['parameters']:,} parameters, {summary['steps']} steps "
         f"in {time.perf_counter() - start:.0f} s on {summary['backend']}: val loss "
@@ -62,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"--- generated from {args.prompt!r} ---")
     print(summary["samples"][args.prompt])
+    export_step(model_path, args.out, args.prompt)
     return 0
 
 

@@ -6,11 +6,14 @@ from keras_primer.layers.causal_depthwise_conv import (
 )
 from keras_primer.layers.decoder_block import PrimerDecoderBlock
 from keras_primer.layers.feed_forward import FeedForward
+from keras_primer.layers.feedback_attention import FeedbackAttention, FeedbackStack
 from keras_primer.layers.multi_dconv_head_attention import MultiDConvHeadAttention
 
 __all__ = [
     "CausalDepthwiseConv",
     "CausalSmoothingInitializer",
+    "FeedbackAttention",
+    "FeedbackStack",
     "FeedForward",
     "MultiDConvHeadAttention",
     "PrimerDecoderBlock",

@@ -1,1 +1,1 @@
-"""Model families: `primer` (Primer EZ and the Transformer baseline)."""
+"""Model families: `primer` (Primer EZ and the Transformer baseline), `feedback`."""
