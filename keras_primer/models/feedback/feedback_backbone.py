@@ -2,11 +2,10 @@
 
 import keras
 from keras_hub.layers import ReversibleEmbedding
-from keras_hub.models import Backbone
 
 from keras_primer.activations import get_activation, serialize_activation
+from keras_primer.models.base import CheckedBackbone
 from keras_primer.layers.feedback_attention import FeedbackStack
-from keras_primer.utils.validation import check_padding_mask, check_token_ids
 
 
 def _normal(stddev=0.02):
@@ -14,7 +13,7 @@ def _normal(stddev=0.02):
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
-class FeedbackBackbone(Backbone):
+class FeedbackBackbone(CheckedBackbone):
     """Feedback Transformer (Fan et al. 2020) with labml-nn semantics.
 
     Token embedding (no absolute positions) -> `FeedbackStack` (all layers
@@ -150,13 +149,6 @@ class FeedbackBackbone(Backbone):
     def embed(self, token_ids, training=None):
         """Token embeddings (then dropout); there are no absolute positions."""
         return self.embeddings_dropout(self.token_embedding(token_ids), training=training)
-
-    def call(self, inputs, training=None, mask=None):
-        token_ids = inputs["token_ids"] if isinstance(inputs, dict) else inputs
-        check_token_ids(token_ids, self.vocabulary_size, self.max_sequence_length)
-        if isinstance(inputs, dict):
-            check_padding_mask(inputs.get("padding_mask"), token_ids)
-        return super().call(inputs, training=training, mask=mask)
 
     def get_config(self):
         config = super().get_config()

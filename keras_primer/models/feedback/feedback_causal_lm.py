@@ -2,18 +2,17 @@
 
 import keras
 from keras import ops
-from keras_hub.metrics import Perplexity
-from keras_hub.models import CausalLM
 
 from keras_primer.models.feedback.feedback_backbone import FeedbackBackbone
 from keras_primer.models.feedback.feedback_causal_lm_preprocessor import (
     FeedbackCausalLMPreprocessor,
 )
-from keras_primer.models.generation import GenerateInputChecks, finish_generation
+from keras_primer.models.base import TiedHeadCausalLM
+from keras_primer.models.generation import finish_generation
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
-class FeedbackCausalLM(GenerateInputChecks, CausalLM):
+class FeedbackCausalLM(TiedHeadCausalLM):
     """Next-token prediction head on a `FeedbackBackbone`, with `generate()`.
 
     `fit()` trains on strings when a preprocessor is attached (or on
@@ -43,42 +42,6 @@ class FeedbackCausalLM(GenerateInputChecks, CausalLM):
 
     backbone_cls = FeedbackBackbone
     preprocessor_cls = FeedbackCausalLMPreprocessor
-
-    def __init__(self, backbone, preprocessor=None, **kwargs):
-        # === Layers ===
-        self.backbone = backbone
-        self.preprocessor = preprocessor
-
-        # === Functional model ===
-        inputs = backbone.input
-        hidden_states = backbone(inputs)
-        outputs = backbone.token_embedding(hidden_states, reverse=True)
-        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
-
-    def compile(
-        self,
-        optimizer="auto",
-        loss="auto",
-        *,
-        weighted_metrics="auto",
-        sampler="top_k",
-        **kwargs,
-    ):
-        """keras-hub defaults, plus perplexity among the metrics."""
-        if weighted_metrics == "auto":
-            weighted_metrics = [
-                keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-                Perplexity(from_logits=True, name="perplexity"),
-            ]
-        super().compile(
-            optimizer=optimizer,
-            loss=loss,
-            weighted_metrics=weighted_metrics,
-            sampler=sampler,
-            **kwargs,
-        )
-
-    # === Cached decoding ===
 
     def call_with_cache(self, token_ids, cache, cache_update_index, padding_mask=None):
         """Forward pass for `token_ids` at `cache_update_index`, reusing `cache`.

@@ -2,12 +2,11 @@
 
 import keras
 from keras_hub.layers import ReversibleEmbedding
-from keras_hub.models import Backbone
 
 from keras_primer.activations import get_activation, serialize_activation
+from keras_primer.models.base import CheckedBackbone
 from keras_primer.layers.decoder_block import PrimerDecoderBlock
 from keras_primer.layers.position_embedding import PaddingAwarePositionEmbedding
-from keras_primer.utils.validation import check_padding_mask, check_token_ids
 
 
 def _normal(stddev=0.02):
@@ -15,7 +14,7 @@ def _normal(stddev=0.02):
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
-class PrimerBackbone(Backbone):
+class PrimerBackbone(CheckedBackbone):
     """Token + position embedding, `num_layers` decoder blocks, final norm.
 
     The defaults build Primer EZ: squared-ReLU feed-forward blocks and
@@ -167,13 +166,6 @@ class PrimerBackbone(Backbone):
         )
         x = self.embeddings_add((tokens, positions))
         return self.embeddings_dropout(x, training=training)
-
-    def call(self, inputs, training=None, mask=None):
-        token_ids = inputs["token_ids"] if isinstance(inputs, dict) else inputs
-        check_token_ids(token_ids, self.vocabulary_size, self.max_sequence_length)
-        if isinstance(inputs, dict):
-            check_padding_mask(inputs.get("padding_mask"), token_ids)
-        return super().call(inputs, training=training, mask=mask)
 
     def get_config(self):
         config = super().get_config()

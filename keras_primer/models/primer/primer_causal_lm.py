@@ -1,23 +1,18 @@
 """Primer EZ causal language model with cached generation."""
 
 import keras
-import numpy as np
 from keras import ops
-from keras_hub.metrics import Perplexity
-from keras_hub.models import CausalLM
 
 from keras_primer.models.primer.primer_backbone import PrimerBackbone
 from keras_primer.models.primer.primer_causal_lm_preprocessor import (
     PrimerCausalLMPreprocessor,
 )
-from keras_primer.models.generation import (
-    GenerateInputChecks,
-    finish_generation,
-)
+from keras_primer.models.base import TiedHeadCausalLM
+from keras_primer.models.generation import finish_generation
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
-class PrimerCausalLM(GenerateInputChecks, CausalLM):
+class PrimerCausalLM(TiedHeadCausalLM):
     """Next-token prediction head on a `PrimerBackbone`, with `generate()`.
 
     `fit()` trains on strings when a preprocessor is attached (or on
@@ -45,32 +40,6 @@ class PrimerCausalLM(GenerateInputChecks, CausalLM):
 
     backbone_cls = PrimerBackbone
     preprocessor_cls = PrimerCausalLMPreprocessor
-
-    def __init__(self, backbone, preprocessor=None, **kwargs):
-        # === Layers ===
-        self.backbone = backbone
-        self.preprocessor = preprocessor
-
-        # === Functional model ===
-        inputs = backbone.input
-        hidden_states = backbone(inputs)
-        outputs = backbone.token_embedding(hidden_states, reverse=True)
-        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
-
-    def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="top_k", **kwargs):
-        """keras-hub defaults, plus perplexity among the metrics."""
-        if weighted_metrics == "auto":
-            weighted_metrics = [
-                keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-                Perplexity(from_logits=True, name="perplexity"),
-            ]
-        super().compile(
-            optimizer=optimizer,
-            loss=loss,
-            weighted_metrics=weighted_metrics,
-            sampler=sampler,
-            **kwargs,
-        )
 
     # === Cached decoding ===
 
