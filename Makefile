@@ -30,7 +30,9 @@ test: setup
 	done; exit $$status
 
 bench: setup
-	$(PY) benchmarks/primer_speed.py
+	$(PY) benchmarks/primer_speed.py --backends $(shell echo $(BACKENDS) | tr ' ' ',')
+	for backend in $(BACKENDS); do KERAS_BACKEND=$$backend $(PY) benchmarks/feedback_speed.py; done
+	KERAS_BACKEND=tensorflow $(PY) benchmarks/export_speed.py
 
 clean:
 	rm -rf $(VENV) runs
