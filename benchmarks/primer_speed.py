@@ -81,14 +81,14 @@ def measure(quick: bool) -> dict:
     decoding = {}
     for name in ("primer_ez", "transformer_baseline"):
         lm = models[name]
-        prompt = random_token_ids(1, position + 1, vocab, seed=1)
+        prompt = ops.convert_to_tensor(random_token_ids(1, position + 1, vocab, seed=1))
         full = compile_function(
             lambda t: lm({"token_ids": t, "padding_mask": ops.ones_like(t)})[:, -1], lm)
         step = compile_function(lambda t, c, i: lm.call_with_cache(t, c, i)[0], lm)
         cache = lm.empty_cache(1, cfg["max_sequence_length"])
         _, _, cache = lm.call_with_cache(prompt[:, :position], cache, 0)
         token = prompt[:, position:]
-        index = np.int32(position)
+        index = ops.convert_to_tensor(position, dtype="int32")
         uncached = median_seconds(lambda: full(prompt), cfg["decode_repeats"])
         cached = median_seconds(lambda: step(token, cache, index), cfg["decode_repeats"])
         decoding[name] = {"uncached_ms": 1000 * uncached, "cached_ms": 1000 * cached,
