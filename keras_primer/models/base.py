@@ -4,7 +4,9 @@ import keras
 from keras_hub.metrics import Perplexity
 from keras_hub.models import Backbone, CausalLM
 
-from keras_primer.models.generation import GenerateInputChecks
+from keras import ops
+
+from keras_primer.models.generation import GenerateInputChecks, finish_generation
 from keras_primer.utils.validation import check_padding_mask, check_token_ids
 
 
@@ -51,3 +53,36 @@ class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
             sampler=sampler,
             **kwargs,
         )
+
+    def _prefill(self, token_ids, first_step_index):
+        """Returns `(hidden_states, cache)` ready for a first decoding step at
+        position `first_step_index` (keras-hub's sampler re-runs that position)."""
+        raise NotImplementedError
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """One compiled generation call for a batch of right-padded prompts."""
+        token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+        row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
+        index = ops.min(row_lengths)
+        hidden_states, cache = self._prefill(token_ids, index - 1)
+
+        def next(prompt, cache, index):
+            cache_update_index = index - 1
+            batch_size = ops.shape(prompt)[0]
+            prompt = ops.slice(prompt, [0, cache_update_index], [batch_size, 1])
+            logits, hidden_states, cache = self.call_with_cache(
+                prompt, cache, cache_update_index
+            )
+            return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
+
+        token_ids = self.sampler(
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=index,
+            mask=padding_mask,
+            stop_token_ids=stop_token_ids,
+            hidden_states=hidden_states,
+            model=self,
+        )
+        return finish_generation(token_ids, padding_mask, stop_token_ids)

@@ -8,7 +8,6 @@ from keras_primer.models.primer.primer_causal_lm_preprocessor import (
     PrimerCausalLMPreprocessor,
 )
 from keras_primer.models.base import TiedHeadCausalLM
-from keras_primer.models.generation import finish_generation
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -125,32 +124,7 @@ class PrimerCausalLM(TiedHeadCausalLM):
         )
         return hidden_states, cache
 
-    def generate_step(self, inputs, stop_token_ids=None):
-        """One compiled generation call for a batch of right-padded prompts."""
-        token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
-        row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
-        index = ops.min(row_lengths)
-        # The first step recomputes position `index - 1`, so the conv state
-        # must hold the rows before it, not the rows after the padded end.
-        hidden_states, cache = self._build_cache(token_ids, conv_state_index=index - 1)
-
-        def next(prompt, cache, index):
-            cache_update_index = index - 1
-            batch_size = ops.shape(prompt)[0]
-            prompt = ops.slice(prompt, [0, cache_update_index], [batch_size, 1])
-            logits, hidden_states, cache = self.call_with_cache(
-                prompt, cache, cache_update_index
-            )
-            return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
-
-        token_ids = self.sampler(
-            next=next,
-            prompt=token_ids,
-            cache=cache,
-            index=index,
-            mask=padding_mask,
-            stop_token_ids=stop_token_ids,
-            hidden_states=hidden_states,
-            model=self,
-        )
-        return finish_generation(token_ids, padding_mask, stop_token_ids)
+    def _prefill(self, token_ids, first_step_index):
+        # The conv state must hold the rows before the first step's position,
+        # not the rows after the padded end of the batch.
+        return self._build_cache(token_ids, conv_state_index=first_step_index)
