@@ -1,6 +1,7 @@
 """Bases shared by the model families: checked backbones and the LM head."""
 
 import keras
+from keras_hub.layers import ReversibleEmbedding
 from keras_hub.metrics import Perplexity
 from keras_hub.models import Backbone, CausalLM
 
@@ -8,6 +9,23 @@ from keras import ops
 
 from keras_primer.models.generation import GenerateInputChecks, finish_generation
 from keras_primer.utils.validation import check_padding_mask, check_token_ids
+
+
+def normal_initializer(stddev: float = 0.02):
+    """The N(0, 0.02) initializer of GPT-2-style embeddings and kernels."""
+    return keras.initializers.RandomNormal(stddev=stddev)
+
+
+def token_embedding(vocabulary_size: int, hidden_dim: int, tie_weights: bool, dtype=None):
+    """Token embedding that doubles as the LM head (`reverse=True`)."""
+    return ReversibleEmbedding(
+        input_dim=vocabulary_size,
+        output_dim=hidden_dim,
+        tie_weights=tie_weights,
+        embeddings_initializer=normal_initializer(),
+        dtype=dtype,
+        name="token_embedding",
+    )
 
 
 class CheckedBackbone(Backbone):

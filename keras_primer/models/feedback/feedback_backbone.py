@@ -1,15 +1,10 @@
 """Feedback Transformer backbone: token embedding, feedback layers, final norm."""
 
 import keras
-from keras_hub.layers import ReversibleEmbedding
 
 from keras_primer.activations import get_activation, serialize_activation
-from keras_primer.models.base import CheckedBackbone
+from keras_primer.models.base import CheckedBackbone, normal_initializer, token_embedding
 from keras_primer.layers.feedback_attention import FeedbackStack
-
-
-def _normal(stddev=0.02):
-    return keras.initializers.RandomNormal(stddev=stddev)
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -86,14 +81,7 @@ class FeedbackBackbone(CheckedBackbone):
                 f"({num_heads})."
             )
         # === Layers ===
-        self.token_embedding = ReversibleEmbedding(
-            input_dim=vocabulary_size,
-            output_dim=hidden_dim,
-            tie_weights=tie_embeddings,
-            embeddings_initializer=_normal(),
-            dtype=dtype,
-            name="token_embedding",
-        )
+        self.token_embedding = token_embedding(vocabulary_size, hidden_dim, tie_embeddings, dtype)
         self.embeddings_dropout = keras.layers.Dropout(
             dropout, dtype=dtype, name="embeddings_dropout"
         )
@@ -107,7 +95,7 @@ class FeedbackBackbone(CheckedBackbone):
             shared_kv=shared_kv,
             memory_window=memory_window,
             layer_norm_epsilon=layer_norm_epsilon,
-            kernel_initializer=_normal(),
+            kernel_initializer=normal_initializer(),
             dtype=dtype,
             name="feedback_stack",
         )

@@ -1,16 +1,11 @@
 """Decoder-only backbone shared by Primer EZ and the Transformer baseline."""
 
 import keras
-from keras_hub.layers import ReversibleEmbedding
 
 from keras_primer.activations import get_activation, serialize_activation
-from keras_primer.models.base import CheckedBackbone
+from keras_primer.models.base import CheckedBackbone, normal_initializer, token_embedding
 from keras_primer.layers.decoder_block import PrimerDecoderBlock
 from keras_primer.layers.position_embedding import PaddingAwarePositionEmbedding
-
-
-def _normal(stddev=0.02):
-    return keras.initializers.RandomNormal(stddev=stddev)
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -80,17 +75,10 @@ class PrimerBackbone(CheckedBackbone):
                 f"({num_heads})."
             )
         # === Layers ===
-        self.token_embedding = ReversibleEmbedding(
-            input_dim=vocabulary_size,
-            output_dim=hidden_dim,
-            tie_weights=tie_embeddings,
-            embeddings_initializer=_normal(),
-            dtype=dtype,
-            name="token_embedding",
-        )
+        self.token_embedding = token_embedding(vocabulary_size, hidden_dim, tie_embeddings, dtype)
         self.position_embedding = PaddingAwarePositionEmbedding(
             sequence_length=max_sequence_length,
-            initializer=_normal(),
+            initializer=normal_initializer(),
             dtype=dtype,
             name="position_embedding",
         )
@@ -109,7 +97,7 @@ class PrimerBackbone(CheckedBackbone):
                 conv_bias=conv_bias,
                 dropout=dropout,
                 layer_norm_epsilon=layer_norm_epsilon,
-                kernel_initializer=_normal(),
+                kernel_initializer=normal_initializer(),
                 dtype=dtype,
                 name=f"transformer_layer_{i}",
             )
