@@ -17,12 +17,12 @@ COMMON = """
 import numpy as np, keras
 from keras_primer import PrimerBackbone, PrimerCausalLM, PrimerCausalLMPreprocessor, PrimerTokenizer
 
-def build():
+def build(optimizer=None):
     keras.utils.set_random_seed(0)
     backbone = PrimerBackbone(vocabulary_size=256, num_layers=1, num_heads=2, hidden_dim=16,
                               intermediate_dim=32, max_sequence_length=16)
     lm = PrimerCausalLM(backbone, PrimerCausalLMPreprocessor(PrimerTokenizer(), sequence_length=16))
-    lm.compile(optimizer=keras.optimizers.AdamW(1e-3), sampler="greedy", jit_compile=False)
+    lm.compile(optimizer=optimizer or keras.optimizers.AdamW(1e-3), sampler="greedy", jit_compile=False)
     return lm
 
 rng = np.random.default_rng(0)
@@ -67,6 +67,16 @@ assert abs(value - reference) < 1e-4, (value, reference)
 keras.Model.fit(lm, x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
 out = lm.generate(["ROMEO:", "JULIET:", "A"], max_length=12)
 assert len(out) == 3 and out[0].startswith("ROMEO:"), out
+# Clipping that bites (clipnorm 0.01): keras_primer's AdamW clips the summed
+# gradient, so two replicas train exactly as one device.
+from keras_primer.training.optimizer import AdamW
+one = build(AdamW(1e-2, clipnorm=0.01))
+keras.Model.fit(one, x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+with strategy.scope():
+    two = build(AdamW(1e-2, clipnorm=0.01))
+keras.Model.fit(two, x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+for a, b in zip(one.weights, two.weights):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.path)
 print("mirrored ok", value, reference)
 """
 
@@ -107,3 +117,148 @@ def test_distribution_errors_name_the_backend():
     with pytest.raises(ValueError, match="needs the JAX backend; use `mirrored`"):
         with distribution_scope("data_parallel"):
             pass
+
+
+# ----- `keras-primer train --distribution ...`: the whole recipe on many devices -----
+
+CLI_FLAGS = [
+    "--preset", "tiny", "--steps", "4", "--batch-size", "8", "--sequence-length", "16",
+    "--eval-interval", "4", "--sample-tokens", "8", "--no-tensorboard", "--verbose", "0",
+    "--jit-compile", "false", "--seed", "3",
+]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory, shakespeare_path):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(open(shakespeare_path, encoding="utf-8").read()[:20_000], encoding="utf-8")
+    return str(path)
+
+
+def _train_command(out, data, *flags):
+    return [sys.executable, "-m", "keras_primer.cli", "train", "--out", str(out), "--data", data,
+            *CLI_FLAGS, *flags]
+
+
+def _env(backend, **extra):
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT, **extra)
+    env.pop("TF_CONFIG", None)
+    return env
+
+
+def _cli_train(out, data, *flags, backend="jax", env=None):
+    result = subprocess.run(
+        _train_command(out, data, *flags), env=env or _env(backend), capture_output=True,
+        text=True, timeout=300, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return _summary(out)
+
+
+def _summary(out):
+    import json
+
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)
+
+
+def _free_ports(n):
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _run_together(commands_and_envs, timeout=300):
+    """Starts every process at once (they wait for each other) and checks all exit 0."""
+    procs = [
+        subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+        for cmd, env in commands_and_envs
+    ]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stdout[-2000:] + stderr[-5000:]
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.slow
+def test_cli_jax_data_and_model_parallel_match_one_device(tmp_path, small_corpus):
+    four_devices = _env("jax", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    # --backend restarts the command on JAX although the environment says TensorFlow.
+    single = _cli_train(tmp_path / "single", small_corpus, "--backend", "jax", backend="tensorflow")
+    assert single["backend"] == "jax"
+    for kind in ("data_parallel", "model_parallel"):
+        summary = _cli_train(tmp_path / kind, small_corpus, "--distribution", kind, env=four_devices)
+        assert summary["distribution"] == kind and summary["steps"] == 4
+        # Same batches, same seed: the same training run, sharded.
+        assert summary["val_loss"] == pytest.approx(single["val_loss"], abs=2e-3), kind
+        assert summary["samples"]["ROMEO:"].startswith("ROMEO:")  # 1 prompt on 4 devices
+    # A batch that does not split over the devices is refused, with the fix.
+    result = subprocess.run(
+        _train_command(tmp_path / "bad", small_corpus, "--distribution", "data_parallel",
+                       "--batch-size", "6"),
+        env=four_devices, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "Batch size 6 does not divide by the 4 batch shards" in result.stderr
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.slow
+def test_cli_jax_multi_host_matches_one_process(tmp_path, small_corpus):
+    """Two JAX processes with two CPU devices each (keras.distribution.initialize)
+    train the same model as one process on four devices."""
+    reference = _cli_train(
+        tmp_path / "one", small_corpus, "--distribution", "data_parallel",
+        env=_env("jax", XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+    )
+    (port,) = _free_ports(1)
+    out = tmp_path / "two"
+    runs = []
+    for process_id in range(2):
+        env = _env(
+            "jax",
+            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+            KERAS_DISTRIBUTION_JOB_ADDRESSES=f"localhost:{port}",
+            KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+            KERAS_DISTRIBUTION_PROCESS_ID=str(process_id),
+        )
+        command = _train_command(out, small_corpus, "--distribution", "data_parallel", "--multi-host")
+        command[command.index("--jit-compile") + 1] = "auto"  # multi-host needs compiled steps
+        runs.append((command, env))
+    _run_together(runs)
+    chief, other = _summary(out), _summary(out / "worker-1")
+    assert chief["val_loss"] == pytest.approx(reference["val_loss"], abs=2e-3)
+    assert other["val_loss"] == pytest.approx(chief["val_loss"], abs=1e-6)
+    assert chief["samples"] == {}  # generation is refused across processes, with a note
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.slow
+def test_cli_tensorflow_mirrored_matches_one_device(tmp_path, small_corpus):
+    single = _cli_train(tmp_path / "single", small_corpus, backend="tensorflow")
+    # Two logical CPUs must exist before TensorFlow starts: set them up, then
+    # run the command in the same process.
+    script = textwrap.dedent(f"""
+        import sys, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from keras_primer.cli import main
+        sys.exit(main({_train_command(tmp_path / "mirrored", small_corpus, "--distribution", "mirrored")[3:]!r}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], env=_env("tensorflow"),
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-5000:]
+    summary = _summary(tmp_path / "mirrored")
+    assert summary["distribution"] == "mirrored"
+    assert summary["val_loss"] == pytest.approx(single["val_loss"], abs=2e-3)

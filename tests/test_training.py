@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -11,7 +12,6 @@ import pytest
 
 from keras_primer.training import RunConfig, TrainPreset, plan_segments, train
 from keras_primer.training.callbacks import optimizer_step
-from keras_primer.training.models import feedback_available
 from keras_primer.training.optimizer import WarmupCosineDecay
 
 TINY = TrainPreset(
@@ -81,9 +81,17 @@ def test_train_writes_every_output(tmp_path, shakespeare_path):
     assert saved["val_bits_per_char"] == pytest.approx(saved["val_loss"] / math.log(2), rel=1e-3)
     assert saved["val_loss"] < math.log(256)  # it learned something
     assert saved["samples"]["ROMEO:"].startswith("ROMEO:")
-    lm = keras.saving.load_model(str(out / "best.keras"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm = keras.saving.load_model(str(out / "model.keras"))
+    assert not [w for w in caught if "compile()" in str(w.message)], [str(w.message) for w in caught]
     assert lm.backbone.use_dconv is False
+    # Compiled as saved: the optimizer state continues at step 10, same sampler.
+    assert isinstance(lm.optimizer, keras.optimizers.AdamW)
+    assert int(keras.ops.convert_to_numpy(lm.optimizer.iterations)) == 10
+    assert type(lm.sampler).__name__ == "TopKSampler" and lm.sampler.k == 10
     assert isinstance(lm.generate("ROMEO:", max_length=12), str)
+    assert keras.saving.load_model(str(out / "best.keras")).compiled
 
 
 @pytest.mark.slow
@@ -146,10 +154,6 @@ def test_sentencepiece_training_run(tmp_path, shakespeare_path):
     assert summary["samples"]["ROMEO:"].startswith("ROMEO:")
 
 
-@pytest.mark.skipif(
-    not feedback_available(),
-    reason="keras_primer.models.feedback (FeedbackBackbone, FeedbackCausalLM) is not there yet",
-)
 def test_feedback_model_trains(tmp_path, shakespeare_path):
     data = _corpus(tmp_path, shakespeare_path)
     summary = train(_config(tmp_path / "fb", data, model="feedback", preset=TINY.replace(steps=2, eval_interval=2)))
@@ -178,3 +182,32 @@ def test_comparison_writes_table_and_plot(tmp_path, shakespeare_path):
     for name in ("comparison.md", "comparison.csv", "comparison.png", "comparison.json"):
         assert (tmp_path / "cmp" / name).exists(), name
     assert "primer_ez" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+class _OptimizerSpy(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.optimizer = self.model.optimizer
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_run(tmp_path, shakespeare_path, precision):
+    data = _corpus(tmp_path, shakespeare_path)
+    config = _config(tmp_path / precision, data, precision=precision,
+                     preset=TINY.replace(steps=2, eval_interval=2))
+    if precision == "mixed_float16" and keras.backend.backend() == "jax":
+        import jax
+
+        if jax.default_backend() == "cpu":
+            with pytest.raises(ValueError, match="Use mixed_bfloat16 on a CPU"):
+                train(config)
+            return
+    spy = _OptimizerSpy()
+    summary = train(config, extra_callbacks=[spy])
+    assert summary["precision"] == precision and math.isfinite(summary["val_loss"])
+    # float16 needs loss scaling against underflow; bfloat16 does not.
+    scaled = isinstance(spy.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert scaled == (precision == "mixed_float16")
+    lm = keras.saving.load_model(str(tmp_path / precision / "model.keras"))
+    assert lm.backbone.dtype_policy.name == precision
+    assert {v.dtype for v in lm.backbone.weights} == {"float32"}  # float32 master weights
+    assert lm.backbone.compute_dtype == precision.split("_")[1]

@@ -185,6 +185,9 @@ class WindowDataset(keras.utils.PyDataset):
         start_step: Global step of batch 0.
         seed: Sampling seed.
         start_id: Id put in front of every window.
+        shard: `(index, count)`: yield only rows `index` of `count` equal
+            parts of every batch (a process's share in multi-host training;
+            the parts of all processes make up the one-process batch).
     """
 
     def __init__(
@@ -196,6 +199,7 @@ class WindowDataset(keras.utils.PyDataset):
         start_step: int = 0,
         seed: int = 0,
         start_id: int = 2,
+        shard: tuple[int, int] = (0, 1),
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -209,6 +213,13 @@ class WindowDataset(keras.utils.PyDataset):
                 f"`num_steps` and `batch_size` must be positive. Received: "
                 f"num_steps={num_steps}, batch_size={batch_size}."
             )
+        index, count = shard
+        if batch_size % count or not 0 <= index < count:
+            raise ValueError(
+                f"Cannot take part {index} of {count} of a batch of {batch_size}: the "
+                "batch size must divide by the number of parts."
+            )
+        self.shard = (index, count)
         self.tokens = tokens
         self.sequence_length = sequence_length
         self.batch_size = batch_size
@@ -230,6 +241,9 @@ class WindowDataset(keras.utils.PyDataset):
         if not 0 <= index < self.num_steps:
             raise IndexError(f"Batch {index} out of range [0, {self.num_steps}).")
         offsets = self.offsets(self.start_step + index)
+        part, parts = self.shard
+        rows = self.batch_size // parts
+        offsets = offsets[part * rows : (part + 1) * rows]
         return make_windows(self.tokens, offsets, self.sequence_length, self.start_id)
 
 
@@ -260,13 +274,14 @@ def to_tf_dataset(dataset: WindowDataset):
     """
     import tensorflow as tf
 
-    length = dataset.sequence_length
+    # Static shapes: tf.distribute splits the batch over replicas by them.
+    shape = [dataset.batch_size // dataset.shard[1], dataset.sequence_length]
     spec = (
         {
-            "token_ids": tf.TensorSpec([None, length], tf.int32),
-            "padding_mask": tf.TensorSpec([None, length], tf.int32),
+            "token_ids": tf.TensorSpec(shape, tf.int32),
+            "padding_mask": tf.TensorSpec(shape, tf.int32),
         },
-        tf.TensorSpec([None, length], tf.int32),
+        tf.TensorSpec(shape, tf.int32),
     )
 
     def generator():

@@ -72,6 +72,27 @@ class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
             **kwargs,
         )
 
+    def get_compile_config(self):
+        """Keras' compile config plus the sampler, so a loaded model generates
+        as the saved one did."""
+        config = super().get_compile_config()
+        if config and getattr(self, "sampler", None) is not None:
+            config["sampler"] = keras.saving.serialize_keras_object(self.sampler)
+        return config
+
+    def compile_from_config(self, config):
+        """Compiles a loaded model with its saved optimizer, loss, metrics and
+        sampler (Keras skips this for models that override `compile`).
+
+        `jit_compile` is left to resolve on the loading backend: a file saved
+        with XLA on JAX must not switch on `torch.compile` under PyTorch.
+        """
+        config = dict(keras.saving.deserialize_keras_object(config))
+        config.pop("jit_compile", None)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def _prefill(self, token_ids, first_step_index):
         """Returns `(hidden_states, cache)` ready for a first decoding step at
         position `first_step_index` (keras-hub's sampler re-runs that position)."""

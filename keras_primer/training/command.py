@@ -9,6 +9,8 @@ import sys
 from keras_primer.training.presets import PRESETS
 
 BACKENDS = ("tensorflow", "jax", "torch")
+# As `keras_primer.training.distribution.KINDS`, which imports Keras.
+DISTRIBUTIONS = ("none", "data_parallel", "model_parallel", "mirrored")
 
 
 def build_parser(prog: str = "keras-primer train") -> argparse.ArgumentParser:
@@ -39,8 +41,12 @@ def build_parser(prog: str = "keras-primer train") -> argparse.ArgumentParser:
     p.add_argument("--precision", default="float32",
                    choices=("float32", "mixed_bfloat16", "mixed_float16"))
     p.add_argument("--jit-compile", default="auto", choices=("auto", "true", "false"))
-    p.add_argument("--distribution", default="none",
-                   choices=("none", "data_parallel", "model_parallel", "mirrored"))
+    p.add_argument("--distribution", default="none", choices=DISTRIBUTIONS,
+                   help="JAX: data_parallel, model_parallel (with --multi-host: several hosts); "
+                   "TensorFlow: mirrored (one host)")
+    p.add_argument("--multi-host", action="store_true",
+                   help="JAX: keras.distribution.initialize() first; the cluster comes from "
+                   "KERAS_DISTRIBUTION_JOB_ADDRESSES, _NUM_PROCESSES and _PROCESS_ID")
     p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="Keras backend (must be chosen before Keras is imported)")
     p.add_argument("--prompt", action="append", default=None, help="sample prompt (repeatable)")
@@ -51,24 +57,45 @@ def build_parser(prog: str = "keras-primer train") -> argparse.ArgumentParser:
     return p
 
 
-def set_backend(backend: str | None) -> None:
-    """Selects the Keras backend, which must happen before `import keras`.
+def set_backend(backend: str | None, argv: list[str] | None = None) -> None:
+    """Makes Keras run on `backend` for this command.
+
+    The backend is fixed when Keras is imported, and importing
+    `keras_primer` imports Keras. When the running Keras has another
+    backend, the command starts again in a fresh interpreter with
+    `KERAS_BACKEND=backend` (the process is replaced; `argv` are the
+    arguments of `keras-primer train`).
 
     Raises:
-        ValueError: Keras is already imported with another backend.
+        ValueError: The fresh interpreter still runs another backend, or
+            there are no `argv` to start it with.
     """
     if not backend:
         return
-    if "keras" in sys.modules:
-        import keras
-
-        if keras.backend.backend() != backend:
-            raise ValueError(
-                f"Keras is already running on {keras.backend.backend()!r}; set "
-                f"KERAS_BACKEND={backend} in the environment instead of --backend."
-            )
+    if "keras" not in sys.modules:
+        os.environ["KERAS_BACKEND"] = backend
         return
-    os.environ["KERAS_BACKEND"] = backend
+    import keras
+
+    running = keras.backend.backend()
+    if running == backend:
+        return
+    if argv is None or os.environ.get(_RESTARTED) == backend:
+        raise ValueError(
+            f"Keras is already running on {running!r} and cannot switch to {backend!r}; "
+            f"set KERAS_BACKEND={backend} in the environment."
+        )
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, KERAS_BACKEND=backend, **{_RESTARTED: backend})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "keras_primer.cli", "train", *argv], env)
+
+
+# Set in the restarted process, so a backend that still does not take
+# effect gives an error instead of an endless loop of restarts.
+_RESTARTED = "KERAS_PRIMER_RESTARTED_FOR_BACKEND"
 
 
 def config_from_args(args: argparse.Namespace):
@@ -96,6 +123,7 @@ def config_from_args(args: argparse.Namespace):
         precision=args.precision,
         jit_compile=jit,
         distribution=args.distribution,
+        multi_host=args.multi_host,
         prompts=args.prompt or ["ROMEO:"],
         sample_tokens=args.sample_tokens,
         verbose=args.verbose,
@@ -110,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     Bad settings and data problems (`ValueError`) print one clear line and
     return 2 instead of a traceback.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        set_backend(args.backend)
+        set_backend(args.backend, argv)
         from keras_primer.training.driver import train
 
         summary = train(config_from_args(args))

@@ -4,8 +4,13 @@
   `ModelParallel` with `primer_layout_map` (`model_parallel`: embedding,
   attention and feed-forward kernels sharded over a `"model"` mesh axis,
   the batch over `"batch"`). Multi-host: call `initialize_multi_host()`
-  (`keras.distribution.initialize`) on every host before anything else.
-* TensorFlow: `tf.distribute.MirroredStrategy` (`mirrored`).
+  (`keras.distribution.initialize`) on every host before anything else
+  (`keras-primer train --multi-host`); each process then feeds its own
+  rows of every global batch.
+* TensorFlow: `tf.distribute.MirroredStrategy` (`mirrored`, one host).
+  `MultiWorkerMirroredStrategy` is not offered: Keras 3.15's TensorFlow
+  trainer fails before the first step with it (`_maybe_symbolic_build`
+  reduces the dict batch of per-replica values); use JAX for several hosts.
 * PyTorch: Keras 3 has no `DistributedDataParallel` integration
   (`keras.distribution` is JAX-only), so PyTorch runs on one device; use
   the JAX or TensorFlow backend for several devices.
@@ -21,6 +26,8 @@ import contextlib
 import keras
 
 KINDS = ("none", "data_parallel", "model_parallel", "mirrored")
+TF_KINDS = ("mirrored",)
+JAX_KINDS = ("data_parallel", "model_parallel")
 
 
 def initialize_multi_host(
@@ -31,8 +38,18 @@ def initialize_multi_host(
     """`keras.distribution.initialize` for multi-host JAX (one call per host, first).
 
     With no arguments, JAX reads the cluster from the environment
-    (`KERAS_DISTRIBUTION_*` variables, TPU pods, Slurm).
+    (`KERAS_DISTRIBUTION_JOB_ADDRESSES` (the first is the coordinator),
+    `KERAS_DISTRIBUTION_NUM_PROCESSES`, `KERAS_DISTRIBUTION_PROCESS_ID`;
+    or TPU pods and Slurm).
+
+    Raises:
+        ValueError: The backend is not JAX.
     """
+    if keras.backend.backend() != "jax":
+        raise ValueError(
+            "Multi-host training through keras.distribution needs the JAX backend; "
+            f"this is {keras.backend.backend()}."
+        )
     keras.distribution.initialize(
         job_addresses=coordinator_address, num_processes=num_processes, process_id=process_id
     )
@@ -88,22 +105,48 @@ def model_parallel(model_axis_size: int = 2, devices: list | None = None):
     )
 
 
-class _Plan:
-    """What the driver needs to know about a distribution."""
+def worker_position(kind: str) -> tuple[int, int]:
+    """`(index, count)` of this process among the processes of one run.
 
-    def __init__(self, kind: str, replicas: int = 1, strategy=None):
+    `(0, 1)` on one host; for the JAX kinds `jax.process_index()` and
+    `jax.process_count()` (call `initialize_multi_host` first). Process 0
+    writes the run's outputs.
+    """
+    if kind in JAX_KINDS and keras.backend.backend() == "jax":
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    return 0, 1
+
+
+class _Plan:
+    """What the driver needs to know about a distribution.
+
+    `replicas`: batch shards (the global batch must divide by it);
+    `input_shard`: `(index, count)`, the rows of each global batch that this
+    process feeds (JAX multi-host; tf.distribute shards batches itself).
+    """
+
+    def __init__(self, kind: str, replicas: int = 1, strategy=None, input_shard=(0, 1)):
         self.kind = kind
         self.replicas = replicas
         self.strategy = strategy
+        self.input_shard = input_shard
 
-    def batch_divides(self, n: int) -> bool:
-        return n % self.replicas == 0
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raises `ValueError` when `batch_size` does not split over the replicas."""
+        if batch_size % self.replicas:
+            raise ValueError(
+                f"Batch size {batch_size} does not divide by the {self.replicas} batch "
+                f"shards of `{self.kind}`. Pass a --batch-size that is a multiple of "
+                f"{self.replicas}."
+            )
 
     def eval_batch_size(self, batch_size: int) -> int:
         return max(self.replicas, batch_size - batch_size % self.replicas)
 
     def dataset(self, dataset):
-        if self.kind == "mirrored":
+        if self.kind in TF_KINDS:
             from keras_primer.data import to_tf_dataset
 
             return to_tf_dataset(dataset)
@@ -124,12 +167,12 @@ def distribution_scope(kind: str = "none", model_axis_size: int = 2):
     if kind == "none":
         yield _Plan(kind)
         return
-    if kind == "mirrored":
+    if kind in TF_KINDS:
         if backend != "tensorflow":
             raise ValueError(
-                f"`mirrored` (tf.distribute.MirroredStrategy) needs the TensorFlow "
-                f"backend; this is {backend}. On JAX use `data_parallel` or "
-                "`model_parallel`; PyTorch has no multi-device support in Keras."
+                f"`{kind}` (tf.distribute) needs the TensorFlow backend; this is "
+                f"{backend}. On JAX use `data_parallel` or `model_parallel`; PyTorch "
+                "has no multi-device support in Keras."
             )
         import tensorflow as tf
 
@@ -145,11 +188,16 @@ def distribution_scope(kind: str = "none", model_axis_size: int = 2):
         )
         raise ValueError(f"`{kind}` (keras.distribution) needs the JAX backend; {hint}.")
     distribution = data_parallel() if kind == "data_parallel" else model_parallel(model_axis_size)
+    input_shard = worker_position(kind)
+    if input_shard[1] > 1:
+        # Each process feeds its own rows (`input_shard`), so Keras must not
+        # shard the input again (it only knows how to for tf.data).
+        distribution.auto_shard_dataset = False
     previous = keras.distribution.distribution()
     keras.distribution.set_distribution(distribution)
     replicas = distribution.device_mesh.shape[0]
     try:
-        yield _Plan(kind, replicas)
+        yield _Plan(kind, replicas, input_shard=input_shard)
     finally:
         keras.distribution.set_distribution(previous)
 

@@ -63,8 +63,11 @@ class RunConfig:
         seed: Seed of the weights and of the batches.
         precision: Dtype policy (`float32`, `mixed_bfloat16`, `mixed_float16`).
         jit_compile: `"auto"`, True or False (passed to `compile`).
-        distribution: `none`, `data_parallel`, `model_parallel`, `mirrored`
-            (see `keras_primer.training.distribution`).
+        distribution: `none`, `data_parallel`, `model_parallel` (JAX),
+            `mirrored` (TensorFlow); see `keras_primer.training.distribution`.
+        multi_host: JAX: call `keras.distribution.initialize()` first (the
+            cluster comes from `KERAS_DISTRIBUTION_*` variables). Process 0
+            writes to `out`, the others to `out/worker-<index>`.
         prompts: Prompts of the sample generations.
         sample_tokens: Tokens generated per prompt (0: no samples).
         verbose: Keras progress bar (1), one line per epoch (2) or nothing (0).
@@ -91,6 +94,7 @@ class RunConfig:
     precision: str = "float32"
     jit_compile: str | bool = "auto"
     distribution: str = "none"
+    multi_host: bool = False
     prompts: list[str] = field(default_factory=lambda: ["ROMEO:"])
     sample_tokens: int = 200
     verbose: int = 1
@@ -106,6 +110,17 @@ class RunConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"Unknown {name} {value!r}. Choose one of: {', '.join(allowed)}.")
+        if self.multi_host and self.distribution not in ("data_parallel", "model_parallel"):
+            raise ValueError(
+                "`multi_host` (keras.distribution.initialize) needs the distribution "
+                f"`data_parallel` or `model_parallel` on JAX; this run has `{self.distribution}`."
+            )
+        if self.multi_host and self.jit_compile is False:
+            raise ValueError(
+                "`multi_host` needs compiled steps: without `jit_compile` every "
+                "operation would be a separate exchange between the hosts. Leave "
+                "`jit_compile` at `auto` or True."
+            )
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"`steps` must be at least 1. Received: {self.steps}.")
 
@@ -165,6 +180,21 @@ def _check_resume(out: str, run_info: dict) -> None:
             )
 
 
+def _check_precision_runs_here(precision: str) -> None:
+    """Refuses `mixed_float16` on JAX's CPU backend, where XLA has no float16
+    matmul with float32 accumulation (it fails deep inside the first step)."""
+    if precision != "mixed_float16" or keras.backend.backend() != "jax":
+        return
+    import jax
+
+    if jax.default_backend() == "cpu":
+        raise ValueError(
+            "mixed_float16 does not run on JAX's CPU backend: XLA's CPU matmul has no "
+            "float16 inputs with float32 accumulation. Use mixed_bfloat16 on a CPU, or "
+            "mixed_float16 on a GPU."
+        )
+
+
 @contextlib.contextmanager
 def _dtype_policy(name: str):
     previous = keras.config.dtype_policy()
@@ -193,8 +223,20 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
     Returns:
         The summary dict written to `summary.json`.
     """
+    from keras_primer.training.distribution import (
+        distribution_scope,
+        initialize_multi_host,
+        worker_position,
+    )
+
     config.check()
+    if config.multi_host:
+        initialize_multi_host()
+    _check_precision_runs_here(config.precision)
     out = os.path.abspath(config.out)
+    worker, _ = worker_position(config.distribution)
+    if worker:  # process 0 writes the run's outputs; the others keep theirs apart
+        out = os.path.join(out, f"worker-{worker}")
     os.makedirs(out, exist_ok=True)
     preset = get_preset(
         config.preset,
@@ -231,11 +273,10 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
         splits.val, preset.sequence_length, preset.eval_windows, splits.start_id
     )
 
-    from keras_primer.training.distribution import distribution_scope
-
     keras.utils.set_random_seed(config.seed)
     clock = Clock()
     with _dtype_policy(config.precision), distribution_scope(config.distribution) as dist:
+        dist.check_batch_size(preset.batch_size)
         lm = build_causal_lm(config.model, preset, codec.keras_tokenizer())
         lm.compile(
             optimizer=build_optimizer(preset, total_steps),
@@ -286,6 +327,7 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
                 start_step=first,
                 seed=config.seed,
                 start_id=splits.start_id,
+                shard=dist.input_shard,
             )
             # The batches are token ids already: bypass keras-hub's string
             # preprocessing (`PipelineModel.fit`) and call Keras' own `fit`.
@@ -310,7 +352,11 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
         model_path = os.path.join(out, "model.keras")
         lm.save(model_path)
         samples = {}
-        if config.sample_tokens > 0:
+        if config.sample_tokens > 0 and dist.input_shard[1] > 1:
+            # keras-hub's generate reads its outputs back on the host, which a
+            # batch spread over several processes does not allow.
+            print("No samples in a multi-host run: generate from model.keras on one host.")
+        elif config.sample_tokens > 0:
             for prompt in config.prompts:
                 samples[prompt] = generate_text(lm, prompt, config.sample_tokens)
             with open(os.path.join(out, "samples.txt"), "w", encoding="utf-8") as f:

@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
-
 MODELS = ("primer_ez", "transformer", "feedback")
-
-
-def _filter_kwargs(cls, kwargs: dict) -> dict:
-    """The `kwargs` that `cls.__init__` names (a backbone may lack e.g. `dropout`)."""
-    params = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in kwargs.items() if k in params or k == "dtype"}
 
 
 def build_backbone(model: str, preset, vocabulary_size: int, dtype=None):
@@ -19,10 +11,10 @@ def build_backbone(model: str, preset, vocabulary_size: int, dtype=None):
     `primer_ez` is `PrimerBackbone` with its defaults (squared ReLU,
     multi-DConv-head attention); `transformer` is the same code with
     `activation="gelu", use_dconv=False`; `feedback` is
-    `keras_primer.models.feedback.FeedbackBackbone`, imported only when asked.
+    `FeedbackBackbone` (shared key/value projections, ReLU).
 
     Raises:
-        ValueError: Unknown `model`, or `feedback` when its module is missing.
+        ValueError: Unknown `model`.
     """
     common = dict(
         vocabulary_size=vocabulary_size,
@@ -41,29 +33,10 @@ def build_backbone(model: str, preset, vocabulary_size: int, dtype=None):
             common.update(activation="gelu", use_dconv=False)
         return PrimerBackbone(**common)
     if model == "feedback":
-        cls, _ = _feedback_classes()
-        return cls(**_filter_kwargs(cls, common))
+        from keras_primer.models.feedback import FeedbackBackbone
+
+        return FeedbackBackbone(**common)
     raise ValueError(f"Unknown model {model!r}. Choose one of: {', '.join(MODELS)}.")
-
-
-def _feedback_classes():
-    try:
-        from keras_primer.models.feedback import FeedbackBackbone, FeedbackCausalLM
-    except ImportError as e:
-        raise ValueError(
-            "`--model feedback` needs keras_primer.models.feedback "
-            f"(FeedbackBackbone, FeedbackCausalLM), which cannot be imported: {e}"
-        ) from e
-    return FeedbackBackbone, FeedbackCausalLM
-
-
-def feedback_available() -> bool:
-    """Whether the Feedback Transformer can be built here."""
-    try:
-        _feedback_classes()
-    except ValueError:
-        return False
-    return True
 
 
 def build_causal_lm(model: str, preset, tokenizer, dtype=None):
@@ -82,6 +55,7 @@ def build_causal_lm(model: str, preset, tokenizer, dtype=None):
     backbone = build_backbone(model, preset, vocabulary_size, dtype=dtype)
     preprocessor = PrimerCausalLMPreprocessor(tokenizer, sequence_length=preset.sequence_length)
     if model == "feedback":
-        _, cls = _feedback_classes()
-        return cls(backbone=backbone, preprocessor=preprocessor)
+        from keras_primer.models.feedback import FeedbackCausalLM
+
+        return FeedbackCausalLM(backbone=backbone, preprocessor=preprocessor)
     return PrimerCausalLM(backbone=backbone, preprocessor=preprocessor)

@@ -45,6 +45,57 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_primer")
+class AdamW(keras.optimizers.AdamW):
+    """`keras.optimizers.AdamW` whose gradient clipping sees the whole batch.
+
+    Under `tf.distribute` (TensorFlow backend), Keras clips each replica's
+    gradient before the replicas' gradients are summed, so a clipped run
+    would change with the number of devices. Here the norms are those of
+    the summed gradient (one all-reduce), and each replica scales its own
+    gradient by the factor `clip / max(norm, clip)` that one device would
+    apply, so the sum Keras takes next equals the one-device update.
+    Embedding gradients (`tf.IndexedSlices`) keep their sparse form, whose
+    norm TensorFlow takes over the slices, as on one device.
+    """
+
+    def _clip_gradients(self, grads):
+        clip = self.clipnorm or self.global_clipnorm
+        if keras.backend.backend() != "tensorflow" or not clip:
+            return super()._clip_gradients(grads)
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return super()._clip_gradients(grads)
+        present = [i for i, g in enumerate(grads) if g is not None]
+        # Squared norm of each summed gradient: dense ones need the summed
+        # tensor, sparse ones only the sum of squared slice values.
+        local = [
+            tf.reduce_sum(tf.square(grads[i].values)) if isinstance(grads[i], tf.IndexedSlices)
+            else grads[i]
+            for i in present
+        ]
+        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
+        squares = [
+            s if isinstance(grads[i], tf.IndexedSlices) else tf.reduce_sum(tf.square(s))
+            for i, s in zip(present, summed)
+        ]
+        if self.clipnorm:
+            factors = [clip / tf.maximum(tf.sqrt(s), clip) for s in squares]
+        else:
+            total = tf.sqrt(tf.add_n(squares))
+            factors = [clip / tf.maximum(total, clip)] * len(squares)
+        grads = list(grads)
+        for i, factor in zip(present, factors):
+            g = grads[i]
+            if isinstance(g, tf.IndexedSlices):
+                grads[i] = tf.IndexedSlices(g.values * factor, g.indices, g.dense_shape)
+            else:
+                grads[i] = g * tf.cast(factor, g.dtype)
+        return grads
+
+
 def build_optimizer(preset, total_steps: int | None = None) -> keras.optimizers.AdamW:
     """AdamW from a `TrainPreset`: schedule, betas, weight decay, `clipnorm`.
 
@@ -57,7 +108,7 @@ def build_optimizer(preset, total_steps: int | None = None) -> keras.optimizers.
         min(preset.warmup_steps, max((total_steps or preset.steps) - 1, 0)),
         total_steps or preset.steps,
     )
-    optimizer = keras.optimizers.AdamW(
+    optimizer = AdamW(
         learning_rate=schedule,
         weight_decay=preset.weight_decay,
         beta_1=preset.beta_1,

@@ -22,6 +22,9 @@ def concrete_value(x):
 
         if isinstance(x, jax.core.Tracer):
             return None
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            # Multi-host: this process holds only its own rows; check those.
+            return np.concatenate([np.asarray(s.data) for s in x.addressable_shards])
     elif backend == "tensorflow":
         import tensorflow as tf
 
