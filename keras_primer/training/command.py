@@ -6,11 +6,10 @@ import argparse
 import os
 import sys
 
+from keras_primer.training.distribution import KINDS as DISTRIBUTIONS
 from keras_primer.training.presets import PRESETS
 
 BACKENDS = ("tensorflow", "jax", "torch")
-# As `keras_primer.training.distribution.KINDS`, which imports Keras.
-DISTRIBUTIONS = ("none", "data_parallel", "model_parallel", "mirrored")
 
 
 def build_parser(prog: str = "keras-primer train") -> argparse.ArgumentParser:

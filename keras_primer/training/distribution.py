@@ -26,7 +26,6 @@ import contextlib
 import keras
 
 KINDS = ("none", "data_parallel", "model_parallel", "mirrored")
-TF_KINDS = ("mirrored",)
 JAX_KINDS = ("data_parallel", "model_parallel")
 
 
@@ -146,7 +145,7 @@ class _Plan:
         return max(self.replicas, batch_size - batch_size % self.replicas)
 
     def dataset(self, dataset):
-        if self.kind in TF_KINDS:
+        if self.kind == "mirrored":
             from keras_primer.data import to_tf_dataset
 
             return to_tf_dataset(dataset)
@@ -167,7 +166,7 @@ def distribution_scope(kind: str = "none", model_axis_size: int = 2):
     if kind == "none":
         yield _Plan(kind)
         return
-    if kind in TF_KINDS:
+    if kind == "mirrored":
         if backend != "tensorflow":
             raise ValueError(
                 f"`{kind}` (tf.distribute) needs the TensorFlow backend; this is "

@@ -28,6 +28,7 @@ from keras_primer.training.callbacks import (
     TrainingLog,
     optimizer_step,
 )
+from keras_primer.training.distribution import JAX_KINDS
 from keras_primer.training.models import MODELS, build_causal_lm
 from keras_primer.training.optimizer import build_optimizer
 from keras_primer.training.presets import TrainPreset, get_preset
@@ -110,7 +111,7 @@ class RunConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"Unknown {name} {value!r}. Choose one of: {', '.join(allowed)}.")
-        if self.multi_host and self.distribution not in ("data_parallel", "model_parallel"):
+        if self.multi_host and self.distribution not in JAX_KINDS:
             raise ValueError(
                 "`multi_host` (keras.distribution.initialize) needs the distribution "
                 f"`data_parallel` or `model_parallel` on JAX; this run has `{self.distribution}`."
