@@ -1,9 +1,13 @@
 """Feedback Transformer speed vs the Transformer baseline and Primer EZ.
 
-Prints one JSON object: training tokens/s of the Feedback model (shared and
-per-layer keys/values) and of the Transformer baseline of the same size, their
-ratios, and per-token cached decoding latency of Feedback vs Primer EZ
-(`generate()` from a one-token prompt, greedy, after a warm-up call).
+Prints one JSON object a line, one figure each: the best FLOP/s of a large
+matmul on this backend; training tokens/s and model FLOPs utilisation of the
+Feedback model (shared and per-layer keys/values), the Transformer baseline and
+keras-hub's GPT-2 of the same size, in both compile modes ("default" is what
+`compile()` gives `model.fit`, "jit" is `jit_compile=True`), at contexts 128
+and 512, steps interleaved; the Transformer-over-Feedback speed ratios; and
+per-token cached decoding latency of Feedback vs Primer EZ (`generate()` from
+a one-token prompt, greedy, after a warm-up call).
 
 The backend comes from KERAS_BACKEND:
 
@@ -45,22 +49,6 @@ def _models(args):
     }
 
 
-def train_tokens_per_second(make_model, args) -> float:
-    model = make_model()
-    model.compile(optimizer=keras.optimizers.Adam(1e-4), weighted_metrics=[])
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, args.vocabulary_size, (args.batch_size, args.context + 1)).astype("int32")
-    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1])}
-    y = ids[:, 1:]
-    for _ in range(args.warmup_steps):
-        model.train_on_batch(x, y)
-    start = time.perf_counter()
-    for _ in range(args.train_steps):
-        model.train_on_batch(x, y)
-    seconds = time.perf_counter() - start
-    return args.train_steps * args.batch_size * args.context / seconds
-
-
 def decode_seconds_per_token(make_model, args) -> float:
     model = make_model()
     model.compile(sampler="greedy")
@@ -77,48 +65,84 @@ def decode_seconds_per_token(make_model, args) -> float:
     return seconds / (args.decode_repeats * (length - 1))
 
 
-def main(argv=None) -> dict:
+COMPILE_MODES = {"default": "auto", "jit": True}
+TRAINED = ("feedback_shared_kv", "feedback_per_layer_kv", "transformer", "keras_hub_gpt2")
+
+
+def figures(args):
+    """Yields one figure (a dict) at a time for the current backend."""
+    from keras_primer.benchmarking import (
+        interleaved_train_step_seconds, keras_hub_gpt2, machine_description)
+    from keras_primer.benchmarking.roofline import matmul_peak_flops, training_flops_per_token
+
+    about = {**machine_description(), "quick": args.quick}
+    peak = matmul_peak_flops(512 if args.quick else 2048)
+    yield {**about, "figure": "matmul_peak_gflop_per_s", "value": peak / 1e9}
+    chosen = args.models.split(",")
+    for context in (int(c) for c in args.contexts.split(",")):
+        args.context = context
+        makers = {**_models(args), "keras_hub_gpt2": lambda: keras_hub_gpt2(_size(args))}
+        flops = training_flops_per_token(
+            args.num_layers, args.hidden_dim, 4 * args.hidden_dim, args.vocabulary_size, context)
+        tokens = args.batch_size * context
+        for mode in args.modes.split(","):
+            models = {}
+            for name in (n for n in TRAINED if n in chosen):
+                keras.utils.set_random_seed(0)
+                models[name] = makers[name]()
+                models[name].compile(optimizer=keras.optimizers.Adam(1e-4),
+                                     jit_compile=COMPILE_MODES[mode])
+            try:
+                seconds = interleaved_train_step_seconds(
+                    models, args.batch_size, context, args.vocabulary_size, args.train_steps,
+                    warmup=args.warmup_steps)
+            except Exception as error:  # e.g. torch.compile unavailable: report, go on
+                yield {**about, "figure": "train_tokens_per_s", "compile": mode,
+                       "context": context, "error": f"{type(error).__name__}: {error}"}
+                continue
+            for name, step in seconds.items():
+                yield {**about, "figure": "train_tokens_per_s", "compile": mode,
+                       "context": context, "model": name, "value": tokens / step,
+                       "mfu": tokens / step * flops / peak}
+                if "transformer" in seconds and name.startswith("feedback"):
+                    yield {**about, "figure": "transformer_over_feedback_tokens_per_s",
+                           "compile": mode, "context": context, "model": name,
+                           "value": step / seconds["transformer"]}
+    makers = _models(args)
+    for name in ("feedback_shared_kv", "feedback_per_layer_kv", "primer_ez"):
+        if name in chosen:
+            yield {**about, "figure": "decode_ms_per_token", "model": name,
+                   "length": args.decode_length,
+                   "value": 1e3 * decode_seconds_per_token(makers[name], args)}
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny config, few steps")
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--hidden-dim", type=int, default=256)
     parser.add_argument("--num-heads", type=int, default=8)
-    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--contexts", default="128,512", help="training contexts, comma-separated")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--vocabulary-size", type=int, default=256)
     parser.add_argument("--train-steps", type=int, default=5)
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--decode-length", type=int, default=64)
     parser.add_argument("--decode-repeats", type=int, default=2)
+    parser.add_argument("--modes", default="default,jit", help="compile modes: default,jit")
     parser.add_argument(
         "--models",
-        default="feedback_shared_kv,feedback_per_layer_kv,transformer,primer_ez",
+        default="feedback_shared_kv,feedback_per_layer_kv,transformer,keras_hub_gpt2,primer_ez",
         help="comma-separated subset",
     )
     args = parser.parse_args(argv)
     if args.quick:
         args.num_layers, args.hidden_dim, args.num_heads = 2, 32, 2
-        args.context, args.batch_size, args.train_steps = 16, 4, 3
+        args.contexts, args.batch_size, args.train_steps = "16", 4, 3
         args.warmup_steps, args.decode_length, args.decode_repeats = 1, 12, 1
-    chosen = args.models.split(",")
-    makers = _models(args)
-    result = {"backend": keras.backend.backend(), "config": vars(args), "train_tokens_per_s": {}}
-    for name in chosen:
-        if name != "primer_ez":
-            result["train_tokens_per_s"][name] = train_tokens_per_second(makers[name], args)
-    train = result["train_tokens_per_s"]
-    if "transformer" in train:
-        result["slowdown_vs_transformer"] = {
-            name: train["transformer"] / value
-            for name, value in train.items()
-            if name != "transformer"
-        }
-    result["decode_ms_per_token"] = {}
-    for name in ("feedback_shared_kv", "feedback_per_layer_kv", "primer_ez"):
-        if name in chosen:
-            result["decode_ms_per_token"][name] = 1e3 * decode_seconds_per_token(makers[name], args)
-    print(json.dumps(result, indent=1))
-    return result
+    args.context = max(int(c) for c in args.contexts.split(","))  # decoding's model size
+    for figure in figures(args):
+        print(json.dumps(figure), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,125 +1,158 @@
-"""Primer EZ vs Transformer baseline: training throughput and decoding latency.
+"""Primer EZ vs our Transformer baseline vs keras-hub's GPT-2: training and decoding speed.
 
-Prints one JSON object per backend. Usage:
+Prints one JSON object a line, one figure each, per backend:
 
     python benchmarks/primer_speed.py                 # tensorflow, jax, torch
     python benchmarks/primer_speed.py --quick         # tiny config, seconds
     KERAS_BACKEND=jax python benchmarks/primer_speed.py --single-backend
 
-Training: 4 layers, width 256, 4 heads, context 256, batch 16 (compiled on JAX
-and TensorFlow, eager on PyTorch); the three variants' steps are interleaved
-so machine noise hits them alike. Decoding: per-token latency at position 512,
-cached step vs a full forward pass over 513 tokens.
+Roofline first: the best FLOP/s of a 2048 x 2048 float32 matmul and the best
+bytes/s of a 256 MiB copy on this backend. Training (4 layers, width 256,
+4 heads, d_ff 1024, context 256, batch 16, float32, `train_on_batch` after a
+warm-up) in two compile modes: "default" is what `compile()` gives a user's
+`model.fit` (Keras turns XLA off for TensorFlow on CPU-only machines and runs
+PyTorch eagerly) and "jit" is `jit_compile=True` (XLA on TensorFlow and JAX,
+`torch.compile` on PyTorch). keras-hub's `GPT2CausalLM` of the same size with
+dropout 0 is the peer a Keras user would otherwise pick; all models' steps are
+interleaved so machine noise hits them alike, and each figure is the median
+step. Model FLOPs utilisation = tokens/s x FLOPs per token / matmul peak.
+Decoding: per-token latency at position 512, batch 1, cached step vs a full
+forward pass over 513 tokens; bandwidth utilisation = (weights + the keys and
+values read) / cached step time / copy bandwidth.
 """
 
 import argparse
 import json
-import os
-import sys
 
-import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 VARIANTS = {
     "primer_ez": dict(activation="squared_relu", use_dconv=True),
     "primer_ez_without_dconv": dict(activation="squared_relu", use_dconv=False),
     "transformer_baseline": dict(activation="gelu", use_dconv=False),
 }
+PEER = "keras_hub_gpt2"
+COMPILE_MODES = {"default": "auto", "jit": True}
 
 
 def config(quick: bool) -> dict:
     if quick:
         return dict(num_layers=2, hidden_dim=64, num_heads=4, context=64, batch=4, position=96,
-                    max_sequence_length=128, train_repeats=5, decode_repeats=10)
+                    max_sequence_length=128, train_repeats=3, decode_repeats=5, vocab=256,
+                    matmul_size=512, copy_megabytes=16)
     return dict(num_layers=4, hidden_dim=256, num_heads=4, context=256, batch=16, position=512,
-                max_sequence_length=1024, train_repeats=10, decode_repeats=30)
+                max_sequence_length=1024, train_repeats=10, decode_repeats=30, vocab=256,
+                matmul_size=2048, copy_megabytes=256)
 
 
-def measure(quick: bool) -> dict:
+def build_models(cfg: dict, jit_compile) -> dict:
     import keras
-    from keras import ops
 
     from keras_primer import PrimerBackbone, PrimerCausalLM
-    from keras_primer.benchmarking import (
-        compile_function, machine_description, median_seconds, random_token_ids)
+    from keras_primer.benchmarking import keras_hub_gpt2
 
-    cfg = config(quick)
-    backend = keras.backend.backend()
-    vocab = 256
+    size = dict(vocabulary_size=cfg["vocab"], num_layers=cfg["num_layers"],
+                num_heads=cfg["num_heads"], hidden_dim=cfg["hidden_dim"],
+                intermediate_dim=4 * cfg["hidden_dim"],
+                max_sequence_length=cfg["max_sequence_length"])
     models = {}
     for name, flags in VARIANTS.items():
         keras.utils.set_random_seed(0)
-        lm = PrimerCausalLM(PrimerBackbone(
-            vocabulary_size=vocab, num_layers=cfg["num_layers"], num_heads=cfg["num_heads"],
-            hidden_dim=cfg["hidden_dim"], intermediate_dim=4 * cfg["hidden_dim"],
-            max_sequence_length=cfg["max_sequence_length"], **flags))
-        lm.compile(optimizer=keras.optimizers.AdamW(1e-4), jit_compile=backend != "torch")
-        models[name] = lm
+        models[name] = PrimerCausalLM(PrimerBackbone(**size, **flags))
+    keras.utils.set_random_seed(0)
+    models[PEER] = keras_hub_gpt2(size)
+    for lm in models.values():
+        lm.compile(optimizer=keras.optimizers.AdamW(1e-4), jit_compile=jit_compile)
+    return models
 
-    ids = random_token_ids(cfg["batch"], cfg["context"] + 1, vocab)
-    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1])}
-    y = ids[:, 1:]
-    step_seconds = {name: [] for name in models}
-    for lm in models.values():  # compile + warm up
-        for _ in range(2):
-            lm.train_on_batch(x, y)
-    import time
-    for _ in range(cfg["train_repeats"]):
-        for name, lm in models.items():
-            start = time.perf_counter()
-            lm.train_on_batch(x, y)
-            step_seconds[name].append(time.perf_counter() - start)
-    tokens = cfg["batch"] * cfg["context"]
-    training = {
-        name: {"step_ms": 1000 * float(np.median(s)), "tokens_per_s": tokens / float(np.median(s))}
-        for name, s in step_seconds.items()
-    }
 
-    # Decoding latency at `position`, batch 1.
+def decode_seconds(lm, cfg: dict, peer: bool) -> tuple[float, float]:
+    """(cached step, uncached forward) median seconds for the token at `position`."""
+    from keras import ops
+
+    from keras_primer.benchmarking import compile_function, median_seconds, random_token_ids
+
     position = cfg["position"]
-    decoding = {}
-    for name in ("primer_ez", "transformer_baseline"):
-        lm = models[name]
-        prompt = ops.convert_to_tensor(random_token_ids(1, position + 1, vocab, seed=1))
-        full = compile_function(
-            lambda t: lm({"token_ids": t, "padding_mask": ops.ones_like(t)})[:, -1], lm)
-        step = compile_function(lambda t, c, i: lm.call_with_cache(t, c, i)[0], lm)
+    prompt = ops.convert_to_tensor(random_token_ids(1, position + 1, cfg["vocab"], seed=1))
+    full = compile_function(
+        lambda t: lm({"token_ids": t, "padding_mask": ops.ones_like(t)})[:, -1], lm)
+    step = compile_function(lambda t, c, i: lm.call_with_cache(t, c, i)[0], lm)
+    if peer:  # keras-hub sizes the cache from the ids it pre-fills
+        padded = ops.pad(prompt[:, :position], [[0, 0], [0, cfg["max_sequence_length"] - position]])
+        _, cache = lm._build_cache(padded)
+    else:
         cache = lm.empty_cache(1, cfg["max_sequence_length"])
         _, _, cache = lm.call_with_cache(prompt[:, :position], cache, 0)
-        token = prompt[:, position:]
-        index = ops.convert_to_tensor(position, dtype="int32")
-        uncached = median_seconds(lambda: full(prompt), cfg["decode_repeats"])
-        cached = median_seconds(lambda: step(token, cache, index), cfg["decode_repeats"])
-        decoding[name] = {"uncached_ms": 1000 * uncached, "cached_ms": 1000 * cached,
-                          "cached_over_uncached": cached / uncached}
+    token = prompt[:, position:]
+    index = ops.convert_to_tensor(position, dtype="int32")
+    cached = median_seconds(lambda: step(token, cache, index), cfg["decode_repeats"])
+    uncached = median_seconds(lambda: full(prompt), cfg["decode_repeats"])
+    return cached, uncached
 
-    primer = training["primer_ez"]["step_ms"]
-    return {
-        **machine_description(),
-        "config": {k: v for k, v in cfg.items() if "repeats" not in k},
-        "training": training,
-        "dconv_step_overhead": primer / training["primer_ez_without_dconv"]["step_ms"] - 1,
-        "primer_over_baseline_step_time": primer / training["transformer_baseline"]["step_ms"],
-        "decoding_at_position": position,
-        "decoding": decoding,
-    }
+
+def measure(quick: bool, modes: list[str]):
+    """Yields one figure (a dict) at a time for the current backend."""
+    from keras_primer.benchmarking import interleaved_train_step_seconds, machine_description
+    from keras_primer.benchmarking.roofline import (
+        copy_bandwidth, decode_bytes_per_token, matmul_peak_flops, training_flops_per_token)
+
+    cfg = config(quick)
+    about = {**machine_description(), "quick": quick}
+    peak = matmul_peak_flops(cfg["matmul_size"])
+    bandwidth = copy_bandwidth(cfg["copy_megabytes"])
+    yield {**about, "figure": "matmul_peak_gflop_per_s", "value": peak / 1e9,
+           "size": cfg["matmul_size"]}
+    yield {**about, "figure": "copy_bandwidth_gb_per_s", "value": bandwidth / 1e9}
+    flops_per_token = training_flops_per_token(
+        cfg["num_layers"], cfg["hidden_dim"], 4 * cfg["hidden_dim"], cfg["vocab"], cfg["context"])
+    tokens = cfg["batch"] * cfg["context"]
+    models = None
+    for mode in modes:
+        try:
+            models = build_models(cfg, COMPILE_MODES[mode])
+            seconds = interleaved_train_step_seconds(
+                models, cfg["batch"], cfg["context"], cfg["vocab"], cfg["train_repeats"])
+        except Exception as error:  # e.g. torch.compile unavailable: report, go on
+            yield {**about, "figure": "train_tokens_per_s", "compile": mode,
+                   "error": f"{type(error).__name__}: {error}"}
+            continue
+        for name, step in seconds.items():
+            yield {**about, "figure": "train_tokens_per_s", "compile": mode, "model": name,
+                   "value": tokens / step, "step_ms": 1e3 * step,
+                   "mfu": tokens / step * flops_per_token / peak}
+        yield {**about, "figure": "primer_ez_over_keras_hub_gpt2_tokens_per_s", "compile": mode,
+               "value": seconds[PEER] / seconds["primer_ez"]}
+        yield {**about, "figure": "primer_ez_over_transformer_baseline_tokens_per_s",
+               "compile": mode, "value": seconds["transformer_baseline"] / seconds["primer_ez"]}
+    if models is None:
+        return
+    for name in ("primer_ez", "transformer_baseline", PEER):
+        lm = models[name]
+        cached, uncached = decode_seconds(lm, cfg, peer=name == PEER)
+        needed = decode_bytes_per_token(
+            lm.count_params(), cfg["num_layers"], cfg["hidden_dim"], cfg["position"])
+        yield {**about, "figure": "decode_ms_per_token", "model": name,
+               "position": cfg["position"], "cached_ms": 1e3 * cached,
+               "uncached_ms": 1e3 * uncached, "cached_over_uncached": cached / uncached,
+               "bandwidth_utilisation": needed / cached / bandwidth}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny configuration")
     parser.add_argument("--backends", default="tensorflow,jax,torch")
+    parser.add_argument("--modes", default="default,jit", help="compile modes: default,jit")
     parser.add_argument("--single-backend", action="store_true",
                         help="measure KERAS_BACKEND only, in this process")
     args = parser.parse_args()
+    extra = ["--modes", args.modes] + (["--quick"] if args.quick else [])
     if args.single_backend:
-        print(json.dumps(measure(args.quick)))
+        for figure in measure(args.quick, args.modes.split(",")):
+            print(json.dumps(figure), flush=True)
         return
-    from keras_primer.benchmarking import run_per_backend
-    extra = ["--quick"] if args.quick else []
-    for result in run_per_backend(__file__, args.backends.split(","), extra):
-        print(json.dumps(result, indent=1))
+    from keras_primer.benchmarking import json_lines_per_backend
+
+    for figure in json_lines_per_backend(__file__, args.backends.split(","), extra):
+        print(json.dumps(figure))
 
 
 if __name__ == "__main__":

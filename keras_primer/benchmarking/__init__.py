@@ -38,6 +38,22 @@ def compile_function(fn, model):
     return fn
 
 
+def compile_plain(fn):
+    """`fn` (tensors in, tensors out, no model state) compiled the way the
+    current backend compiles: `tf.function(jit_compile=True)`, `jax.jit`, eager
+    on PyTorch."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True)
+    return fn
+
+
 def block(value):
     """Waits for asynchronous backends by pulling results to the host."""
     keras.tree.map_structure(lambda x: keras.ops.convert_to_numpy(x), value)
@@ -67,17 +83,48 @@ def machine_description() -> dict:
     }
 
 
-def run_per_backend(script: str, backends: list[str], extra_args: list[str]) -> list[dict]:
-    """Runs `script` once per backend in a subprocess; collects its JSON line."""
-    results = []
+def keras_hub_gpt2(size: dict):
+    """keras-hub's `GPT2CausalLM` of the given size (`vocabulary_size`,
+    `num_layers`, `num_heads`, `hidden_dim`, `intermediate_dim`,
+    `max_sequence_length`), dropout 0: the peer a Keras user would pick."""
+    import keras_hub
+
+    backbone = keras_hub.models.GPT2Backbone(**size, dropout=0.0)
+    return keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
+
+
+def interleaved_train_step_seconds(
+    models: dict, batch: int, context: int, vocabulary_size: int, repeats: int, warmup: int = 2
+) -> dict:
+    """Median `train_on_batch` seconds of each compiled model, one random batch,
+    the models' steps interleaved so that machine noise hits them alike."""
+    ids = random_token_ids(batch, context + 1, vocabulary_size)
+    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1])}
+    y = ids[:, 1:]
+    for model in models.values():  # compile + warm up
+        for _ in range(warmup):
+            model.train_on_batch(x, y)
+    seconds = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.train_on_batch(x, y)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in seconds.items()}
+
+
+def json_lines_per_backend(script: str, backends: list[str], extra_args: list[str]) -> list[dict]:
+    """Runs `script --single-backend` once per backend in a fresh process and
+    returns every JSON line it printed (one figure a line)."""
+    figures = []
     for backend in backends:
         env = dict(os.environ, KERAS_BACKEND=backend)
         out = subprocess.run(
             [sys.executable, script, "--single-backend", *extra_args],
             env=env, check=True, capture_output=True, text=True,
         ).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+        figures += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return figures
 
 
 def random_token_ids(batch: int, length: int, vocabulary_size: int, seed: int = 0):
