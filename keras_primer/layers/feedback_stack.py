@@ -89,9 +89,9 @@ class FeedbackStack(keras.layers.Layer):
 
     Mixed precision: every weight is stored in the policy's variable dtype
     (float32 under `mixed_bfloat16`) and used in the compute dtype, except
-    `layer_weights`, which stays float32 and is never autocast: the
-    softmax over layers is taken in float32, then cast once to mix the
-    layer outputs. The key/value buffers are in the compute dtype.
+    `layer_weights`, which is never autocast (float32 under the mixed
+    policies): the softmax over layers is taken in float32, then cast once
+    to mix the layer outputs. The key/value buffers are in the compute dtype.
 
     Example:
 
@@ -192,12 +192,13 @@ class FeedbackStack(keras.layers.Layer):
             self.attentions.append(attention)
             self.feed_forward_norms.append(feed_forward_norm)
             self.feed_forwards.append(feed_forward)
-        # Softmax-mixed in float32 whatever the compute dtype.
+        # Never autocast: the softmax over layers is taken in float32
+        # whatever the compute dtype (stored in the variable dtype, float32
+        # under the mixed policies).
         self.layer_weights = self.add_weight(
             shape=(self.num_layers + 1,),
             initializer="ones",
             name="layer_weights",
-            dtype="float32",
             autocast=False,
         )
         # labml: per-layer value projections have a bias, the shared one not.

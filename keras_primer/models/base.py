@@ -174,6 +174,22 @@ class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
             **kwargs,
         )
 
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Keras' `quantize`, leaving the preprocessor out: its layers hold no
+        weights, and Keras refuses to quantize a tokenizer that is not built."""
+        from keras.src.quantizers.utils import should_quantize_layer
+
+        preprocessing = set()
+        if self.preprocessor is not None:
+            preprocessing = {id(layer) for layer in self.preprocessor._flatten_layers()}
+
+        def keep(layer):
+            if id(layer) in preprocessing:
+                return False
+            return filters is None or should_quantize_layer(layer, filters)
+
+        return super().quantize(mode, config=config, filters=keep, **kwargs)
+
     def score(
         self,
         token_ids,

@@ -48,8 +48,8 @@ class FeedbackBackbone(CheckedBackbone):
     Mixed precision (e.g. `dtype="mixed_bfloat16"`): every weight is stored
     in float32 and computed in bfloat16 (token embedding and tied head,
     projections, relative-position tables, layer norms, feed-forward), except
-    the stack's `layer_weights`, which are float32 and never autocast (the
-    softmax over layers runs in float32). Attention softmax runs in float32;
+    the stack's `layer_weights`, which are stored in float32 and never
+    autocast (the softmax over layers runs in float32). Attention softmax runs in float32;
     the output hidden states are bfloat16.
 
     Random ops: the dropout masks draw their seed from Keras' global RNG, so
