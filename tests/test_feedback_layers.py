@@ -336,3 +336,21 @@ def test_bad_memory_window():
     with pytest.raises(ValueError, match="memory_window"):
         FeedbackStack(num_layers=1, num_heads=2, intermediate_dim=8, max_sequence_length=8,
                       memory_window=0)
+
+
+def test_dropout_seed_follows_keras_global_seed():
+    """`keras.utils.set_random_seed` (the training `--seed`) reaches the
+    stack's dropout; a fixed SeedGenerator(0) would ignore it."""
+    x = _inputs()
+
+    def dropped(seed):
+        keras.utils.set_random_seed(seed)
+        return _np(_stack(dropout=0.5, randomize=False)(x, training=True))
+
+    np.testing.assert_array_equal(dropped(1), dropped(1))
+    assert np.abs(dropped(1) - dropped(2)).max() > 1e-3
+
+
+def test_explicit_seed_is_in_config():
+    stack = _stack(dropout=0.5, seed=7)
+    assert FeedbackStack.from_config(stack.get_config()).seed == 7

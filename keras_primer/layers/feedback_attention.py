@@ -72,7 +72,14 @@ class FeedbackAttention(keras.layers.Layer):
         self.max_relative_distance = max_relative_distance
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
-    def build(self, query_shape, *args, **kwargs):
+    def build(
+        self,
+        query_shape,
+        keys_shape=None,
+        values_shape=None,
+        relative_index_shape=None,
+        attention_mask_shape=None,
+    ):
         hidden_dim = query_shape[-1]
         heads = (self.num_heads, self.key_dim)
         self.query_dense = keras.layers.EinsumDense(
@@ -121,7 +128,14 @@ class FeedbackAttention(keras.layers.Layer):
         attended = ops.einsum("bhs,bshk->bhk", probs, values)
         return call_sublayer(self.output_dense, attended)
 
-    def compute_output_shape(self, query_shape, *args, **kwargs):
+    def compute_output_shape(
+        self,
+        query_shape,
+        keys_shape=None,
+        values_shape=None,
+        relative_index_shape=None,
+        attention_mask_shape=None,
+    ):
         return query_shape
 
     def get_config(self):
