@@ -1,4 +1,5 @@
-"""Layers: causal depthwise convolution, MDHA, feed-forward, decoder block."""
+"""Layers: causal depthwise convolution, MDHA, feed-forward, decoder block,
+feedback attention and the feedback stack."""
 
 from keras_primer.layers.causal_depthwise_conv import (
     CausalDepthwiseConv,
@@ -6,7 +7,8 @@ from keras_primer.layers.causal_depthwise_conv import (
 )
 from keras_primer.layers.decoder_block import PrimerDecoderBlock
 from keras_primer.layers.feed_forward import FeedForward
-from keras_primer.layers.feedback_attention import FeedbackAttention, FeedbackStack
+from keras_primer.layers.feedback_attention import FeedbackAttention
+from keras_primer.layers.feedback_stack import FeedbackStack
 from keras_primer.layers.multi_dconv_head_attention import MultiDConvHeadAttention
 
 __all__ = [

@@ -5,6 +5,7 @@ import keras
 from keras_primer.activations import get_activation, serialize_activation
 from keras_primer.layers.feed_forward import FeedForward
 from keras_primer.layers.multi_dconv_head_attention import MultiDConvHeadAttention
+from keras_primer.layers.residual import pre_norm_residual
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -26,6 +27,14 @@ class PrimerDecoderBlock(keras.layers.Layer):
         dropout: Residual, attention and feed-forward dropout rate.
         layer_norm_epsilon: Epsilon of both layer norms.
         kernel_initializer: Initializer of the dense kernels.
+
+    Padding: pass `padding_mask`, or call the block on a tensor that carries
+    a Keras mask (e.g. after `Embedding(mask_zero=True)`); the mask is used
+    as the padding mask and passed on to the output.
+
+    Mixed precision: every weight (norms, projections, convolution taps,
+    feed-forward) is stored in the policy's variable dtype (float32 under
+    `mixed_bfloat16`) and used in the compute dtype.
 
     Example:
 
@@ -109,28 +118,44 @@ class PrimerDecoderBlock(keras.layers.Layer):
         cache_update_index=None,
         conv_state_index=None,
         training=None,
+        mask=None,
     ):
         """Runs the block; with `cache`, returns `(outputs, next_cache)`.
 
-        The arguments are those of `MultiDConvHeadAttention.call`.
+        The arguments are those of `MultiDConvHeadAttention.call`; `mask`
+        (a Keras mask) serves as `padding_mask` when that is not given.
         """
-        attended = self.attention(
-            self.attention_norm(inputs),
-            padding_mask=padding_mask,
-            cache=cache,
-            cache_update_index=cache_update_index,
-            conv_state_index=conv_state_index,
-            training=training,
+        if padding_mask is None and cache is None:
+            padding_mask = mask
+        next_cache = []
+
+        def attend(normed):
+            out = self.attention(
+                normed,
+                padding_mask=padding_mask,
+                cache=cache,
+                cache_update_index=cache_update_index,
+                conv_state_index=conv_state_index,
+                training=training,
+            )
+            if cache is None:
+                return out
+            next_cache.append(out[1])
+            return out[0]
+
+        def drop(branch):
+            return self.residual_dropout(branch, training=training)
+
+        x = pre_norm_residual(inputs, self.attention_norm, attend, drop)
+        x = pre_norm_residual(
+            x, self.feed_forward_norm, lambda y: self.feed_forward(y, training=training), drop
         )
-        next_cache = None
-        if cache is not None:
-            attended, next_cache = attended
-        x = inputs + self.residual_dropout(attended, training=training)
-        fed = self.feed_forward(self.feed_forward_norm(x), training=training)
-        x = x + self.residual_dropout(fed, training=training)
         if cache is None:
             return x
-        return x, next_cache
+        return x, next_cache[0]
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -3,6 +3,7 @@
 import keras
 
 from keras_primer.activations import get_activation, serialize_activation
+from keras_primer.layers.residual import call_sublayer
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -19,6 +20,10 @@ class FeedForward(keras.layers.Layer):
         dropout: Dropout rate on the hidden activation.
         use_bias: Biases in both dense layers.
         kernel_initializer: Initializer of both kernels.
+
+    Mixed precision: both kernels and biases are stored in the policy's
+    variable dtype (float32 under `mixed_bfloat16`) and used in the compute
+    dtype. A Keras mask passes through unchanged (position-wise layer).
 
     Example:
 
@@ -61,9 +66,12 @@ class FeedForward(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, training=None):
-        hidden = self.activation(self.intermediate_dense(inputs))
-        hidden = self.dropout_layer(hidden, training=training)
-        return self.output_dense(hidden)
+        # The dense layers share this layer's dtype policy, already applied
+        # by `__call__`; `call_sublayer` saves their `__call__` overhead.
+        hidden = self.activation(call_sublayer(self.intermediate_dense, inputs))
+        if self.dropout:
+            hidden = self.dropout_layer(hidden, training=training)
+        return call_sublayer(self.output_dense, hidden)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -1,42 +1,9 @@
-"""Feedback Transformer layers: memory attention and the time-loop stack.
+"""Feedback Transformer attention: one query step over the feedback memory.
 
-The Feedback Transformer (Fan et al. 2020, arXiv 2002.09402) replaces each
-layer's view of the previous positions by one shared *memory*: at step `t`
-every layer attends to memory slots `m_s` of the steps `s < t`, where
-`m_s = sum_l softmax(w)_l h_s^l` mixes all layers' outputs at step `s` (the
-embedding `h_s^0` included) with learned weights `w`. The computation is
-sequential in time, so `FeedbackStack` runs one `keras.ops.fori_loop` over the
-steps with fixed-shape key/value buffers (JAX and TensorFlow compile it into one
-loop; PyTorch runs it as a Python loop).
-
-Semantics follow labml-nn's `transformers/feedback` implementation:
-
-* pre-norm layers `x += Attn(LN(x), memory)`, `x += FFN(LN(x))`; at `t = 0`
-  there is no memory and the attention sublayer adds nothing;
-* the memory mixes the raw residual streams (before the final layer norm) and
-  keys/values are projected from the raw memory (no norm on the memory side);
-* positions enter only through learned relative terms in the scores:
-  `[(q + u) . k_s + q . P[t - s] + S[t - s]] / sqrt(head_dim)`, with `P`
-  (per-offset key embeddings), `S` (per-offset biases) and `u` zero-initialised;
-* layer-mixing weights start at ones (a uniform mixture).
-
-Differences from labml, all documented options or implementation choices:
-
-* `shared_kv=False` (labml's `FeedbackTransformer`) keeps one key/value
-  projection per layer but applies it once per step, when the memory slot is
-  formed, and caches the per-layer keys/values (labml re-projects the whole
-  memory at every step; the result is the same).
-* `memory_window=M` limits attention to the last `M` steps (labml: unlimited;
-  Fan et al.: the attention span).
-* Relative tables hold `min(max_sequence_length, memory_window)` offsets rather
-  than labml's fixed 4096, and any sequence length up to
-  `max_sequence_length` works (labml's shared-KV model stops at 512).
-* Dropout is applied to the embeddings and to both residual branches; there
-  is no dropout on attention probabilities or inside the feed-forward block
-  (dropout masks are drawn before the loop so that it compiles on every
-  backend).
-* Attending to the current step (not in the paper or labml) is not offered:
-  the current slot needs the outputs of all layers of the same step.
+The memory, the time loop and the layer stack live in
+`keras_primer.layers.feedback_stack` (with the maths and every difference to
+labml-nn); this module holds only the attention with learned relative
+positions, `[(q + u) . k_s + q . P[t - s] + S[t - s]] / sqrt(head_dim)`.
 """
 
 import math
@@ -44,9 +11,7 @@ import math
 import keras
 from keras import ops
 
-from keras_primer.activations import get_activation, serialize_activation
-from keras_primer.layers.cache_utils import write_rows
-from keras_primer.layers.feed_forward import FeedForward
+from keras_primer.layers.residual import call_sublayer
 
 _MASK_VALUE = -1e9
 
@@ -55,8 +20,9 @@ _MASK_VALUE = -1e9
 class FeedbackAttention(keras.layers.Layer):
     """Attention of one query step over feedback-memory keys and values.
 
-    The layer owns the query projection (no bias), the output projection (with
-    bias) and the relative-position parameters: per-offset key embeddings
+    The layer owns the query projection `query` (an `EinsumDense`, no bias,
+    so `enable_lora` and `quantize` reach it), the output projection
+    `attention_output` (with bias) and the relative-position parameters: per-offset key embeddings
     `P` (`[max_relative_distance, num_heads, key_dim]`), per-offset biases `S`
     (`[max_relative_distance, num_heads]`) and a content bias `u`
     (`[num_heads, key_dim]`), all zero-initialised. Offset `1` (the previous
@@ -69,6 +35,10 @@ class FeedbackAttention(keras.layers.Layer):
         max_relative_distance: Largest step offset with its own table row;
             larger offsets share the last row.
         kernel_initializer: Initializer of the projection kernels.
+
+    Mixed precision: every weight is stored in the policy's variable dtype
+    (float32 under `mixed_bfloat16`) and used in the compute dtype; the
+    scores' softmax runs in float32.
 
     Call arguments:
         query: `[batch, hidden_dim]`, the (normalised) input of this step.
@@ -102,22 +72,33 @@ class FeedbackAttention(keras.layers.Layer):
         self.max_relative_distance = max_relative_distance
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
-    def build(self, query_shape, *args, **kwargs):
+    def build(
+        self,
+        query_shape,
+        keys_shape=None,
+        values_shape=None,
+        relative_index_shape=None,
+        attention_mask_shape=None,
+    ):
         hidden_dim = query_shape[-1]
         heads = (self.num_heads, self.key_dim)
-        self.query_kernel = self.add_weight(
-            shape=(hidden_dim,) + heads,
-            initializer=self.kernel_initializer,
-            name="query_kernel",
+        self.query_dense = keras.layers.EinsumDense(
+            "bd,dhk->bhk",
+            output_shape=heads,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="query",
         )
-        self.output_kernel = self.add_weight(
-            shape=heads + (hidden_dim,),
-            initializer=self.kernel_initializer,
-            name="output_kernel",
+        self.query_dense.build((None, hidden_dim))
+        self.output_dense = keras.layers.EinsumDense(
+            "bhk,hkd->bd",
+            output_shape=(hidden_dim,),
+            bias_axes="d",
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="attention_output",
         )
-        self.output_bias = self.add_weight(
-            shape=(hidden_dim,), initializer="zeros", name="output_bias"
-        )
+        self.output_dense.build((None,) + heads)
         self.relative_key_embedding = self.add_weight(
             shape=(self.max_relative_distance,) + heads,
             initializer="zeros",
@@ -134,7 +115,7 @@ class FeedbackAttention(keras.layers.Layer):
         self.built = True
 
     def call(self, query, keys, values, relative_index, attention_mask):
-        q = ops.einsum("bd,dhk->bhk", query, self.query_kernel)
+        q = call_sublayer(self.query_dense, query)
         content = ops.einsum("bhk,bshk->bhs", q + self.query_bias, keys)
         position_keys = ops.take(self.relative_key_embedding, relative_index, axis=0)
         position = ops.einsum("bhk,shk->bhs", q, position_keys)
@@ -145,9 +126,16 @@ class FeedbackAttention(keras.layers.Layer):
         scores = ops.where(mask, scores, _MASK_VALUE)
         probs = ops.cast(ops.softmax(scores, axis=-1), values.dtype)
         attended = ops.einsum("bhs,bshk->bhk", probs, values)
-        return ops.einsum("bhk,hkd->bd", attended, self.output_kernel) + self.output_bias
+        return call_sublayer(self.output_dense, attended)
 
-    def compute_output_shape(self, query_shape, *args, **kwargs):
+    def compute_output_shape(
+        self,
+        query_shape,
+        keys_shape=None,
+        values_shape=None,
+        relative_index_shape=None,
+        attention_mask_shape=None,
+    ):
         return query_shape
 
     def get_config(self):
@@ -157,372 +145,6 @@ class FeedbackAttention(keras.layers.Layer):
                 "num_heads": self.num_heads,
                 "key_dim": self.key_dim,
                 "max_relative_distance": self.max_relative_distance,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-            }
-        )
-        return config
-
-
-@keras.saving.register_keras_serializable(package="keras_primer")
-class FeedbackStack(keras.layers.Layer):
-    """All Feedback Transformer layers and the memory, run as one time loop.
-
-    Input: embeddings `[batch, length, hidden_dim]`; output: the top layer's
-    residual stream `[batch, length, hidden_dim]` (before the final norm).
-    Memory slots are kept as their key/value projections in fixed-shape
-    buffers `[batch, length, kv_groups, num_heads, head_dim]`, where
-    `kv_groups` is 1 with `shared_kv=True` (the fast variant: one projection
-    for all layers, so each step's keys/values are computed once) and
-    `num_layers` otherwise (the original: one projection per layer). The same
-    per-step code serves training (`cache=None`, empty buffers) and cached
-    decoding (`cache=(keys, values)`, see `call`).
-
-    Args:
-        num_layers: Number of feedback layers.
-        num_heads: Attention heads.
-        intermediate_dim: Feed-forward hidden width.
-        max_sequence_length: Longest sequence; sizes the relative tables.
-        activation: Feed-forward activation (`"squared_relu"` = Primer-style).
-        dropout: Dropout on both residual branches.
-        shared_kv: One key/value projection shared by all layers.
-        memory_window: None (attend to all past steps) or `M` (the last `M`).
-        layer_norm_epsilon: Epsilon of the layer norms.
-        kernel_initializer: Initializer of the dense kernels.
-
-    Example:
-
-    >>> import numpy as np
-    >>> stack = FeedbackStack(num_layers=2, num_heads=2, intermediate_dim=32,
-    ...     max_sequence_length=8)
-    >>> stack(np.random.rand(1, 5, 16).astype("float32")).shape
-    (1, 5, 16)
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        num_heads: int,
-        intermediate_dim: int,
-        max_sequence_length: int,
-        activation="relu",
-        dropout: float = 0.0,
-        shared_kv: bool = True,
-        memory_window: int | None = None,
-        layer_norm_epsilon: float = 1e-5,
-        kernel_initializer="glorot_uniform",
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        if memory_window is not None and int(memory_window) < 1:
-            raise ValueError(
-                f"`memory_window` must be None or a positive number of steps. "
-                f"Received: {memory_window}"
-            )
-        self.num_layers = num_layers
-        self.num_heads = num_heads
-        self.intermediate_dim = intermediate_dim
-        self.max_sequence_length = max_sequence_length
-        self.activation = get_activation(activation)
-        self.dropout = dropout
-        self.shared_kv = shared_kv
-        self.memory_window = None if memory_window is None else int(memory_window)
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.seed_generator = keras.random.SeedGenerator(0)
-
-    @property
-    def kv_groups(self) -> int:
-        """Key/value projections per memory slot: 1 (shared) or num_layers."""
-        return 1 if self.shared_kv else self.num_layers
-
-    @property
-    def max_relative_distance(self) -> int:
-        limit = max(int(self.max_sequence_length), 1)
-        if self.memory_window is not None:
-            limit = min(limit, self.memory_window)
-        return limit
-
-    def build(self, input_shape, *args, **kwargs):
-        hidden_dim = input_shape[-1]
-        if hidden_dim % self.num_heads:
-            raise ValueError(
-                f"The hidden size ({hidden_dim}) must be divisible by the number "
-                f"of heads ({self.num_heads})."
-            )
-        self.hidden_dim = hidden_dim
-        self.head_dim = hidden_dim // self.num_heads
-        policy = self.dtype_policy
-        step_shape = (None, hidden_dim)
-        self.attention_norms, self.attentions = [], []
-        self.feed_forward_norms, self.feed_forwards = [], []
-        for i in range(self.num_layers):
-            attention_norm = keras.layers.LayerNormalization(
-                epsilon=self.layer_norm_epsilon, dtype=policy, name=f"attention_norm_{i}"
-            )
-            attention = FeedbackAttention(
-                num_heads=self.num_heads,
-                key_dim=self.head_dim,
-                max_relative_distance=self.max_relative_distance,
-                kernel_initializer=self.kernel_initializer,
-                dtype=policy,
-                name=f"attention_{i}",
-            )
-            feed_forward_norm = keras.layers.LayerNormalization(
-                epsilon=self.layer_norm_epsilon, dtype=policy, name=f"feed_forward_norm_{i}"
-            )
-            feed_forward = FeedForward(
-                intermediate_dim=self.intermediate_dim,
-                activation=self.activation,
-                dropout=0.0,
-                kernel_initializer=self.kernel_initializer,
-                dtype=policy,
-                name=f"feed_forward_{i}",
-            )
-            attention_norm.build(step_shape)
-            attention.build(step_shape)
-            feed_forward_norm.build(step_shape)
-            feed_forward.build(step_shape)
-            self.attention_norms.append(attention_norm)
-            self.attentions.append(attention)
-            self.feed_forward_norms.append(feed_forward_norm)
-            self.feed_forwards.append(feed_forward)
-        # Softmax-mixed in float32 whatever the compute dtype.
-        self.layer_weights = self.add_weight(
-            shape=(self.num_layers + 1,),
-            initializer="ones",
-            name="layer_weights",
-            dtype="float32",
-            autocast=False,
-        )
-        kv_shape = (hidden_dim, self.kv_groups, self.num_heads, self.head_dim)
-        self.key_kernel = self.add_weight(
-            shape=kv_shape, initializer=self.kernel_initializer, name="key_kernel"
-        )
-        self.value_kernel = self.add_weight(
-            shape=kv_shape, initializer=self.kernel_initializer, name="value_kernel"
-        )
-        # labml: per-layer value projections have a bias, the shared one not.
-        self.value_bias = None
-        if not self.shared_kv:
-            self.value_bias = self.add_weight(
-                shape=kv_shape[1:], initializer="zeros", name="value_bias"
-            )
-        self.built = True
-
-    # === Pieces of one step ===
-
-    def mixing_weights(self):
-        """`softmax(layer_weights)` in float32: weight of embedding, layer 1..L."""
-        return ops.softmax(ops.cast(self.layer_weights, "float32"))
-
-    def project_memory(self, memory):
-        """Keys and values `[batch, kv_groups, num_heads, head_dim]` of slots `memory`."""
-        keys = ops.einsum("bd,dghk->bghk", memory, self.key_kernel)
-        values = ops.einsum("bd,dghk->bghk", memory, self.value_kernel)
-        if self.value_bias is not None:
-            values = values + self.value_bias
-        return keys, values
-
-    def _step(self, x, position, keys, values, key_mask, drop_masks, training):
-        """One time step: returns `(top_output, memory_slot, keys, values)`.
-
-        `keys`/`values` are the buffers `[batch, buffer_length, groups, heads,
-        head_dim]`; the new slot's projections are written at `position`.
-        """
-        buffer_length = ops.shape(keys)[1]
-        offsets = ops.cast(position, "int32") - ops.arange(buffer_length, dtype="int32")
-        valid = ops.greater_equal(offsets, 1)
-        if self.memory_window is not None:
-            valid = ops.logical_and(valid, ops.less_equal(offsets, self.memory_window))
-        valid = valid[None, :]
-        if key_mask is not None:
-            valid = ops.logical_and(valid, key_mask)
-        relative_index = ops.clip(offsets - 1, 0, self.max_relative_distance - 1)
-        # At a step without memory the attention sublayer adds nothing.
-        has_memory = ops.cast(ops.any(valid, axis=-1, keepdims=True), x.dtype)
-        outputs = [x]
-        for i in range(self.num_layers):
-            group = 0 if self.shared_kv else i
-            # Sublayers are called through `.call`: inside this layer's call
-            # (same dtype policy, already autocast) `__call__` would only add
-            # per-step overhead, which dominates PyTorch's Python time loop.
-            attended = self.attentions[i].call(
-                self.attention_norms[i].call(x),
-                keys[:, :, group],
-                values[:, :, group],
-                relative_index,
-                valid,
-            )
-            attended = attended * has_memory
-            if drop_masks is not None:
-                attended = attended * drop_masks[:, i, 0]
-            x = x + attended
-            fed = self._feed_forward(i, self.feed_forward_norms[i].call(x))
-            if drop_masks is not None:
-                fed = fed * drop_masks[:, i, 1]
-            x = x + fed
-            outputs.append(x)
-        weights = ops.cast(self.mixing_weights(), x.dtype)
-        memory = ops.einsum("l,lbd->bd", weights, ops.stack(outputs, axis=0))
-        new_keys, new_values = self.project_memory(memory)
-        keys = write_rows(keys, new_keys[:, None], position)
-        values = write_rows(values, new_values[:, None], position)
-        return x, memory, keys, values
-
-    def _feed_forward(self, i, x):
-        ffn = self.feed_forwards[i]
-        hidden = ffn.activation(ffn.intermediate_dense.call(x))
-        return ffn.output_dense.call(hidden)
-
-    def _dropout_masks(self, batch_size, length, training):
-        if not training or not self.dropout:
-            return None
-        shape = (length, batch_size, self.num_layers, 2, self.hidden_dim)
-        keep = ops.greater_equal(
-            keras.random.uniform(shape, seed=self.seed_generator), self.dropout
-        )
-        return ops.cast(keep, self.compute_dtype) / (1.0 - self.dropout)
-
-    def empty_cache(self, batch_size, max_length):
-        """Zero `(keys, values)` buffers for `max_length` steps."""
-        shape = [batch_size, max_length, self.kv_groups, self.num_heads, self.head_dim]
-        return (
-            ops.zeros(shape, dtype=self.compute_dtype),
-            ops.zeros(shape, dtype=self.compute_dtype),
-        )
-
-    def call(
-        self,
-        inputs,
-        padding_mask=None,
-        cache=None,
-        cache_update_index=0,
-        training=None,
-        return_memory=False,
-    ):
-        """Runs the layers over `inputs` step by step.
-
-        Args:
-            inputs: `[batch, n, hidden_dim]` embeddings of the steps
-                `cache_update_index .. cache_update_index + n - 1`.
-            padding_mask: Optional `[batch, buffer_length]` (False/0 =
-                padding): padding slots are never attended to. Without a
-                cache the buffer length is `n`.
-            cache: None (training: empty buffers of length `n`) or the
-                `(keys, values)` buffers of earlier steps, each `[batch,
-                max_length, kv_groups, num_heads, head_dim]`.
-            cache_update_index: Position of `inputs[:, 0]`.
-            training: Enables dropout.
-            return_memory: Also return the memory slots `[batch, n, hidden_dim]`.
-
-        Returns:
-            Outputs `[batch, n, hidden_dim]`; with a cache `(outputs,
-            next_cache)`; with `return_memory` the memory is appended.
-        """
-        use_cache = cache is not None
-        batch_size = ops.shape(inputs)[0]
-        length = inputs.shape[1]
-        if length is None:
-            length = ops.shape(inputs)[1]
-        if not use_cache:
-            cache = self.empty_cache(batch_size, length)
-            cache_update_index = 0
-        outputs, cache, memories = self._run(
-            inputs,
-            cache,
-            cache_update_index,
-            length,
-            padding_mask=padding_mask,
-            training=training,
-            return_memory=return_memory,
-        )
-        result = (outputs,)
-        if use_cache:
-            result += (cache,)
-        if return_memory:
-            result += (memories,)
-        return result[0] if len(result) == 1 else result
-
-    def prefill(self, inputs, cache, num_steps, padding_mask=None):
-        """Runs the first `num_steps` (may be a tensor) of `inputs` from step 0.
-
-        Used by generation: the prompt is consumed one step per token and the
-        loop stops at `num_steps`; outputs after it stay zero. Returns
-        `(outputs, cache)`.
-        """
-        outputs, cache, _ = self._run(
-            inputs, cache, 0, num_steps, padding_mask=padding_mask, force_loop=True
-        )
-        return outputs, cache
-
-    def _run(
-        self,
-        inputs,
-        cache,
-        start,
-        num_steps,
-        padding_mask=None,
-        training=None,
-        return_memory=False,
-        force_loop=False,
-    ):
-        keys, values = cache
-        key_mask = None
-        if padding_mask is not None:
-            key_mask = ops.cast(padding_mask, "bool")
-        batch_size = ops.shape(inputs)[0]
-        drop_masks = None
-        if not force_loop:
-            drop_masks = self._dropout_masks(batch_size, num_steps, training)
-        start = ops.cast(start, "int32")
-
-        if not force_loop and isinstance(num_steps, int) and num_steps == 1:
-            # The decoding step: no loop, so the exported graph is plain ops.
-            masks = None if drop_masks is None else drop_masks[0]
-            out, memory, keys, values = self._step(
-                inputs[:, 0], start, keys, values, key_mask, masks, training
-            )
-            memories = memory[:, None] if return_memory else None
-            return out[:, None], (keys, values), memories
-
-        def body(i, state):
-            keys, values, outputs = state[:3]
-            x = ops.take(inputs, i, axis=1)
-            masks = None if drop_masks is None else ops.take(drop_masks, i, axis=0)
-            out, memory, keys, values = self._step(
-                x, start + i, keys, values, key_mask, masks, training
-            )
-            outputs = write_rows(outputs, out[:, None], i)
-            if len(state) == 3:
-                return keys, values, outputs
-            memories = write_rows(state[3], memory[:, None], i)
-            return keys, values, outputs, memories
-
-        # Loops cannot carry None on every backend: the memory buffer is
-        # carried only when asked for.
-        state = (keys, values, ops.zeros_like(inputs))
-        if return_memory:
-            state += (ops.zeros_like(inputs),)
-        state = ops.fori_loop(0, num_steps, body, state)
-        memories = state[3] if return_memory else None
-        return state[2], (state[0], state[1]), memories
-
-    def compute_output_shape(self, input_shape, *args, **kwargs):
-        return input_shape
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "num_layers": self.num_layers,
-                "num_heads": self.num_heads,
-                "intermediate_dim": self.intermediate_dim,
-                "max_sequence_length": self.max_sequence_length,
-                "activation": serialize_activation(self.activation),
-                "dropout": self.dropout,
-                "shared_kv": self.shared_kv,
-                "memory_window": self.memory_window,
-                "layer_norm_epsilon": self.layer_norm_epsilon,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             }
         )

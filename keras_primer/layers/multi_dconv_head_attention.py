@@ -43,6 +43,16 @@ class MultiDConvHeadAttention(keras.layers.Layer):
         bias_initializer: Initializer of the projection biases.
         conv_kernel_initializer: Initializer of the convolution taps.
 
+    Padding: pass `padding_mask`, or call the layer on a tensor that carries
+    a Keras mask (e.g. after `Embedding(mask_zero=True)`); without a cache
+    the mask is used as the padding mask and passed on to the output.
+
+    Mixed precision: every weight (projection kernels and biases,
+    convolution taps and biases) is stored in the policy's variable dtype
+    (float32 under `mixed_bfloat16`) and used in the compute dtype; the
+    attention softmax runs in float32 on the explicit (dropout) path and in
+    the backend's fused kernel otherwise.
+
     Example:
 
     >>> import numpy as np
@@ -139,6 +149,7 @@ class MultiDConvHeadAttention(keras.layers.Layer):
         cache_update_index=None,
         conv_state_index=None,
         training=None,
+        mask=None,
     ):
         """Causal self-attention over `inputs` (`[batch, length, hidden]`).
 
@@ -157,10 +168,14 @@ class MultiDConvHeadAttention(keras.layers.Layer):
                 before which the returned convolution state is taken; defaults
                 to just after the last input.
             training: Enables attention dropout.
+            mask: A Keras mask of `inputs` (set by Keras); used as
+                `padding_mask` when that is None and there is no cache.
 
         Returns:
             The attention output, or `(output, next_cache)` with a cache.
         """
+        if padding_mask is None and cache is None:
+            padding_mask = mask
         length = ops.shape(inputs)[1]
         query_mask = padding_mask
         start = 0
@@ -230,6 +245,9 @@ class MultiDConvHeadAttention(keras.layers.Layer):
         probabilities = ops.cast(ops.softmax(scores, axis=-1), query.dtype)
         probabilities = self.dropout_layer(probabilities, training=training)
         return ops.einsum("bhqk,bkhd->bqhd", probabilities, value)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -1,14 +1,19 @@
 """Bases shared by the model families: checked backbones and the LM head."""
 
+import json
+import os
+
 import keras
-from keras_hub.layers import ReversibleEmbedding
+import numpy as np
 from keras_hub.metrics import Perplexity
-from keras_hub.models import Backbone, CausalLM
+from keras_hub.models import Backbone, CausalLM, Task
 
 from keras import ops
 
 from keras_primer.models.generation import GenerateInputChecks, finish_generation
 from keras_primer.utils.validation import check_padding_mask, check_token_ids
+
+SCORING_MODES = ("logits", "loss")
 
 
 def normal_initializer(stddev: float = 0.02):
@@ -17,8 +22,12 @@ def normal_initializer(stddev: float = 0.02):
 
 
 def token_embedding(vocabulary_size: int, hidden_dim: int, tie_weights: bool, dtype=None):
-    """Token embedding that doubles as the LM head (`reverse=True`)."""
-    return ReversibleEmbedding(
+    """Token embedding that doubles as the LM head (`reverse=True`).
+
+    Keras' own `ReversibleEmbedding` (not a subclass): its `quantize` refuses
+    subclasses, and this is the largest matrix of a small model.
+    """
+    return keras.layers.ReversibleEmbedding(
         input_dim=vocabulary_size,
         output_dim=hidden_dim,
         tie_weights=tie_weights,
@@ -28,18 +37,83 @@ def token_embedding(vocabulary_size: int, hidden_dim: int, tie_weights: bool, dt
     )
 
 
-class CheckedBackbone(Backbone):
-    """A keras-hub `Backbone` whose calls validate `token_ids`/`padding_mask`.
+def _holds_known_values(x) -> bool:
+    """True for host data (NumPy, lists), whose values cost no device sync."""
+    return isinstance(x, (np.ndarray, list, tuple))
 
-    Subclasses set `vocabulary_size` and `max_sequence_length`.
+
+def check_model_inputs(inputs, vocabulary_size: int, max_sequence_length: int) -> None:
+    """Checks `{"token_ids", "padding_mask"}` (or bare ids) given to a model.
+
+    Dtype, rank and length are always checked (static, free); id values only
+    when they sit on the host already, so no training step syncs with the
+    device to check them.
     """
+    token_ids = inputs["token_ids"] if isinstance(inputs, dict) else inputs
+    if token_ids is None:
+        return
+    check_token_ids(
+        token_ids,
+        vocabulary_size,
+        max_sequence_length,
+        check_values=_holds_known_values(token_ids),
+    )
+    if isinstance(inputs, dict):
+        check_padding_mask(inputs.get("padding_mask"), token_ids)
+
+
+def _keras_hub_task_name(task_cls) -> str:
+    """The keras-hub task a model class implements (`"CausalLM"`), as
+    keras-hub's own models name it in preset metadata."""
+    for base in task_cls.__mro__[1:]:
+        if base.__module__.startswith("keras_hub"):
+            return base.__name__
+    return task_cls.__name__
+
+
+class CheckedBackbone(Backbone):
+    """A keras-hub `Backbone` that checks its inputs and writes keras-hub's
+    preset metadata.
+
+    Subclasses set `vocabulary_size` and `max_sequence_length`. Shapes and
+    dtypes are checked in `call`; id values only for host (NumPy) inputs, in
+    `__call__`, before Keras turns them into tensors, never inside a
+    training step.
+    """
+
+    def __call__(self, inputs, *args, **kwargs):
+        if self.built and hasattr(self, "vocabulary_size"):
+            check_model_inputs(inputs, self.vocabulary_size, self.max_sequence_length)
+        return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
         token_ids = inputs["token_ids"] if isinstance(inputs, dict) else inputs
-        check_token_ids(token_ids, self.vocabulary_size, self.max_sequence_length)
+        check_token_ids(
+            token_ids, self.vocabulary_size, self.max_sequence_length, check_values=False
+        )
         if isinstance(inputs, dict):
             check_padding_mask(inputs.get("padding_mask"), token_ids)
         return super().call(inputs, training=training, mask=mask)
+
+    def save_to_preset(self, preset_dir, max_shard_size=10):
+        """keras-hub's `save_to_preset`; the metadata's `"tasks"` name the
+        keras-hub task classes (`"CausalLM"`), as for keras-hub's models,
+        rather than our private intermediate base class."""
+        super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
+        path = os.path.join(preset_dir, "metadata.json")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            metadata = json.load(f)
+        tasks = [
+            obj
+            for obj in set(keras.saving.get_custom_objects().values())
+            if isinstance(obj, type) and issubclass(obj, Task)
+            and getattr(obj, "backbone_cls", None) is type(self)
+        ]
+        metadata["tasks"] = sorted({_keras_hub_task_name(t) for t in tasks})
+        with open(path, "w") as f:
+            f.write(json.dumps(metadata, indent=4))
 
 
 class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
@@ -47,6 +121,16 @@ class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
     embedding, with input checks and perplexity among the default metrics."""
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
+        tokenizer = getattr(preprocessor, "tokenizer", None)
+        if tokenizer is not None and hasattr(tokenizer, "vocabulary_size"):
+            tokenizer_size = int(tokenizer.vocabulary_size())
+            if tokenizer_size > backbone.vocabulary_size:
+                raise ValueError(
+                    f"The preprocessor's tokenizer has {tokenizer_size} ids but the "
+                    f"backbone's vocabulary_size is {backbone.vocabulary_size}: some "
+                    "token ids would have no embedding. Build the backbone with "
+                    f"vocabulary_size >= {tokenizer_size}."
+                )
         # === Layers ===
         self.backbone = backbone
         self.preprocessor = preprocessor
@@ -57,8 +141,26 @@ class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
         outputs = backbone.token_embedding(hidden_states, reverse=True)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
+    def __call__(self, inputs, *args, **kwargs):
+        if self.built:
+            backbone = self.backbone
+            check_model_inputs(inputs, backbone.vocabulary_size, backbone.max_sequence_length)
+        return super().__call__(inputs, *args, **kwargs)
+
     def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="top_k", **kwargs):
-        """keras-hub defaults, plus perplexity among the metrics."""
+        """keras-hub defaults, with two changes.
+
+        * `loss="auto"` is the cross-entropy averaged over real tokens
+          (`reduction="mean_with_sample_weight"`), so the logged loss does not
+          shrink with the amount of padding and `exp(loss)` equals the
+          perplexity metric on a batch (keras-hub averages over every
+          position, padding included).
+        * Accuracy and perplexity are the default weighted metrics.
+        """
+        if isinstance(loss, str) and loss == "auto":
+            loss = keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, reduction="mean_with_sample_weight"
+            )
         if weighted_metrics == "auto":
             weighted_metrics = [
                 keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
@@ -71,6 +173,88 @@ class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
             sampler=sampler,
             **kwargs,
         )
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Keras' `quantize`, leaving the preprocessor out: its layers hold no
+        weights, and Keras refuses to quantize a tokenizer that is not built."""
+        from keras.src.quantizers.utils import should_quantize_layer
+
+        preprocessing = set()
+        if self.preprocessor is not None:
+            preprocessing = {id(layer) for layer in self.preprocessor._flatten_layers()}
+
+        def keep(layer):
+            if id(layer) in preprocessing:
+                return False
+            return filters is None or should_quantize_layer(layer, filters)
+
+        return super().quantize(mode, config=config, filters=keep, **kwargs)
+
+    def score(
+        self,
+        token_ids,
+        padding_mask=None,
+        scoring_mode: str = "logits",
+        layer_intercept_fn=None,
+        target_ids=None,
+    ):
+        """Per-token logits or losses of given token ids (keras-hub's `score`).
+
+        Used for perplexity and ranking of candidate texts: one forward pass,
+        no sampling.
+
+        Args:
+            token_ids: int `[batch, num_tokens]`, e.g. a `generate()` output
+                run through `preprocessor.generate_preprocess`.
+            padding_mask: Optional `[batch, num_tokens]`, 1/True for real
+                tokens (padding may be on either side); None = no padding.
+            scoring_mode: `"logits"` (`[batch, num_tokens, vocab]`) or
+                `"loss"` (`[batch, num_tokens]`, the cross-entropy of
+                `target_ids` at each position).
+            layer_intercept_fn: Optional `fn(x, index) -> x` applied to the
+                activations `[batch, num_tokens, hidden_dim]`: index -1 for
+                the embeddings, then `i` for the output of layer `i` (see the
+                model's `_score_hidden_states` for which layers it sees).
+            target_ids: int `[batch, num_tokens]`, required for `"loss"`
+                (usually `token_ids` shifted left by one).
+
+        Returns:
+            Logits or per-token losses, as above.
+        """
+        if scoring_mode not in SCORING_MODES:
+            raise ValueError(
+                f"`scoring_mode` must be one of {SCORING_MODES}. Received: {scoring_mode!r}"
+            )
+        if scoring_mode == "loss" and target_ids is None:
+            raise ValueError(
+                "`scoring_mode=\"loss\"` needs `target_ids` (the token expected at "
+                "each position, usually `token_ids` shifted left by one)."
+            )
+        backbone = self.backbone
+        check_model_inputs(
+            {"token_ids": token_ids, "padding_mask": padding_mask},
+            backbone.vocabulary_size,
+            backbone.max_sequence_length,
+        )
+        if target_ids is not None:
+            check_token_ids(target_ids, backbone.vocabulary_size, None, name="target_ids")
+        token_ids = ops.convert_to_tensor(token_ids, "int32")
+        if padding_mask is None:
+            padding_mask = ops.ones_like(token_ids)
+        if layer_intercept_fn is None:
+            layer_intercept_fn = lambda x, index: x  # noqa: E731
+        hidden_states = self._score_hidden_states(
+            token_ids, ops.convert_to_tensor(padding_mask), layer_intercept_fn
+        )
+        logits = backbone.token_embedding(hidden_states, reverse=True)
+        if scoring_mode == "logits":
+            return logits
+        per_token = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+        return per_token(ops.convert_to_tensor(target_ids, "int32"), logits)
+
+    def _score_hidden_states(self, token_ids, padding_mask, layer_intercept_fn):
+        """Final hidden states for `score`, calling `layer_intercept_fn`."""
+        raise NotImplementedError
 
     def get_compile_config(self):
         """Keras' compile config plus the sampler, so a loaded model generates

@@ -1,9 +1,11 @@
 """Input checks that turn bad model inputs into clear `ValueError`s.
 
 JAX clamps out-of-range embedding lookups silently, so token ids are checked
-in Python wherever their values are known (eager calls, NumPy inputs to
-`fit`/`predict`/`evaluate`, `generate`); inside compiled functions only the
-static checks (dtype, rank, length) apply.
+in Python wherever their values are already on the host (NumPy inputs to a
+model call, to `fit`/`predict`/`evaluate` and `score`, `generate`'s prompts).
+Inside a model's `call` only the static checks (dtype, rank, length) apply:
+reading id values there would cost a device-to-host sync every training step
+on PyTorch (and is impossible while tracing on JAX/TensorFlow).
 """
 
 import numpy as np
@@ -50,9 +52,15 @@ def check_token_ids(
     vocabulary_size: int,
     max_sequence_length: int | None,
     name: str = "token_ids",
+    check_values: bool = True,
 ) -> None:
     """Raises ValueError unless `token_ids` is an int `[batch, length]` input
-    with values in `[0, vocabulary_size)` and length `<= max_sequence_length`."""
+    with values in `[0, vocabulary_size)` and length `<= max_sequence_length`.
+
+    `check_values=False` checks only dtype, rank and length (no device sync);
+    with True the values are checked when they are known now (see
+    `concrete_value`).
+    """
     dtype = _dtype_name(token_ids)
     if "int" not in dtype:
         raise ValueError(
@@ -73,6 +81,8 @@ def check_token_ids(
             f"max_sequence_length={max_sequence_length}. Pass at most "
             f"{max_sequence_length} tokens; inputs are never truncated silently."
         )
+    if not check_values:
+        return
     values = concrete_value(token_ids)
     if values is None or values.size == 0:
         return

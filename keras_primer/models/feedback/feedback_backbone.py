@@ -4,7 +4,7 @@ import keras
 
 from keras_primer.activations import get_activation, serialize_activation
 from keras_primer.models.base import CheckedBackbone, normal_initializer, token_embedding
-from keras_primer.layers.feedback_attention import FeedbackStack
+from keras_primer.layers.feedback_stack import FeedbackStack
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -17,7 +17,7 @@ class FeedbackBackbone(CheckedBackbone):
     slot mixes the outputs of all layers at its step, the embedding included,
     with softmax-normalised learned weights. Positions enter only through
     learned relative terms in the attention scores. See
-    `keras_primer.layers.feedback_attention` for the maths and every
+    `keras_primer.layers.feedback_stack` for the maths and every
     difference to the reference.
 
     Inputs are a dict of `"token_ids"` (int `[batch, length]`) and
@@ -44,6 +44,20 @@ class FeedbackBackbone(CheckedBackbone):
         layer_norm_epsilon: Epsilon of every layer norm.
         tie_embeddings: Share the token embedding with the output projection.
         dtype: Dtype policy of the layers (e.g. `"mixed_bfloat16"`).
+
+    Mixed precision (e.g. `dtype="mixed_bfloat16"`): every weight is stored
+    in float32 and computed in bfloat16 (token embedding and tied head,
+    projections, relative-position tables, layer norms, feed-forward), except
+    the stack's `layer_weights`, which are stored in float32 and never
+    autocast (the softmax over layers runs in float32). Attention softmax runs in float32;
+    the output hidden states are bfloat16.
+
+    Random ops: the dropout masks draw their seed from Keras' global RNG, so
+    `keras.utils.set_random_seed` makes training reproducible.
+
+    Quantization and LoRA: `quantize("int8")`/`"int4"` reach the token
+    embedding (also the tied head) and every projection; `enable_lora(rank)`
+    adapts each layer's `query` and the memory's shared `value` projection.
 
     Example:
 

@@ -42,6 +42,24 @@ class FeedbackCausalLM(TiedHeadCausalLM):
     backbone_cls = FeedbackBackbone
     preprocessor_cls = FeedbackCausalLMPreprocessor
 
+    def _score_hidden_states(self, token_ids, padding_mask, layer_intercept_fn):
+        """`score`'s forward pass. The intercept sees the embeddings (-1) and
+        the top layer's output (num_layers - 1) only: the other layers' outputs
+        exist one time step at a time inside the feedback loop, never as a
+        whole sequence."""
+        backbone = self.backbone
+        x = layer_intercept_fn(backbone.embed(token_ids), -1)
+        x = backbone.feedback_stack(x, padding_mask=padding_mask)
+        x = layer_intercept_fn(x, backbone.num_layers - 1)
+        return backbone.layer_norm(x)
+
+    def get_quantization_layer_structure(self, mode):
+        """None for GPTQ/AWQ: those quantize whole-sequence blocks one after
+        another, while the feedback layers run inside one time loop (each step
+        reads every layer's earlier outputs), so there are no sequential
+        blocks to hand over. `quantize("int8")`/`"int4"` work."""
+        return None
+
     def call_with_cache(self, token_ids, cache, cache_update_index, padding_mask=None):
         """Forward pass for `token_ids` at `cache_update_index`, reusing `cache`.
 

@@ -38,6 +38,16 @@ class PrimerBackbone(CheckedBackbone):
         tie_embeddings: Share the token embedding with the output projection.
         dtype: Dtype policy of the layers (e.g. `"mixed_bfloat16"`).
 
+    Mixed precision (e.g. `dtype="mixed_bfloat16"`): every weight (token
+    embedding and tied head, position embedding, projections, depthwise
+    convolution taps and biases, layer norms, feed-forward) is stored in
+    float32 and computed in bfloat16; attention softmax runs in float32; the
+    output hidden states are bfloat16.
+
+    Quantization and LoRA: `quantize("int8")`/`"int4"` reach the token
+    embedding (also the tied head) and every dense projection;
+    `enable_lora(rank)` adapts the attention's `query` and `value`.
+
     Example:
 
     >>> import numpy as np

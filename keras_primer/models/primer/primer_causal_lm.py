@@ -40,6 +40,29 @@ class PrimerCausalLM(TiedHeadCausalLM):
     backbone_cls = PrimerBackbone
     preprocessor_cls = PrimerCausalLMPreprocessor
 
+    def _score_hidden_states(self, token_ids, padding_mask, layer_intercept_fn):
+        """`score`'s forward pass: the intercept sees the embeddings (-1, token
+        plus position) and the output of every decoder block (0 ..
+        num_layers - 1)."""
+        backbone = self.backbone
+        x = layer_intercept_fn(backbone.embed(token_ids, padding_mask), -1)
+        for i, block in enumerate(backbone.transformer_layers):
+            x = layer_intercept_fn(block(x, padding_mask=padding_mask), i)
+        return backbone.layer_norm(x)
+
+    def get_quantization_layer_structure(self, mode):
+        """GPTQ/AWQ layout: the whole embedding (tokens, positions, dropout) as
+        the pre-block layer, then the decoder blocks in order."""
+        if mode not in ("gptq", "awq"):
+            return None
+        backbone = self.backbone
+        token_ids = keras.Input(shape=(None,), dtype="int32")
+        embed = keras.Model(token_ids, backbone.embed(token_ids), name="embed")
+        return {
+            "pre_block_layers": [embed],
+            "sequential_blocks": backbone.transformer_layers,
+        }
+
     # === Cached decoding ===
 
     def call_with_cache(
