@@ -1,7 +1,7 @@
 """Primer EZ vs the Transformer baseline (and Feedback) with the same budget and seed.
 
-    python recipes/compare.py --out runs/compare --quick          # minutes, CPU
-    python recipes/compare.py --out runs/compare --preset shakespeare_char   # GPU
+    python -m recipes.compare --out runs/compare --quick          # minutes, CPU
+    python -m recipes.compare --out runs/compare --preset shakespeare_char   # GPU
 
 Writes a table (comparison.md/.csv/.json), a plot of validation loss vs steps
 and vs wall-clock (comparison.png), and the ratio of steps Primer EZ needs to
@@ -64,5 +64,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     sys.exit(main())
