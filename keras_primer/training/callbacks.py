@@ -92,10 +92,14 @@ class RunRecorder(keras.callbacks.Callback):
     * A loss that is not finite stops training (`nan_step` says where) and
       nothing more is committed, so the last checkpoint is the last good one.
 
+    A row's training `loss` is the mean over the batches run in its epoch
+    since the last (re)start; the validation columns do not depend on it.
+
     Put it after `TrainingLog` (which adds `step` and the other columns).
 
     Args:
-        commit: `commit(step, rows)`: writes a checkpoint.
+        commit: `commit(step, rows)`: writes a checkpoint; returns False
+            (and writes nothing) when the state is not finite.
         write_history: `write_history(rows)`: the history view.
         save_best: `save_best()`: writes `best.keras`.
         rows: History rows already committed (a resumed run).
@@ -135,7 +139,7 @@ class RunRecorder(keras.callbacks.Callback):
             self.model.stop_training = True
             return
         if self._due(self.step) and not self._is_epoch_end(self.step):
-            self.commit(self.step, self.rows)
+            self._commit()
 
     def on_epoch_end(self, epoch, logs=None):
         if self.nan_step is not None or logs is None:
@@ -153,7 +157,12 @@ class RunRecorder(keras.callbacks.Callback):
             self.save_best()
             fault_point(self.step, "after_best")
         if self._due(self.step):
-            self.commit(self.step, self.rows)
+            self._commit()
+
+    def _commit(self):
+        if self.commit(self.step, self.rows) is False:  # the state is not finite
+            self.nan_step = self.step
+            self.model.stop_training = True
 
 
 def _plain(value):

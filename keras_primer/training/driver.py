@@ -127,8 +127,8 @@ def optional_outputs(config: RunConfig, say=None) -> dict:
     Returns `{"learning_curve": bool, "tensorboard": bool}`.
     """
     say = say or _note
-    have_plot = importlib.util.find_spec("matplotlib") is not None
-    have_tb = config.tensorboard and importlib.util.find_spec("tensorboard") is not None
+    have_plot = _installed("matplotlib")
+    have_tb = config.tensorboard and _installed("tensorboard")
     skipped = []
     if not have_plot:
         skipped.append("learning_curve.png (matplotlib is not installed)")
@@ -140,6 +140,10 @@ def optional_outputs(config: RunConfig, say=None) -> dict:
             "numbers. `pip install keras-primer[train]` adds them."
         )
     return {"learning_curve": have_plot, "tensorboard": have_tb}
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
 
 
 def run_folder(config: RunConfig) -> str:
@@ -552,9 +556,13 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
             history_path = os.path.join(out, "history.csv")
             write_history_csv(history_path, rows)
 
-            def commit(step, history):
-                store.commit(step, read_state(lm), {"history": history, "wall_time": clock(),
-                                                    "data_position": {"seed": config.seed, "step": step}})
+            def commit(step, history) -> bool:
+                state = read_state(lm)
+                if not all(np.isfinite(a).all() for a in state if a.dtype.kind == "f"):
+                    return False  # never commit weights that diverged
+                store.commit(step, state, {"history": history, "wall_time": clock(),
+                                           "data_position": {"seed": config.seed, "step": step}})
+                return True
 
             log = TrainingLog(preset.batch_size * preset.sequence_length, clock,
                               splits.val_tokens_per_char)

@@ -37,19 +37,30 @@ import zipfile
 import numpy as np
 
 # Fault injection for tests: "STEP:PHASE" kills this process with SIGKILL
-# when checkpoint commit of STEP reaches PHASE (see `fault_point`).
-FAULT_ENV = "KERAS_PRIMER_KILL_AT"
+# when checkpoint commit of STEP reaches PHASE; "STEP:PHASE:wait=PATH"
+# pauses there until PATH exists (see `fault_point`).
+FAULT_ENV = "KERAS_PRIMER_FAULT"
 PHASES = ("before_write", "before_rename", "after_rename", "after_history", "after_best")
 
 
 def fault_point(step: int, phase: str) -> None:
-    """Kills the process (SIGKILL, no clean-up) if `$KERAS_PRIMER_KILL_AT` is `step:phase`.
+    """Test hook: at `step` and `phase` named by `$KERAS_PRIMER_FAULT`, kills
+    the process (SIGKILL: no clean-up, like a crash) or, with `:wait=PATH`,
+    waits until PATH exists. Does nothing otherwise.
 
-    Lets the fault-injection tests stop a run at an exact point of writing
-    a checkpoint; does nothing otherwise.
+    Lets the fault-injection tests stop or hold a run at an exact point of
+    writing a checkpoint.
     """
     wanted = os.environ.get(FAULT_ENV)
-    if wanted and wanted == f"{step}:{phase}":
+    if not wanted or not wanted.startswith(f"{step}:{phase}"):
+        return
+    action = wanted[len(f"{step}:{phase}"):]
+    if action.startswith(":wait="):
+        path = action[len(":wait="):]
+        deadline = time.monotonic() + 600
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    elif not action:
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
