@@ -79,6 +79,24 @@ def write_state(model, arrays: list[np.ndarray], source: str) -> None:
         variable.assign(array)
 
 
+def step_seeder(seed: int):
+    """A function that makes step `s`'s global random draws a function of `(seed, s)`, or None.
+
+    On PyTorch, Keras draws unseeded dropout (a `Dropout` without `seed`)
+    from torch's global generator, which data loaders also advance; seeding
+    it per step makes a resumed run draw what an uninterrupted one does.
+    The other backends use seed-generator variables, which checkpoints hold.
+    """
+    if keras.backend.backend() != "torch":
+        return None
+    import torch
+
+    def reseed(step: int) -> None:
+        torch.manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63))
+
+    return reseed
+
+
 class RunRecorder(keras.callbacks.Callback):
     """Commits checkpoints, keeps the history, saves `best.keras`, stops on NaN.
 
@@ -107,11 +125,13 @@ class RunRecorder(keras.callbacks.Callback):
         total_steps: The last step.
         checkpoint_interval: Steps between checkpoints.
         eval_interval: Steps between evaluations (epoch ends).
+        reseed: `reseed(step)` before each step (`step_seeder`), or None.
     """
 
     def __init__(self, commit, write_history, save_best, rows, start_step, total_steps,
-                 checkpoint_interval, eval_interval):
+                 checkpoint_interval, eval_interval, reseed=None):
         super().__init__()
+        self.reseed = reseed
         self.commit = commit
         self.write_history = write_history
         self.save_best = save_best
@@ -129,6 +149,10 @@ class RunRecorder(keras.callbacks.Callback):
 
     def _due(self, step: int) -> bool:
         return step % self.checkpoint_interval == 0 or step == self.total_steps
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.reseed is not None:
+            self.reseed(self.step + 1)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.nan_step is not None:

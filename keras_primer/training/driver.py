@@ -51,6 +51,7 @@ from keras_primer.training.callbacks import (
     TrainingLog,
     optimizer_step,
     read_state,
+    step_seeder,
     sync_state,
     write_state,
 )
@@ -572,6 +573,7 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
                 save_best=lambda: save_model_atomic(lm, os.path.join(out, "best.keras")),
                 rows=rows, start_step=start, total_steps=total_steps,
                 checkpoint_interval=checkpoint_interval, eval_interval=interval,
+                reseed=step_seeder(config.seed),
             )
             callbacks = [log, recorder]
             if outputs["tensorboard"]:
