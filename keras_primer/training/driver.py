@@ -86,10 +86,18 @@ def check_runtime(config: RunConfig) -> None:
     """Checks that this process can run `config` (call after `config.validate()`).
 
     Raises:
-        ConfigError: Keras runs another backend than `config.backend`, or
+        ConfigError: A package the tokenizer needs is missing, Keras runs
+            another backend than `config.backend`, or
             `mixed_float16` on JAX's CPU backend (no float16 matmul with
             float32 accumulation in XLA's CPU backend).
     """
+    if config.tokenizer == "sentencepiece":
+        for package, pip in (("sentencepiece", "sentencepiece"), ("tensorflow_text", "tensorflow-text")):
+            if not _installed(package):
+                raise ConfigError(
+                    f"--tokenizer sentencepiece needs the `{package}` package, which is not "
+                    f"installed: `pip install {pip}` (or keras-primer[text]), or use --tokenizer bytes."
+                )
     running = keras.backend.backend()
     if config.backend and config.backend != running:
         raise ConfigError(
