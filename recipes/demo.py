@@ -1,6 +1,6 @@
 """`make demo`: train a small Primer EZ on Tiny Shakespeare on a CPU, save, export, generate.
 
-    python recipes/demo.py --out runs/demo [--steps N] [--data PATH]
+    python -m recipes.demo --out runs/demo [--steps N] [--data PATH]
 
 Reads Tiny Shakespeare from `--data`, else `$KERAS_PRIMER_SHAKESPEARE`, else
 downloads it. About 3-4 minutes on a 2-core CPU with the default
@@ -79,5 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     sys.exit(main())

@@ -1,16 +1,15 @@
 """Train a causal LM: the same flags as `keras-primer train`.
 
-    python recipes/train.py --model primer_ez --out runs/shakespeare --preset shakespeare_char
-    python recipes/train.py --model transformer --data corpus/ --tokenizer sentencepiece --out runs/spm
+    python -m recipes.train --model primer_ez --out runs/shakespeare --preset shakespeare_char
+    python -m recipes.train --model transformer --data corpus/ --tokenizer sentencepiece --out runs/spm
 
-Pass `--backend jax|tensorflow|torch` (or set KERAS_BACKEND).
+Pass `--backend jax|tensorflow|torch` (or set KERAS_BACKEND). Run from the
+repository root (or with keras-primer installed).
 """
 
-import os
 import sys
 
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from keras_primer.training.command import main
+from keras_primer_runtime.train_cli import main
 
+if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

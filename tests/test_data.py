@@ -100,17 +100,18 @@ def test_tf_dataset_matches_py_dataset():
 
 
 @pytest.mark.tensorflow_only
-def test_sentencepiece_round_trip_and_model_tokenizer(tmp_path, shakespeare_path):
+def test_sentencepiece_round_trip_and_model_tokenizer(tmp_path, sample_text_path):
     from keras_primer.data import SentencePieceCodec, train_sentencepiece
 
-    text = open(shakespeare_path, encoding="utf-8").read()[:200_000]
-    corpus = _write(str(tmp_path / "s.txt"), text)
+    text = open(sample_text_path, encoding="utf-8").read()
+    # A comma in the path used to split it in two (`input="a,b"`).
+    corpus = _write(str(tmp_path / "with,comma" / "s.txt"), text)
     codec = train_sentencepiece([corpus], 400, str(tmp_path / "sp.model"))
     assert codec.vocabulary_size == 400
     sample = "ROMEO:\nWhat  light,\n\n  é 你?\n"
     ids = codec.encode(sample)
     assert codec.decode(ids) == sample
-    assert len(codec.encode(text[:5000])) < 5000 * 0.75  # merges, not characters
+    assert len(codec.encode(text)) < len(text) * 0.75  # merges, not characters
     tokenizer = codec.keras_tokenizer()
     assert tokenizer.start_token_id == 2 and tokenizer.end_token_id == 3
     assert tokenizer.pad_token_id == 0
@@ -119,3 +120,31 @@ def test_sentencepiece_round_trip_and_model_tokenizer(tmp_path, shakespeare_path
     assert reloaded.describe() == codec.describe()
     with pytest.raises(ValueError, match="at least 300"):
         train_sentencepiece([corpus], 100)
+
+
+@pytest.mark.tensorflow_only
+def test_sentencepiece_vocabulary_errors_give_the_size_that_works(tmp_path, shakespeare_path):
+    # Issue 11 item 7: "Use a smaller vocabulary_size" when a larger one was needed.
+    from keras_primer.data import train_sentencepiece
+
+    with pytest.raises(ValueError, match=r"320 is too small .* need at least 325\. Pass --vocab-size 325"):
+        train_sentencepiece([shakespeare_path], 320)
+    small = _write(str(tmp_path / "small.txt"), "to be or not to be\n" * 20)
+    with pytest.raises(ValueError, match=r"too large for this corpus: it has at most \d+ distinct pieces"):
+        train_sentencepiece([small], 5000)
+
+
+@pytest.mark.tensorflow_only
+def test_token_cache_is_keyed_on_content_not_size_and_mtime(tmp_path):
+    from keras_primer.data import encode_corpus
+
+    path = _write(str(tmp_path / "c.txt"), "abcd" * 50)
+    stat = os.stat(path)
+    first = encode_corpus(path, ByteCodec(), str(tmp_path / "cache"))
+    # Same size, same modification time, other bytes: must be tokenized again.
+    _write(path, "wxyz" * 50)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = encode_corpus(path, ByteCodec(), str(tmp_path / "cache"))
+    assert first["files"][0][2] != second["files"][0][2]
+    tokens = np.fromfile(str(tmp_path / "cache" / "tokens.bin"), dtype=np.uint8)
+    assert bytes(tokens[:4]).decode() == "wxyz"

@@ -129,15 +129,13 @@ CLI_FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory, shakespeare_path):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(open(shakespeare_path, encoding="utf-8").read()[:20_000], encoding="utf-8")
-    return str(path)
+def small_corpus(sample_text_path):
+    return sample_text_path
 
 
 def _train_command(out, data, *flags):
-    return [sys.executable, "-m", "keras_primer.cli", "train", "--out", str(out), "--data", data,
-            *CLI_FLAGS, *flags]
+    return [sys.executable, "-m", "keras_primer_runtime.train_cli", "--out", str(out), "--data",
+            data, *CLI_FLAGS, *flags]
 
 
 def _env(backend, **extra):
@@ -194,7 +192,7 @@ def _run_together(commands_and_envs, timeout=300):
 @pytest.mark.slow
 def test_cli_jax_data_and_model_parallel_match_one_device(tmp_path, small_corpus):
     four_devices = _env("jax", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    # --backend restarts the command on JAX although the environment says TensorFlow.
+    # --backend picks JAX although the environment says TensorFlow (set before Keras loads).
     single = _cli_train(tmp_path / "single", small_corpus, "--backend", "jax", backend="tensorflow")
     assert single["backend"] == "jax"
     for kind in ("data_parallel", "model_parallel"):
@@ -253,7 +251,7 @@ def test_cli_tensorflow_mirrored_matches_one_device(tmp_path, small_corpus):
         import sys, tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from keras_primer.cli import main
+        from keras_primer_runtime.train_cli import main
         sys.exit(main({_train_command(tmp_path / "mirrored", small_corpus, "--distribution", "mirrored")[3:]!r}))
     """)
     result = subprocess.run([sys.executable, "-c", script], env=_env("tensorflow"),

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from keras_primer.training import RunConfig, TrainPreset, plan_segments, train
-from keras_primer.training.callbacks import optimizer_step
 from keras_primer.training.optimizer import WarmupCosineDecay
 
 TINY = TrainPreset(
@@ -22,12 +21,6 @@ TINY = TrainPreset(
 )
 
 
-def _corpus(tmp_path, shakespeare_path, chars=20_000):
-    path = tmp_path / "corpus.txt"
-    path.write_text(open(shakespeare_path, encoding="utf-8").read()[:chars], encoding="utf-8")
-    return str(path)
-
-
 def _config(out, data, **kwargs):
     defaults = dict(
         out=str(out), data=data, preset=TINY, sample_tokens=8, verbose=0,
@@ -35,16 +28,6 @@ def _config(out, data, **kwargs):
     )
     defaults.update(kwargs)
     return RunConfig(**defaults)
-
-
-class _Interrupt(keras.callbacks.Callback):
-    def __init__(self, at_step):
-        super().__init__()
-        self.at_step = at_step
-
-    def on_train_batch_end(self, batch, logs=None):
-        if optimizer_step(self.model) == self.at_step:
-            raise KeyboardInterrupt("killed")
 
 
 def test_schedule_warmup_then_cosine():
@@ -62,12 +45,12 @@ def test_plan_segments_align_epochs_with_eval_points():
 
 
 @pytest.mark.slow
-def test_train_writes_every_output(tmp_path, shakespeare_path):
-    data = _corpus(tmp_path, shakespeare_path)
+def test_train_writes_every_output(tmp_path, sample_text_path):
+    data = sample_text_path
     summary = train(_config(tmp_path / "run", data, model="transformer"))
     out = tmp_path / "run"
     for name in ("model.keras", "best.keras", "history.csv", "learning_curve.png",
-                 "samples.txt", "summary.json", "backup/latest.weights.h5"):
+                 "samples.txt", "summary.json", "run.json", "checkpoints/step-00000010.npz"):
         assert (out / name).exists(), name
     assert summary["steps"] == 10
     with open(out / "history.csv") as f:
@@ -94,54 +77,34 @@ def test_train_writes_every_output(tmp_path, shakespeare_path):
     assert keras.saving.load_model(str(out / "best.keras")).compiled
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_at_its_last_backup_step(tmp_path, shakespeare_path):
-    data = _corpus(tmp_path, shakespeare_path)
-    reference = train(_config(tmp_path / "ref", data, sample_tokens=0))
-    with pytest.raises(KeyboardInterrupt):
-        # Backups every 3 steps: killed at step 8, mid-epoch (eval every 5).
-        train(_config(tmp_path / "run", data, sample_tokens=0), extra_callbacks=[_Interrupt(8)])
-    resumed = train(_config(tmp_path / "run", data, sample_tokens=0))
-    assert resumed["resumed_from_step"] == 6
-    assert resumed["steps"] == 10
-    assert [row["step"] for row in resumed["history"]] == [5, 10]
-    # Same batches, same steps: the same model as the uninterrupted run.
-    ref_lm = keras.saving.load_model(str(tmp_path / "ref" / "model.keras"))
-    lm = keras.saving.load_model(str(tmp_path / "run" / "model.keras"))
-    for a, b in zip(ref_lm.weights, lm.weights):
-        np.testing.assert_allclose(
-            keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), atol=1e-5, err_msg=a.path
-        )
-    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-4)
-
-
 @pytest.mark.tensorflow_only
-def test_resume_with_another_vocabulary_is_an_error(tmp_path, shakespeare_path):
-    data = _corpus(tmp_path, shakespeare_path, chars=60_000)
+def test_resume_with_another_vocabulary_is_an_error(tmp_path, sample_text_path):
+    data = sample_text_path
     tiny = TINY.replace(steps=1, eval_interval=1)
     train(_config(tmp_path / "run", data, preset=tiny, sample_tokens=0))
-    with pytest.raises(ValueError, match=r"Vocabulary mismatch: .*bytes.*sentencepiece"):
-        train(_config(tmp_path / "run", data, preset=tiny, tokenizer="sentencepiece", vocabulary_size=320))
+    with pytest.raises(ValueError, match=r"tokenizer.kind: 'bytes' -> 'sentencepiece'.*cannot change"):
+        train(_config(tmp_path / "run", data, preset=tiny, tokenizer="sentencepiece",
+                      vocabulary_size=320, fine_tune=True))
 
 
 @pytest.mark.tensorflow_only
 def test_cli_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
-    from keras_primer.cli import main
+    from keras_primer_runtime.train_cli import main
 
     monkeypatch.delenv("KERAS_PRIMER_SHAKESPEARE", raising=False)
-    status = main(["train", "--out", str(tmp_path / "o"), "--no-download"])
+    status = main(["--out", str(tmp_path / "o"), "--no-download"])
     assert status == 2
     err = capsys.readouterr().err
     assert "KERAS_PRIMER_SHAKESPEARE" in err and "--data" in err
     (tmp_path / "small.txt").write_text("tiny corpus")
-    assert main(["train", "--out", str(tmp_path / "o2"), "--data", str(tmp_path / "small.txt")]) == 2
+    assert main(["--out", str(tmp_path / "o2"), "--data", str(tmp_path / "small.txt")]) == 2
     assert "too small" in capsys.readouterr().err
 
 
 @pytest.mark.tensorflow_only
 @pytest.mark.slow
-def test_sentencepiece_training_run(tmp_path, shakespeare_path):
-    data = _corpus(tmp_path, shakespeare_path, chars=60_000)
+def test_sentencepiece_training_run(tmp_path, sample_text_path):
+    data = sample_text_path
     summary = train(
         _config(tmp_path / "run", data, tokenizer="sentencepiece", vocabulary_size=400,
                 preset=TINY.replace(steps=4, eval_interval=2))
@@ -154,8 +117,8 @@ def test_sentencepiece_training_run(tmp_path, shakespeare_path):
     assert summary["samples"]["ROMEO:"].startswith("ROMEO:")
 
 
-def test_feedback_model_trains(tmp_path, shakespeare_path):
-    data = _corpus(tmp_path, shakespeare_path)
+def test_feedback_model_trains(tmp_path, sample_text_path):
+    data = sample_text_path
     summary = train(_config(tmp_path / "fb", data, model="feedback", preset=TINY.replace(steps=2, eval_interval=2)))
     assert summary["steps"] == 2 and math.isfinite(summary["val_loss"])
 
@@ -172,10 +135,10 @@ def test_steps_to_reach_interpolates():
 
 @pytest.mark.tensorflow_only
 @pytest.mark.slow
-def test_comparison_writes_table_and_plot(tmp_path, shakespeare_path):
+def test_comparison_writes_table_and_plot(tmp_path, sample_text_path):
     from keras_primer.training.compare import compare
 
-    data = _corpus(tmp_path, shakespeare_path)
+    data = sample_text_path
     base = _config(tmp_path / "cmp", data, preset=TINY.replace(steps=4, eval_interval=2), sample_tokens=0)
     result = compare(base, ("primer_ez", "transformer"))
     assert [row["model"] for row in result["rows"]] == ["primer_ez", "transformer"]
@@ -190,8 +153,8 @@ class _OptimizerSpy(keras.callbacks.Callback):
 
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
-def test_mixed_precision_run(tmp_path, shakespeare_path, precision):
-    data = _corpus(tmp_path, shakespeare_path)
+def test_mixed_precision_run(tmp_path, sample_text_path, precision):
+    data = sample_text_path
     config = _config(tmp_path / precision, data, precision=precision,
                      preset=TINY.replace(steps=2, eval_interval=2))
     if precision == "mixed_float16" and keras.backend.backend() == "jax":
@@ -211,3 +174,68 @@ def test_mixed_precision_run(tmp_path, shakespeare_path, precision):
     assert lm.backbone.dtype_policy.name == precision
     assert {v.dtype for v in lm.backbone.weights} == {"float32"}  # float32 master weights
     assert lm.backbone.compute_dtype == precision.split("_")[1]
+
+
+# ----- the pipeline's stages, one at a time -----
+
+
+@pytest.mark.tensorflow_only
+def test_run_definition_keys_on_content_and_diff_names_each_change(tmp_path, sample_text_path):
+    from keras_primer.training.driver import definition_diff, locate_corpus, run_definition
+
+    config = _config(tmp_path / "run", sample_text_path)
+    corpus = locate_corpus(config)
+    (name, size, sha), = corpus.fingerprint
+    assert name == "sonnets.txt" and size == os.path.getsize(sample_text_path) and len(sha) == 64
+    definition = run_definition(config, TINY, corpus)
+    assert definition["data"]["files"] == [[name, sha]]
+    # A copy elsewhere is the same data; a changed seed and schedule are not the same run.
+    copy = tmp_path / "elsewhere" / "sonnets.txt"
+    copy.parent.mkdir()
+    copy.write_bytes(open(sample_text_path, "rb").read())
+    moved = run_definition(_config(tmp_path / "run", str(copy)), TINY, locate_corpus(_config(tmp_path, str(copy))))
+    assert definition_diff(definition, moved) == []
+    other = run_definition(_config(tmp_path / "run", sample_text_path, seed=2),
+                           TINY.replace(warmup_steps=3), corpus)
+    assert definition_diff(definition, other) == ["schedule.warmup_steps: 2 -> 3", "seed: 0 -> 2"]
+
+
+@pytest.mark.tensorflow_only
+def test_reconcile_run_fresh_same_extended(tmp_path):
+    from keras_primer.training.driver import reconcile_run
+
+    notes = []
+    definition = {"model": "primer_ez", "seed": 0}
+    reconcile_run(str(tmp_path), definition, 10, None, say=notes.append)
+    assert json.load(open(tmp_path / "run.json"))["steps"] == 10
+    reconcile_run(str(tmp_path), definition, 10, 10, say=notes.append)
+    assert notes == []
+    record = reconcile_run(str(tmp_path), definition, 20, 10, say=notes.append)
+    assert record["steps"] == 20 and "extending the run from 10 to 20 steps" in notes[0]
+    with pytest.raises(ValueError, match=r"seed: 0 -> 1.*another --out.*--fine-tune"):
+        reconcile_run(str(tmp_path), dict(definition, seed=1), 20, 10)
+
+
+@pytest.mark.tensorflow_only
+def test_missing_optional_packages_are_said_once_and_the_run_finishes(
+    tmp_path, sample_text_path, monkeypatch, capsys
+):
+    from keras_primer.training import driver
+
+    monkeypatch.setattr(driver, "_installed", lambda package: False)
+    summary = train(_config(tmp_path / "run", sample_text_path, tensorboard=True, sample_tokens=0,
+                            preset=TINY.replace(steps=2, eval_interval=2)))
+    err = capsys.readouterr().err
+    assert err.count("will skip") == 1
+    assert "learning_curve.png (matplotlib is not installed)" in err and "TensorBoard" in err
+    assert summary["files"]["learning_curve"] is None and summary["steps"] == 2
+    assert not (tmp_path / "run" / "learning_curve.png").exists()
+    assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+@pytest.mark.tensorflow_only
+def test_library_train_refuses_another_backend_than_the_running_one(tmp_path, sample_text_path):
+    other = "jax" if keras.backend.backend() != "jax" else "torch"
+    with pytest.raises(ValueError, match=rf"runs Keras on '{keras.backend.backend()}', not '{other}'"):
+        train(_config(tmp_path / "run", sample_text_path, backend=other))
+    assert not (tmp_path / "run").exists()

@@ -13,6 +13,7 @@ from keras_primer.data.pipeline import (
     TokenSplits,
     WindowDataset,
     bits_per_character,
+    content_fingerprint,
     encode_corpus,
     load_splits,
     make_windows,

@@ -13,6 +13,7 @@ for a window of `L = sequence_length` ids at offset `o`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -49,15 +50,30 @@ class TokenSplits:
         return len(self.val) / max(self.val_chars, 1)
 
 
-def _fingerprint(files: list[str]) -> list:
-    return [[f, os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
+def content_fingerprint(files: list[str]) -> list:
+    """`[path, bytes, sha256]` per file: what the token cache is keyed on.
+
+    Content, not modification times: a file rewritten within the same second
+    with the same size still gets a new key.
+    """
+    out = []
+    for name in files:
+        digest = hashlib.sha256()
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        out.append([name, os.path.getsize(name), digest.hexdigest()])
+    return out
 
 
-def encode_corpus(path: str, codec, cache_dir: str, chunk_chars: int = 1 << 20) -> dict:
+def encode_corpus(
+    path: str, codec, cache_dir: str, chunk_chars: int = 1 << 20, fingerprint: list | None = None
+) -> dict:
     """Tokenizes the corpus at `path` into `cache_dir/tokens.bin`, streaming.
 
     Documents (files) are separated by the codec's end id. Reuses an existing
-    `tokens.bin` when the files and the codec are unchanged.
+    `tokens.bin` when the files' contents and the codec are unchanged
+    (`fingerprint`: `content_fingerprint(files)` when the caller has it).
 
     Returns:
         The metadata dict written to `cache_dir/tokens.json`: `num_tokens`,
@@ -68,7 +84,9 @@ def encode_corpus(path: str, codec, cache_dir: str, chunk_chars: int = 1 << 20) 
     os.makedirs(cache_dir, exist_ok=True)
     bin_path = os.path.join(cache_dir, "tokens.bin")
     meta_path = os.path.join(cache_dir, "tokens.json")
-    fingerprint = _fingerprint(files)
+    fingerprint = [[f, *rest] for f, (_, *rest) in zip(files, fingerprint)] if fingerprint else (
+        content_fingerprint(files)
+    )
     if os.path.exists(meta_path) and os.path.exists(bin_path):
         with open(meta_path) as f:
             meta = json.load(f)
@@ -97,8 +115,9 @@ def encode_corpus(path: str, codec, cache_dir: str, chunk_chars: int = 1 << 20) 
         "codec": codec.describe(),
         "files": fingerprint,
     }
-    with open(meta_path, "w") as f:
+    with open(meta_path + ".tmp", "w") as f:
         json.dump(meta, f)
+    os.replace(meta_path + ".tmp", meta_path)
     return meta
 
 
@@ -115,6 +134,7 @@ def load_splits(
     cache_dir: str,
     sequence_length: int,
     val_fraction: float = 0.1,
+    fingerprint: list | None = None,
 ) -> TokenSplits:
     """Tokenizes (or reuses) the corpus and splits it into train and validation.
 
@@ -124,6 +144,7 @@ def load_splits(
         cache_dir: Where `tokens.bin` lives.
         sequence_length: Ids per training window.
         val_fraction: Share of the corpus (its end) held out, in (0, 0.5].
+        fingerprint: The files' content fingerprint, if already computed.
 
     Raises:
         DataFileError: The corpus is missing or empty, or either split holds
@@ -134,7 +155,7 @@ def load_splits(
         raise ValueError(f"`val_fraction` must be in (0, 0.5]. Received: {val_fraction}.")
     if sequence_length < 2:
         raise ValueError(f"`sequence_length` must be at least 2. Received: {sequence_length}.")
-    meta = encode_corpus(path, codec, cache_dir)
+    meta = encode_corpus(path, codec, cache_dir, fingerprint=fingerprint)
     n = meta["num_tokens"]
     if n == 0:
         raise DataFileError(f"The corpus at {path} encodes to no tokens.")

@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 
 import keras
 import numpy as np
 from keras_hub.tokenizers import SentencePieceTokenizer
+
+from keras_primer_runtime.run_config import MIN_SENTENCEPIECE_VOCABULARY
 
 PAD_ID, UNK_ID, START_ID, END_ID = 0, 1, 2, 3
 
@@ -117,6 +120,36 @@ class SentencePieceCodec:
         }
 
 
+def _iter_lines(files: list[str]):
+    """The corpus line by line (without line ends), file after file."""
+    for name in files:
+        with open(name, encoding="utf-8", errors="replace", newline="") as f:
+            for line in f:
+                yield line.rstrip("\r\n")
+
+
+def _vocabulary_error(message: str, vocabulary_size: int, num_files: int) -> str:
+    """SentencePiece's vocabulary errors as the size that would work."""
+    too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_small:
+        return (
+            f"A SentencePiece vocabulary of {vocabulary_size} is too small for this corpus: "
+            f"its characters and the special and byte pieces need at least "
+            f"{too_small.group(2)}. Pass --vocab-size {too_small.group(2)} or more."
+        )
+    too_large = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    if too_large:
+        return (
+            f"A SentencePiece vocabulary of {vocabulary_size} is too large for this corpus: "
+            f"it has at most {too_large.group(2)} distinct pieces. Pass --vocab-size "
+            f"{too_large.group(2)} or less, or use more text."
+        )
+    return (
+        f"SentencePiece could not train a {vocabulary_size}-piece model on {num_files} "
+        f"file(s): {message.strip()}"
+    )
+
+
 def train_sentencepiece(
     files: list[str],
     vocabulary_size: int,
@@ -142,14 +175,14 @@ def train_sentencepiece(
         seed: Sampling seed.
 
     Raises:
-        ValueError: `vocabulary_size` is too small, or SentencePiece cannot
-            reach it on this corpus (the message says so; pick a smaller one).
+        ValueError: `vocabulary_size` is below 300, or too small or too large
+            for this corpus (the message gives the size that works).
     """
     import sentencepiece as spm
 
-    if vocabulary_size < 300:
+    if vocabulary_size < MIN_SENTENCEPIECE_VOCABULARY:
         raise ValueError(
-            f"`vocabulary_size` must be at least 300 (4 special pieces, 256 byte "
+            f"`vocabulary_size` must be at least {MIN_SENTENCEPIECE_VOCABULARY} (4 special pieces, 256 byte "
             f"fallbacks and some merges). Received: {vocabulary_size}."
         )
     if model_type not in ("bpe", "unigram"):
@@ -157,8 +190,10 @@ def train_sentencepiece(
     spm.set_random_generator_seed(seed)
     writer = io.BytesIO()
     try:
+        # Lines through an iterator, not `input=",".join(files)`: a comma in
+        # a path would split it in two.
         spm.SentencePieceTrainer.train(
-            input=",".join(files),
+            sentence_iterator=_iter_lines(files),
             model_writer=writer,
             vocab_size=vocabulary_size,
             model_type=model_type,
@@ -183,10 +218,7 @@ def train_sentencepiece(
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise ValueError(
-            f"SentencePiece could not train a {vocabulary_size}-piece model on "
-            f"{len(files)} file(s): {e}. Use a smaller `vocabulary_size` or more text."
-        ) from e
+        raise ValueError(_vocabulary_error(str(e), vocabulary_size, len(files))) from None
     proto = writer.getvalue()
     if model_path:
         os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)

@@ -1,13 +1,14 @@
-"""Callbacks of a training run: step-exact backups and a step/time/throughput log."""
+"""Callbacks of a training run: checkpoints and history, and a step/time/throughput log."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 
 import keras
+import numpy as np
+
+from keras_primer.training.run_dir import fault_point
 
 
 def sync_state(model) -> None:
@@ -37,71 +38,170 @@ class Clock:
         return self.offset + time.perf_counter() - self.start
 
 
-class StepBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` that resumes at the exact optimizer step.
+def model_state(model) -> list:
+    """Every variable of `model` and of its optimizer, in a fixed order.
 
-    Keras' callback restores the weights (optimizer state included) but
-    restarts the interrupted epoch from its first batch. This one records the
-    global step (and the run's wall time) with every backup; the driver calls
-    `restore()` before `fit()` and feeds the batches from that step on, so a
-    run killed mid-epoch loses only the steps after its last backup and sees
-    exactly the batches an uninterrupted run would. The backup is kept after
-    training (`delete_checkpoint=False`) so a finished run can be extended
-    with more `--steps`.
+    The model's variables include the seed-generator states (dropout's RNG),
+    so a restored run draws the same random numbers as an uninterrupted one.
+    """
+    return list(model.variables) + list(model.optimizer.variables)
+
+
+def read_state(model) -> list[np.ndarray]:
+    """The values of `model_state(model)` as NumPy arrays (synced on JAX first)."""
+    sync_state(model)
+    return [np.asarray(keras.ops.convert_to_numpy(v.value)) for v in model_state(model)]
+
+
+def write_state(model, arrays: list[np.ndarray], source: str) -> None:
+    """Assigns `arrays` (from `read_state`) back to `model_state(model)`.
+
+    Raises:
+        ValueError: The arrays do not fit the variables (another model or
+            optimizer); `source` names the file in the message.
+    """
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    variables = model_state(model)
+    mismatch = len(variables) != len(arrays) or next(
+        (f"{v.path}: {tuple(v.shape)} {v.dtype} vs {a.shape} {a.dtype}"
+         for v, a in zip(variables, arrays)
+         if tuple(v.shape) != a.shape or np.dtype(v.dtype) != a.dtype),
+        None,
+    )
+    if mismatch:
+        detail = mismatch if isinstance(mismatch, str) else f"{len(arrays)} arrays for {len(variables)} variables"
+        raise ValueError(
+            f"Checkpoint {source} does not fit this model and optimizer ({detail}). "
+            "Use the settings it was written with, or another --out."
+        )
+    for variable, array in zip(variables, arrays):
+        variable.assign(array)
+
+
+def step_seeder(seed: int):
+    """A function that makes step `s`'s global random draws a function of `(seed, s)`, or None.
+
+    On PyTorch, Keras draws unseeded dropout (a `Dropout` without `seed`)
+    from torch's global generator, which data loaders also advance; seeding
+    it per step makes a resumed run draw what an uninterrupted one does.
+    The other backends use seed-generator variables, which checkpoints hold.
+    """
+    if keras.backend.backend() != "torch":
+        return None
+    import torch
+
+    def reseed(step: int) -> None:
+        torch.manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63))
+
+    return reseed
+
+
+class RunRecorder(keras.callbacks.Callback):
+    """Commits checkpoints, keeps the history, saves `best.keras`, stops on NaN.
+
+    * At every multiple of `checkpoint_interval` and at the last step, the
+      whole training state and the history rows so far are committed in one
+      atomic file (`commit(step, rows)`); at a step that is also an
+      evaluation point, after its row.
+    * At every evaluation the row goes into the history and `history.csv`
+      is rewritten (atomically); a new lowest `val_loss` saves `best.keras`
+      (atomically).
+    * A loss that is not finite stops training (`nan_step` says where) and
+      nothing more is committed, so the last checkpoint is the last good one.
+
+    A row's training `loss` is the mean over the batches run in its epoch
+    since the last (re)start; the validation columns do not depend on it.
+
+    Put it after `TrainingLog` (which adds `step` and the other columns).
 
     Args:
-        backup_dir: Folder of the backup (used by nothing else).
-        save_freq: Back up every this many batches.
-        clock: A `Clock` whose reading is saved as `wall_time`.
+        commit: `commit(step, rows)`: writes a checkpoint; returns False
+            (and writes nothing) when the state is not finite.
+        write_history: `write_history(rows)`: the history view.
+        save_best: `save_best()`: writes `best.keras`.
+        rows: History rows already committed (a resumed run).
+        start_step: The step training starts from.
+        total_steps: The last step.
+        checkpoint_interval: Steps between checkpoints.
+        eval_interval: Steps between evaluations (epoch ends).
+        reseed: `reseed(step)` before each step (`step_seeder`), or None.
     """
 
-    def __init__(self, backup_dir: str, save_freq: int, clock: Clock | None = None):
-        super().__init__(backup_dir, save_freq=int(save_freq), delete_checkpoint=False)
-        self.clock = clock or Clock()
+    def __init__(self, commit, write_history, save_best, rows, start_step, total_steps,
+                 checkpoint_interval, eval_interval, reseed=None):
+        super().__init__()
+        self.reseed = reseed
+        self.commit = commit
+        self.write_history = write_history
+        self.save_best = save_best
+        self.rows = list(rows)
+        self.step = int(start_step)
+        self.total_steps = int(total_steps)
+        self.checkpoint_interval = int(checkpoint_interval)
+        self.eval_interval = int(eval_interval)
+        self.nan_step = None
+        losses = [r["val_loss"] for r in self.rows if _finite(r.get("val_loss"))]
+        self.best = min(losses) if losses else math.inf
 
-    def on_train_begin(self, logs=None):
-        # The driver restores before fit (it must know the step to pick the data).
-        pass
+    def _is_epoch_end(self, step: int) -> bool:
+        return step % self.eval_interval == 0 or step == self.total_steps
 
-    def read_metadata(self) -> dict | None:
-        """The saved `{"step", "epoch", "wall_time"}`, or None without a backup."""
-        if not (os.path.exists(self._weights_path) and os.path.exists(self._training_metadata_path)):
-            return None
-        with open(self._training_metadata_path) as f:
-            return json.load(f)
+    def _due(self, step: int) -> bool:
+        return step % self.checkpoint_interval == 0 or step == self.total_steps
 
-    def restore(self, model) -> dict | None:
-        """Loads the backup into `model` (built, compiled); returns its metadata."""
-        metadata = self.read_metadata()
-        if metadata is None:
-            return None
-        if not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
-        model.load_weights(self._weights_path)
-        step = optimizer_step(model)
-        if step != metadata.get("step", step):
-            raise ValueError(
-                f"Backup in {self.backup_dir} is inconsistent: metadata says step "
-                f"{metadata['step']}, the optimizer says {step}."
-            )
-        return metadata
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.reseed is not None:
+            self.reseed(self.step + 1)
 
-    def _save_model(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        sync_state(self.model)
-        self.model.save_weights(filepath=self._weights_path + ".tmp.weights.h5", overwrite=True)
-        os.replace(self._weights_path + ".tmp.weights.h5", self._weights_path)
-        metadata = {
-            "step": optimizer_step(self.model),
-            "epoch": self._current_epoch,
-            "wall_time": self.clock(),
-        }
-        with open(self._training_metadata_path + ".tmp", "w") as f:
-            json.dump(metadata, f)
-        os.replace(self._training_metadata_path + ".tmp", self._training_metadata_path)
+    def on_train_batch_end(self, batch, logs=None):
+        if self.nan_step is not None:
+            return
+        self.step += 1
+        if logs and "loss" in logs and not _finite(logs["loss"]):
+            self.nan_step = self.step
+            self.model.stop_training = True
+            return
+        if self._due(self.step) and not self._is_epoch_end(self.step):
+            self._commit()
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._current_epoch = epoch
+    def on_epoch_end(self, epoch, logs=None):
+        if self.nan_step is not None or logs is None:
+            return
+        row = {k: _plain(v) for k, v in logs.items()}
+        if not all(_finite(row.get(k)) for k in ("loss", "val_loss") if k in row):
+            self.nan_step = self.step
+            self.model.stop_training = True
+            return
+        self.rows.append(row)
+        self.write_history(self.rows)
+        fault_point(self.step, "after_history")
+        if "val_loss" in row and row["val_loss"] < self.best:
+            self.best = row["val_loss"]
+            self.save_best()
+            fault_point(self.step, "after_best")
+        if self._due(self.step):
+            self._commit()
+
+    def _commit(self):
+        if self.commit(self.step, self.rows) is False:  # the state is not finite
+            self.nan_step = self.step
+            self.model.stop_training = True
+
+
+def _plain(value):
+    try:
+        value = float(keras.ops.convert_to_numpy(value))
+    except (TypeError, ValueError):
+        return value
+    return int(value) if value.is_integer() and abs(value) < 2**53 else value
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 class TrainingLog(keras.callbacks.Callback):

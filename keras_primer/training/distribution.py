@@ -25,8 +25,8 @@ import contextlib
 
 import keras
 
-KINDS = ("none", "data_parallel", "model_parallel", "mirrored")
-JAX_KINDS = ("data_parallel", "model_parallel")
+from keras_primer_runtime.run_config import DISTRIBUTIONS as KINDS
+from keras_primer_runtime.run_config import JAX_DISTRIBUTIONS as JAX_KINDS
 
 
 def initialize_multi_host(

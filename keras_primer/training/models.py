@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-MODELS = ("primer_ez", "transformer", "feedback")
+from keras_primer_runtime.run_config import MODELS
 
 
 def build_backbone(model: str, preset, vocabulary_size: int, dtype=None):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 
@@ -23,20 +22,6 @@ def read_history(path: str) -> list[dict]:
                     parsed[key] = value
             rows.append(parsed)
     return rows
-
-
-def truncate_history(path: str, max_step: int) -> None:
-    """Drops rows logged after `max_step` (they are redone after a resume)."""
-    if not os.path.exists(path):
-        return
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames
-        rows = [r for r in reader if float(r.get("step") or 0) <= max_step]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot_learning_curve(history: list[dict], path: str, title: str = "") -> str | None:
@@ -94,7 +79,7 @@ def generate_text(lm, prompt: str, num_tokens: int, window: int | None = None) -
 
 
 def write_json(path: str, data: dict) -> None:
-    """`data` as indented JSON (NaN written as null)."""
+    """`data` as indented JSON (NaN written as null), written atomically."""
 
     def clean(value):
         if isinstance(value, float) and not math.isfinite(value):
@@ -105,6 +90,6 @@ def write_json(path: str, data: dict) -> None:
             return [clean(v) for v in value]
         return value
 
-    with open(path, "w") as f:
-        json.dump(clean(data), f, indent=2)
-        f.write("\n")
+    from keras_primer.training.run_dir import write_json_atomic
+
+    write_json_atomic(path, clean(data))

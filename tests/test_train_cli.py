@@ -1,0 +1,159 @@
+"""`keras-primer train`'s front end: flags declared once, checked before any work,
+answered without importing a framework; errors as one line with exit code 2."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from keras_primer_runtime.run_config import (
+    PRESETS,
+    RunConfig,
+    build_train_parser,
+    config_from_args,
+)
+from keras_primer_runtime.train_cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sonnets.txt")
+HEAVY = ("keras", "tensorflow", "jax", "torch", "keras_primer")
+
+
+def _framework_free(argv: list[str]) -> subprocess.CompletedProcess:
+    """Runs `main(argv)` in a bare interpreter and reports what it imported."""
+    script = textwrap.dedent(f"""
+        import sys
+        from keras_primer_runtime.train_cli import main
+        try:
+            status = main({argv!r})
+        except SystemExit as e:
+            status = e.code
+        heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
+        print("STATUS", status, "HEAVY", heavy, file=sys.stderr)
+    """)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("KERAS_BACKEND", None)
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+
+
+@pytest.mark.tensorflow_only
+def test_help_needs_no_framework():
+    result = _framework_free(["--help"])
+    assert "STATUS 0 HEAVY []" in result.stderr, result.stderr
+    assert "--vocab-size VOCAB_SIZE" in result.stdout and "--fine-tune" in result.stdout
+    assert "nanoGPT shakespeare_char" in result.stdout  # preset descriptions
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--learning-rate", "nan"], "--learning-rate must be a finite number. Received: nan."),
+        (["--learning-rate", "0"], "--learning-rate must be in (0.0, inf)"),
+        (["--prompt", ""], "A sample prompt must be a non-empty string. Received: ''."),
+        (["--steps", "0"], "--steps must be at least 1. Received: 0."),
+        (["--dropout", "1"], "--dropout must be in [0.0, 1.0)"),
+        (["--val-fraction", "0.7"], "--val-fraction must be in (0.0, 0.5]"),
+        (["--sample-tokens", "-1"], "--sample-tokens must be 0 or more"),
+        (["--tokenizer", "sentencepiece", "--vocab-size", "100"], "--vocab-size must be at least 300"),
+        (["--data", "/no/such/corpus.txt"], "--data /no/such/corpus.txt does not exist"),
+        (["--distribution", "mirrored", "--backend", "jax"], "mirrored (tf.distribute) needs the TensorFlow backend"),
+        (["--distribution", "data_parallel", "--backend", "torch"], "needs the JAX backend"),
+        (["--multi-host"], "--multi-host (keras.distribution.initialize) needs --distribution"),
+    ],
+)
+def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, flags, message):
+    # Issue 11: `--prompt ""` used to be refused after the whole training run;
+    # issue 6: `--learning-rate nan` trained to NaN and exited 0.
+    out = tmp_path / "run"
+    result = _framework_free(["--out", str(out), *flags])
+    assert "STATUS 2 HEAVY []" in result.stderr, result.stderr
+    lines = [l for l in result.stderr.splitlines() if not l.startswith("STATUS")]
+    assert lines == [f"keras-primer train: error: {lines[0].split('error: ', 1)[1]}"]
+    assert message in lines[0]
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.tensorflow_only
+def test_parser_is_derived_from_run_config():
+    parser = build_train_parser()
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    assert set(flags) == set(fields)  # one flag per field, no other
+    for name, f in fields.items():
+        assert flags[name].help.startswith(f.metadata["help"]), name
+    # Defaults: parsing just --out gives RunConfig's own defaults.
+    parsed = config_from_args(parser.parse_args(["--out", "o"]))
+    assert parsed == RunConfig(out="o")
+    assert set(flags["preset"].choices) == set(PRESETS)
+    assert set(flags["precision"].choices) == {"float32", "mixed_bfloat16", "mixed_float16"}
+    parsed = config_from_args(parser.parse_args(
+        ["--out", "o", "--prompt", "a", "--prompt", "b", "--no-download", "--jit-compile", "false"]))
+    assert parsed.prompts == ["a", "b"] and parsed.download is False and parsed.jit_compile is False
+
+
+@pytest.mark.tensorflow_only
+def test_backend_flag_takes_effect_without_a_second_interpreter(tmp_path):
+    (tmp_path / "small.txt").write_text("too small for one window")
+    script = textwrap.dedent(f"""
+        import os, sys
+        from keras_primer_runtime.train_cli import main
+        status = main(["--out", {str(tmp_path / 'o')!r}, "--data", {str(tmp_path / 'small.txt')!r},
+                       "--backend", "torch", "--sample-tokens", "0"])
+        import keras
+        print("STATUS", status, keras.backend.backend(), os.getpid(), file=sys.stderr)
+    """)
+    env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="tensorflow")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=ROOT)
+    assert "too small" in result.stderr, result.stderr[-3000:]
+    assert "STATUS 2 torch" in result.stderr, result.stderr[-3000:]
+    assert "oneDNN custom operations" not in result.stderr  # backend logs quiet
+
+
+def test_expected_failures_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    # Issue 9: OSError and ImportError surfaced as tracebacks.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["--out", str(blocker / "run"), "--data", SAMPLE, "--sample-tokens", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a_file" in err and "--debug" in err
+
+    from keras_primer.training import driver
+
+    def missing(config):
+        raise ModuleNotFoundError("No module named 'sentencepiece'")
+
+    monkeypatch.setattr(driver, "locate_corpus", missing)
+    argv = ["--out", str(tmp_path / "run"), "--data", SAMPLE, "--sample-tokens", "0"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        "keras-primer train: error: No module named 'sentencepiece'")
+    with pytest.raises(ModuleNotFoundError):
+        main(argv + ["--debug"])
+
+
+def test_damaged_checkpoint_is_one_line_with_the_fix(tmp_path, capsys):
+    from keras_primer.training import driver
+    from keras_primer.training.run_dir import CheckpointStore, write_json_atomic
+
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--data", SAMPLE, "--sample-tokens", "0", "--steps", "4",
+            "--sequence-length", "16", "--batch-size", "2"]
+    config = config_from_args(build_train_parser().parse_args(argv))
+    preset = driver.resolve_preset(config)
+    definition = driver.run_definition(config, preset, driver.locate_corpus(config))
+    write_json_atomic(str(out / "run.json"), {"definition": definition, "steps": 4, "changes": []})
+    store = CheckpointStore(str(out / "checkpoints"))
+    store.commit(4, [], {"history": []})
+    with open(store.path(4), "r+b") as f:
+        f.truncate(40)
+    status = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert status == 2, err
+    assert len(err.splitlines()) == 1
+    assert "step-00000004.npz is damaged or truncated" in err and "delete it" in err
