@@ -6,7 +6,7 @@
 
 import sys
 
-from keras_primer.export.command import main
+from keras_primer_runtime.export_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,4 +25,9 @@ from keras_primer.models.primer import (
 # Registers the SentencePiece tokenizer, so `.keras` files that use it load.
 from keras_primer.data.tokenizers import PrimerSentencePieceTokenizer
 
+# Registers what a compiled `.keras` file written by `keras-primer train`
+# references beyond the models: the optimizer and its learning-rate schedule.
+# Without it, `keras.saving.load_model` fails with "Could not locate class 'AdamW'".
+import keras_primer.training.optimizer  # noqa: E402, F401  (registration only)
+
 __version__ = "0.1.0"
