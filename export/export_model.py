@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Thin entry point: same as `keras-primer export MODEL.keras --out DIR ...`.
 
-    python export/export_model.py model.keras --out exported --name primer --version 1 --int8
+python export/export_model.py model.keras --out exported --name primer --version 1 --int8
 """
 
 import sys

@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         from keras_primer_runtime.export_cli import main as export_main
 
         return export_main(rest)
-    print(f"keras-primer: error: unknown command {command!r} (choose train or export)\n", file=sys.stderr)
+    print(
+        f"keras-primer: error: unknown command {command!r} (choose train or export)\n",
+        file=sys.stderr,
+    )
     print(USAGE, file=sys.stderr)
     return 2
 

@@ -70,12 +70,23 @@ class ExportPlan:
 
     def argv(self) -> list[str]:
         """The `keras-primer export` arguments that make this plan."""
-        argv = [self.model_path, "--out", self.out_dir, "--name", self.name,
-                "--version", str(self.version)]
+        argv = [
+            self.model_path,
+            "--out",
+            self.out_dir,
+            "--name",
+            self.name,
+            "--version",
+            str(self.version),
+        ]
         if self.max_new_tokens is not None:
             argv += ["--max-new-tokens", str(self.max_new_tokens)]
-        flags = {"--int8": self.int8, "--no-onnx": not self.onnx,
-                 "--no-saved-model": not self.saved_model, "--overwrite": self.overwrite}
+        flags = {
+            "--int8": self.int8,
+            "--no-onnx": not self.onnx,
+            "--no-saved-model": not self.saved_model,
+            "--overwrite": self.overwrite,
+        }
         return argv + [flag for flag, on in flags.items() if on]
 
 
@@ -92,18 +103,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", help="path to the .keras file")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--name", default=None,
-                        help="TF Serving model name: letters, digits, '_', '-', '.', starting "
-                             "with a letter or digit (default: from the file name)")
-    parser.add_argument("--version", type=int, default=1, help="TF Serving version, >= 1 (default 1)")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="new tokens of the `generate` signature (default: 32, or fewer "
-                             "when the model's max_sequence_length needs it)")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="TF Serving model name: letters, digits, '_', '-', '.', starting "
+        "with a letter or digit (default: from the file name)",
+    )
+    parser.add_argument(
+        "--version", type=int, default=1, help="TF Serving version, >= 1 (default 1)"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="new tokens of the `generate` signature (default: 32, or fewer "
+        "when the model's max_sequence_length needs it)",
+    )
     parser.add_argument("--int8", action="store_true", help="also write int8-quantized ONNX models")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX files")
     parser.add_argument("--no-saved-model", action="store_true", help="skip the SavedModel")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing OUT/serving/NAME/VERSION and OUT/onnx")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing OUT/serving/NAME/VERSION and OUT/onnx",
+    )
     parser.add_argument("--json", action="store_true", help="print the written paths as JSON")
     parser.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up logs")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
@@ -164,9 +187,17 @@ def _non_empty_dir(path: str) -> bool:
     return os.path.isdir(path) and bool(os.listdir(path))
 
 
-def plan_export(model_path: str, out_dir: str, name: str | None = None, version: int = 1,
-                max_new_tokens: int | None = None, int8: bool = False, saved_model: bool = True,
-                onnx: bool = True, overwrite: bool = False) -> ExportPlan:
+def plan_export(
+    model_path: str,
+    out_dir: str,
+    name: str | None = None,
+    version: int = 1,
+    max_new_tokens: int | None = None,
+    int8: bool = False,
+    saved_model: bool = True,
+    onnx: bool = True,
+    overwrite: bool = False,
+) -> ExportPlan:
     """Checks everything that can be checked without loading the model.
 
     Raises `ExportError` (one line: the file and the fix) on a missing or
@@ -175,42 +206,67 @@ def plan_export(model_path: str, out_dir: str, name: str | None = None, version:
     optional package. Nothing is written.
     """
     if not saved_model and not onnx:
-        raise ExportError("--no-saved-model and --no-onnx leave nothing to export: drop one of them.")
+        raise ExportError(
+            "--no-saved-model and --no-onnx leave nothing to export: drop one of them."
+        )
     if not os.path.isfile(model_path):
-        raise ExportError(f"No model file at {model_path}: pass the .keras file written by "
-                          "`keras-primer train` (OUT/model.keras) or by `model.save(...)`.")
+        raise ExportError(
+            f"No model file at {model_path}: pass the .keras file written by "
+            "`keras-primer train` (OUT/model.keras) or by `model.save(...)`."
+        )
     if not zipfile.is_zipfile(model_path):
-        raise ExportError(f"{model_path} is not a .keras file (not a zip archive): pass a file "
-                          "written by `keras-primer train` or `model.save('....keras')`.")
+        raise ExportError(
+            f"{model_path} is not a .keras file (not a zip archive): pass a file "
+            "written by `keras-primer train` or `model.save('....keras')`."
+        )
     name = validate_name(name if name is not None else default_name(model_path))
     if isinstance(version, bool) or int(version) != version or version < 1:
-        raise ExportError(f"--version must be an integer >= 1 (a TF Serving version folder). "
-                          f"Received: {version}")
+        raise ExportError(
+            f"--version must be an integer >= 1 (a TF Serving version folder). Received: {version}"
+        )
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ExportError(f"--max-new-tokens must be at least 1. Received: {max_new_tokens}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ExportError(f"--out {out_dir} is a file: pass a folder.")
-    plan = ExportPlan(os.path.abspath(model_path), os.path.abspath(out_dir), name, int(version),
-                      max_new_tokens, bool(int8), bool(saved_model), bool(onnx), bool(overwrite))
+    plan = ExportPlan(
+        os.path.abspath(model_path),
+        os.path.abspath(out_dir),
+        name,
+        int(version),
+        max_new_tokens,
+        bool(int8),
+        bool(saved_model),
+        bool(onnx),
+        bool(overwrite),
+    )
     for path in (plan.version_dir, plan.models_config, plan.onnx_dir):
         if not _inside(path, plan.out_dir):  # e.g. a symlinked `serving` folder
-            raise ExportError(f"{path} resolves outside --out {plan.out_dir}: remove the link "
-                              "or pick another --out.")
+            raise ExportError(
+                f"{path} resolves outside --out {plan.out_dir}: remove the link "
+                "or pick another --out."
+            )
     if saved_model and os.path.lexists(plan.version_dir) and not overwrite:
-        raise ExportError(f"{plan.version_dir} already exists: pass --overwrite to replace it, "
-                          "or pick another --version.")
+        raise ExportError(
+            f"{plan.version_dir} already exists: pass --overwrite to replace it, "
+            "or pick another --version."
+        )
     if onnx and _non_empty_dir(plan.onnx_dir) and not overwrite:
-        raise ExportError(f"{plan.onnx_dir} already holds an ONNX export: pass --overwrite to "
-                          "replace it, --no-onnx to keep it, or another --out.")
+        raise ExportError(
+            f"{plan.onnx_dir} already holds an ONNX export: pass --overwrite to "
+            "replace it, --no-onnx to keep it, or another --out."
+        )
     if missing := missing_packages(saved_model, onnx):
         packages = ", ".join(sorted({p for p, _ in missing}))
         extras = ",".join(sorted({e for _, e in missing}))
         skip = " or ".join(
-            flag for flag, extra in (("--no-saved-model", "serving"), ("--no-onnx", "onnx"))
+            flag
+            for flag, extra in (("--no-saved-model", "serving"), ("--no-onnx", "onnx"))
             if any(e == extra for _, e in missing)
         )
-        raise ExportError(f"{packages} not installed: pip install 'keras-primer[{extras}]' "
-                          f"(or pass {skip}). Nothing was written.")
+        raise ExportError(
+            f"{packages} not installed: pip install 'keras-primer[{extras}]' "
+            f"(or pass {skip}). Nothing was written."
+        )
     if saved_model and os.path.exists(plan.models_config):
         with open(plan.models_config) as f:
             read_models_config(f.read(), plan.models_config)
@@ -226,8 +282,10 @@ def read_models_config(text: str, path: str = "models.config"):
     try:
         text_format.Parse(text, config)
     except text_format.ParseError as error:
-        raise ExportError(f"{path} is not a TF Serving model config ({error}): fix it or move "
-                          "it away, then export again.") from None
+        raise ExportError(
+            f"{path} is not a TF Serving model config ({error}): fix it or move "
+            "it away, then export again."
+        ) from None
     return config
 
 
@@ -289,8 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     quiet_backend_logs(args.verbose)
     try:
         plan = plan_export(
-            args.model, args.out, args.name, args.version, args.max_new_tokens, int8=args.int8,
-            saved_model=not args.no_saved_model, onnx=not args.no_onnx, overwrite=args.overwrite,
+            args.model,
+            args.out,
+            args.name,
+            args.version,
+            args.max_new_tokens,
+            int8=args.int8,
+            saved_model=not args.no_saved_model,
+            onnx=not args.no_onnx,
+            overwrite=args.overwrite,
         )
         # The export runs under TensorFlow whatever trained the model; choosing it
         # here, before Keras is imported, saves a second interpreter.

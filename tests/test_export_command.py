@@ -66,20 +66,28 @@ def _run(capsys, *argv):
 
 
 def _tree(root):
-    return sorted(os.path.relpath(os.path.join(d, f), root)
-                  for d, dirs, files in os.walk(root) for f in files + dirs)
+    return sorted(
+        os.path.relpath(os.path.join(d, f), root)
+        for d, dirs, files in os.walk(root)
+        for f in files + dirs
+    )
 
 
 def test_versions_and_models_are_merged_not_overwritten(model_path, fakes, tmp_path, capsys):
     out = tmp_path / "out"
     assert _run(capsys, model_path, "--out", out, "--name", "tiny")[0] == 0
-    assert _run(capsys, model_path, "--out", out, "--name", "tiny", "--version", 2, "--no-onnx")[0] == 0
+    assert (
+        _run(capsys, model_path, "--out", out, "--name", "tiny", "--version", 2, "--no-onnx")[0]
+        == 0
+    )
     status, stdout, _ = _run(capsys, model_path, "--out", out, "--name", "other", "--no-onnx")
     assert status == 0 and str(out / "serving" / "other" / "1") in stdout
     assert sorted(os.listdir(out / "serving" / "tiny")) == ["1", "2"]
     config = export_cli.read_models_config((out / "serving" / "models.config").read_text())
     assert [(c.name, c.base_path) for c in config.model_config_list.config] == [
-        ("tiny", "/models/tiny"), ("other", "/models/other")]
+        ("tiny", "/models/tiny"),
+        ("other", "/models/other"),
+    ]
     assert sorted(os.listdir(out)) == ["onnx", "serving"]  # no temporary folder left
 
 
@@ -103,7 +111,9 @@ def test_failed_export_leaves_output_as_it_was(model_path, fakes, tmp_path, caps
     before = {p: (out / p).read_bytes() for p in _tree(out) if (out / p).is_file()}
     fakes["fail"] = where
     # --overwrite: the old ONNX files must survive a failed replacement too.
-    status, _, err = _run(capsys, model_path, "--out", out, "--name", "m", "--version", 2, "--overwrite")
+    status, _, err = _run(
+        capsys, model_path, "--out", out, "--name", "m", "--version", 2, "--overwrite"
+    )
     assert status == 2 and err.count("\n") == 1, err
     assert ("No space left" in err) if where == "saved_model" else ("tf2onnx" in err)
     after = {p: (out / p).read_bytes() for p in _tree(out) if (out / p).is_file()}
@@ -113,8 +123,9 @@ def test_failed_export_leaves_output_as_it_was(model_path, fakes, tmp_path, caps
     assert status == 2 and not (tmp_path / "fresh").exists()
 
 
-@pytest.mark.parametrize("name", ["../../x", "/abs", "a/b", ".hidden", "..", "a b", 'q"x', "v1:predict",
-                                  "x" * 129, ""])
+@pytest.mark.parametrize(
+    "name", ["../../x", "/abs", "a/b", ".hidden", "..", "a b", 'q"x', "v1:predict", "x" * 129, ""]
+)
 def test_bad_model_names_are_refused_before_writing(model_path, fakes, tmp_path, capsys, name):
     status, _, err = _run(capsys, model_path, "--out", tmp_path / "out", "--name", name)
     assert status == 2 and "is not a TF Serving model name" in err and err.count("\n") == 1
@@ -132,13 +143,17 @@ def test_symlink_out_of_out_is_refused(model_path, fakes, tmp_path, capsys):
     assert not os.listdir(tmp_path / "elsewhere")
 
 
-@pytest.mark.parametrize("module,package,extra,flag", [
-    ("tensorflow_serving", "tensorflow-serving-api", "serving", "--no-saved-model"),
-    ("tf2onnx", "tf2onnx", "onnx", "--no-onnx"),
-    ("onnxruntime", "onnxruntime", "onnx", "--no-onnx"),
-])
-def test_missing_optional_package_is_found_before_writing(model_path, fakes, tmp_path, capsys,
-                                                          monkeypatch, module, package, extra, flag):
+@pytest.mark.parametrize(
+    "module,package,extra,flag",
+    [
+        ("tensorflow_serving", "tensorflow-serving-api", "serving", "--no-saved-model"),
+        ("tf2onnx", "tf2onnx", "onnx", "--no-onnx"),
+        ("onnxruntime", "onnxruntime", "onnx", "--no-onnx"),
+    ],
+)
+def test_missing_optional_package_is_found_before_writing(
+    model_path, fakes, tmp_path, capsys, monkeypatch, module, package, extra, flag
+):
     monkeypatch.setitem(__import__("sys").modules, module, None)  # find_spec -> None
     status, _, err = _run(capsys, model_path, "--out", tmp_path / "out")
     assert status == 2 and err.count("\n") == 1
@@ -175,8 +190,10 @@ def test_bad_inputs_are_one_line_with_exit_2(model_path, fakes, tmp_path, capsys
 
 
 def test_models_config_merge_escapes_and_keeps_entries():
-    existing = ('model_config_list { config { name: "old" base_path: "/srv/old" '
-                'model_platform: "tensorflow" model_version_policy { all {} } } }')
+    existing = (
+        'model_config_list { config { name: "old" base_path: "/srv/old" '
+        'model_platform: "tensorflow" model_version_policy { all {} } } }'
+    )
     new = 'model_config_list { config { name: "a\\"b" base_path: "/models/a\\"b" model_platform: "tensorflow" } }'
     merged = export_cli.merge_models_config(existing, new)
     again = export_cli.merge_models_config(merged, new)

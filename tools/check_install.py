@@ -55,18 +55,36 @@ INSTALLS = (
 
 # Distributions that install the `tensorflow` / `onnxruntime` top-level module.
 TENSORFLOW_PROVIDERS = {
-    "tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflow-intel", "tensorflow-macos",
-    "tensorflow-aarch64", "tensorflow-cpu-aws", "tf-nightly", "tf-nightly-cpu",
+    "tensorflow",
+    "tensorflow-cpu",
+    "tensorflow-gpu",
+    "tensorflow-intel",
+    "tensorflow-macos",
+    "tensorflow-aarch64",
+    "tensorflow-cpu-aws",
+    "tf-nightly",
+    "tf-nightly-cpu",
 }
 ORT_PROVIDERS = {
-    "onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
-    "onnxruntime-qnn", "onnxruntime-training", "ort-nightly", "ort-nightly-gpu",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-directml",
+    "onnxruntime-openvino",
+    "onnxruntime-qnn",
+    "onnxruntime-training",
+    "ort-nightly",
+    "ort-nightly-gpu",
 }
 # CUDA 13 renamed NVIDIA's wheels without a `-cuXX` suffix; these carry the CUDA major
 # in their own version number (nvidia-cufft does not, so it is not listed).
 UNSUFFIXED_CUDA = {
-    "nvidia-cuda-runtime", "nvidia-cuda-nvrtc", "nvidia-cuda-cupti", "nvidia-cuda-nvcc",
-    "nvidia-cublas", "nvidia-nvjitlink", "cuda-toolkit",
+    "nvidia-cuda-runtime",
+    "nvidia-cuda-nvrtc",
+    "nvidia-cuda-cupti",
+    "nvidia-cuda-nvcc",
+    "nvidia-cublas",
+    "nvidia-nvjitlink",
+    "cuda-toolkit",
 }
 
 
@@ -82,7 +100,9 @@ def requirements(extras: str, pyproject: str = os.path.join(ROOT, "pyproject.tom
     reqs = list(project["dependencies"])
     for extra in filter(None, extras.split(",")):
         if extra not in optional:
-            raise SystemExit(f"check_install: pyproject.toml has no extra {extra!r}; it has {sorted(optional)}")
+            raise SystemExit(
+                f"check_install: pyproject.toml has no extra {extra!r}; it has {sorted(optional)}"
+            )
         reqs += optional[extra]
     return reqs
 
@@ -117,14 +137,18 @@ def problems(names_versions: dict[str, str]) -> list[str]:
     found = []
     tf = sorted(TENSORFLOW_PROVIDERS & names_versions.keys())
     if len(tf) != 1:
-        found.append(f"{len(tf)} distributions provide the `tensorflow` module: {tf} (need exactly one)")
+        found.append(
+            f"{len(tf)} distributions provide the `tensorflow` module: {tf} (need exactly one)"
+        )
     ort = sorted(ORT_PROVIDERS & names_versions.keys())
     if len(ort) > 1:
         found.append(f"several ONNX Runtime builds that overwrite each other: {ort}")
     majors = cuda_majors(names_versions)
     if len(majors) > 1:
-        found.append("several CUDA majors: " + "; ".join(
-            f"CUDA {m}: {sorted(n)[:4]}" for m, n in sorted(majors.items())))
+        found.append(
+            "several CUDA majors: "
+            + "; ".join(f"CUDA {m}: {sorted(n)[:4]}" for m, n in sorted(majors.items()))
+        )
     return found
 
 
@@ -133,16 +157,33 @@ def resolve(reqs: list[str], timeout: float, python: str = sys.executable) -> di
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "report.json")
         command = [
-            python, "-m", "pip", "--isolated", "--disable-pip-version-check", "install",
-            "--dry-run", "--ignore-installed", "--quiet", "--report", report,
-            "--timeout", "30", "--retries", "1", *reqs,
+            python,
+            "-m",
+            "pip",
+            "--isolated",
+            "--disable-pip-version-check",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            report,
+            "--timeout",
+            "30",
+            "--retries",
+            "1",
+            *reqs,
         ]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"pip did not resolve within {timeout:.0f} s (is PyPI reachable?)") from None
+            raise RuntimeError(
+                f"pip did not resolve within {timeout:.0f} s (is PyPI reachable?)"
+            ) from None
         if result.returncode != 0:
-            raise RuntimeError("pip could not resolve:\n" + (result.stderr or result.stdout)[-3000:])
+            raise RuntimeError(
+                "pip could not resolve:\n" + (result.stderr or result.stdout)[-3000:]
+            )
         with open(report) as f:
             data = json.load(f)
     return {normalize(i["metadata"]["name"]): i["metadata"]["version"] for i in data["install"]}
@@ -159,14 +200,20 @@ def check(extras: str, timeout: float) -> tuple[str, list[str], dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("installs", nargs="*", help="extras sets to check (default: every documented one)")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per resolution (default 300)")
+    parser.add_argument(
+        "installs", nargs="*", help="extras sets to check (default: every documented one)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=300, help="seconds per resolution (default 300)"
+    )
     parser.add_argument("--jobs", type=int, default=4, help="resolutions in parallel (default 4)")
     parser.add_argument("--verbose", action="store_true", help="print every resolved distribution")
     args = parser.parse_args(argv)
     failed = False
     if pins := pinned():
-        print(f"FAIL pyproject.toml pins exact versions (use ranges; pins go in requirements/): {pins}")
+        print(
+            f"FAIL pyproject.toml pins exact versions (use ranges; pins go in requirements/): {pins}"
+        )
         failed = True
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(lambda e: check(e, args.timeout), args.installs or INSTALLS))
@@ -180,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         tf = next(n for n in resolved if n in TENSORFLOW_PROVIDERS)
         ort = [n for n in resolved if n in ORT_PROVIDERS]
         cuda = sorted(cuda_majors(resolved)) or ["none"]
-        print(f"ok   pip install '{spec}': {len(resolved)} distributions, {tf} {resolved[tf]}, "
-              f"ONNX Runtime: {ort[0] + ' ' + resolved[ort[0]] if ort else 'none'}, CUDA: {cuda[0]}")
+        print(
+            f"ok   pip install '{spec}': {len(resolved)} distributions, {tf} {resolved[tf]}, "
+            f"ONNX Runtime: {ort[0] + ' ' + resolved[ort[0]] if ort else 'none'}, CUDA: {cuda[0]}"
+        )
         if args.verbose:
             print("    " + " ".join(f"{n}=={v}" for n, v in sorted(resolved.items())))
     return 1 if failed else 0

@@ -33,9 +33,17 @@ def _backend() -> str:
     return keras.backend.backend()
 
 
-def export_model(model_path: str, out_dir: str, name: str | None = None, version: int = 1,
-                 max_new_tokens: int | None = None, int8: bool = False, saved_model: bool = True,
-                 onnx: bool = True, overwrite: bool = False) -> dict:
+def export_model(
+    model_path: str,
+    out_dir: str,
+    name: str | None = None,
+    version: int = 1,
+    max_new_tokens: int | None = None,
+    int8: bool = False,
+    saved_model: bool = True,
+    onnx: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Exports a `.keras` causal LM to TF Serving and ONNX; returns the written paths.
 
     Writes `out_dir/serving/<name>/<version>/` (SavedModel), merges
@@ -48,14 +56,25 @@ def export_model(model_path: str, out_dir: str, name: str | None = None, version
             (missing file or optional package, bad name, existing output
             without `overwrite`); nothing was written.
     """
-    plan = plan_export(model_path, out_dir, name, version, max_new_tokens, int8=int8,
-                       saved_model=saved_model, onnx=onnx, overwrite=overwrite)
+    plan = plan_export(
+        model_path,
+        out_dir,
+        name,
+        version,
+        max_new_tokens,
+        int8=int8,
+        saved_model=saved_model,
+        onnx=onnx,
+        overwrite=overwrite,
+    )
     if _backend() == "tensorflow":
         return run_export(plan)
     env = dict(os.environ, KERAS_BACKEND="tensorflow")
     result = subprocess.run(
         [sys.executable, "-m", "keras_primer.export", *plan.argv(), "--json"],
-        env=env, capture_output=True, text=True,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if result.returncode == 2 and "error: " in result.stderr:
         raise ExportError(result.stderr.strip().splitlines()[-1].split("error: ", 1)[1])
@@ -84,7 +103,7 @@ def _relocate(value, staged: str, final: str):
     if isinstance(value, dict):
         return {k: _relocate(v, staged, final) for k, v in value.items()}
     if isinstance(value, str) and (value == staged or value.startswith(staged + os.sep)):
-        return final + value[len(staged):]
+        return final + value[len(staged) :]
     return value
 
 
@@ -115,7 +134,11 @@ def run_export(plan: ExportPlan) -> dict:
             from keras_primer.export.saved_model import export_saved_model
 
             staged_version = export_saved_model(
-                model, staged_serving, plan.name, plan.version, default_max_new_tokens=max_new_tokens
+                model,
+                staged_serving,
+                plan.name,
+                plan.version,
+                default_max_new_tokens=max_new_tokens,
             )
             with open(os.path.join(staged_serving, "models.config")) as f:
                 new_entry = f.read()
