@@ -1,14 +1,19 @@
 # Two commands for a fresh machine:
 #   make demo   train a small Primer EZ on Tiny Shakespeare (CPU, a few minutes), save, generate
-#   make test   the full test suite on the TensorFlow, JAX and PyTorch backends
+#   make test   lint, then the full test suite on the TensorFlow, JAX and PyTorch backends
+# (Users install the package with pip instead: see README.md, "Install".)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BACKENDS ?= tensorflow jax torch
+# Files ruff checks (the whole repository; settings in pyproject.toml).
+LINT_PATHS ?= .
+# Public docstring examples run as doctests in the TensorFlow pass.
+DOCTEST_PATHS ?= keras_primer keras_primer_runtime
 # Tests and the demo read Tiny Shakespeare from here when it exists (no download).
 export KERAS_PRIMER_SHAKESPEARE ?= $(wildcard $(CURDIR)/../shared/data/tinyshakespeare.txt)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint check-install test bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,16 +22,27 @@ $(VENV)/.installed: pyproject.toml requirements/test.txt requirements/no-deps.tx
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/test.txt
 	$(PY) -m pip install -q --no-deps -r requirements/no-deps.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 demo: setup
 	$(PY) recipes/demo.py --out runs/demo
 
-test: setup
+# Fast fail: style and lint errors stop `make test` before any test runs.
+lint: setup
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+
+# Resolves every documented `pip install keras-primer[...]` (metadata only, no
+# large downloads) and checks one tensorflow, one ONNX Runtime, one CUDA major.
+check-install: setup
+	$(PY) tools/check_install.py
+
+test: lint check-install
 	@status=0; for backend in $(BACKENDS); do \
 	  echo "=== pytest, KERAS_BACKEND=$$backend ==="; \
-	  KERAS_BACKEND=$$backend $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) || status=1; \
+	  extra=""; if [ $$backend = tensorflow ]; then extra="--doctest-modules $(DOCTEST_PATHS) tests"; fi; \
+	  KERAS_BACKEND=$$backend $(PY) -m pytest -q -p no:cacheprovider $$extra $(PYTEST_ARGS) || status=1; \
 	done; exit $$status
 
 bench: setup

@@ -1,6 +1,13 @@
 """keras-primer: Primer EZ and Feedback Transformer for every Keras backend."""
 
+# Registers what a compiled `.keras` file written by `keras-primer train`
+# references beyond the models: the optimizer and its learning-rate schedule.
+# Without it, `keras.saving.load_model` fails with "Could not locate class 'AdamW'".
+import keras_primer.training.optimizer  # noqa: E402, F401  (registration only)
 from keras_primer.activations import squared_relu
+
+# Registers the SentencePiece tokenizer, so `.keras` files that use it load.
+from keras_primer.data.tokenizers import PrimerSentencePieceTokenizer
 from keras_primer.layers import (
     CausalDepthwiseConv,
     FeedbackAttention,
@@ -21,8 +28,5 @@ from keras_primer.models.primer import (
     PrimerCausalLMPreprocessor,
     PrimerTokenizer,
 )
-
-# Registers the SentencePiece tokenizer, so `.keras` files that use it load.
-from keras_primer.data.tokenizers import PrimerSentencePieceTokenizer
 
 __version__ = "0.1.0"

@@ -318,7 +318,7 @@ def test_export_refuses_existing_version_and_bad_file(exported, capsys):
 
     model_path = str(exported["root"] / "tiny.keras")
     out = str(exported["root"] / "out")
-    assert command.main([model_path, "--out", out, "--name", "tiny", "--version", "3", "--no-onnx"]) == 1
-    assert "already holds a SavedModel" in capsys.readouterr().err
-    assert command.main([str(exported["root"] / "missing.keras"), "--out", out]) == 1
+    assert command.main([model_path, "--out", out, "--name", "tiny", "--version", "3", "--no-onnx"]) == 2
+    assert "already exists: pass --overwrite" in capsys.readouterr().err
+    assert command.main([str(exported["root"] / "missing.keras"), "--out", out]) == 2
     assert "No model file" in capsys.readouterr().err

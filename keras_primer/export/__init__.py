@@ -2,9 +2,14 @@
 
 `export_model("model.keras", "out/")` writes
 
-    out/serving/models.config
+    out/serving/models.config              (merged: one entry per model)
     out/serving/<name>/<version>/          (SavedModel, TF Serving layout)
     out/onnx/model.onnx, decoder_step.onnx, export_config.json (+ int8)
+
+Everything is checked first (model file, name, existing outputs, optional
+packages: `keras_primer_runtime.export_cli.plan_export`), written into a
+temporary folder inside `out`, and moved into place only when complete;
+`overwrite=True` replaces an existing version and ONNX folder.
 
 Whatever backend trained the model, the export runs under the TensorFlow
 backend: in this process when it already uses it, else in a

@@ -2,6 +2,6 @@
 
 import sys
 
-from keras_primer.export.command import main
+from keras_primer_runtime.export_cli import main
 
 sys.exit(main())
