@@ -160,8 +160,8 @@ def filtered_probabilities(logits, options: SamplingOptions) -> np.ndarray:
     rank = np.arange(vocab)[None, :]
     keep = rank < (options.top_k or vocab)
     if options.top_p < 1.0:
-        keep &= (np.cumsum(probs, -1) - probs) < options.top_p
-    keep |= rank == 0
+        keep = keep & ((np.cumsum(probs, -1) - probs) < options.top_p)
+    keep = keep | (rank == 0)
     kept = np.where(keep, probs, 0.0)
     kept = kept / kept.sum(-1, keepdims=True)
     out = np.zeros_like(kept)

@@ -95,3 +95,20 @@ def sample_ids(seed=0):
     padding_mask[1, 7:] = 0  # right padding
     padding_mask[2, :3] = 0  # left padding
     return token_ids, padding_mask
+
+
+# Prepended to scripts run in a fresh interpreter: importing any of
+# `blocked` (or a submodule) raises ImportError, as if it were not installed.
+BLOCK_IMPORTS = r'''
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def __init__(self, names):
+        self.names = names
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.names:
+            raise ImportError(f"{name} is blocked in this test process")
+        return None
+def block_imports(*names):
+    sys.meta_path.insert(0, _Block(set(names)))
+'''
+FRAMEWORKS = ("keras", "keras_hub", "keras_primer", "tensorflow", "tensorflow_text", "tf_keras", "jax", "torch")
