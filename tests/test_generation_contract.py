@@ -189,9 +189,30 @@ try:
     print("tensorflow importable")
 except ImportError:
     pass
-print(sorted(m for m in sys.modules if m.split(".")[0] in {FRAMEWORKS!r}), round(float(probs[0, 1]), 4))
+print(sorted(m for m in sys.modules if m.split(".")[0] in {FRAMEWORKS!r} and sys.modules[m]),
+      round(float(probs[0, 1]), 4))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                             cwd=TESTS_DIR)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["[]", "0.7311"]
+
+
+@pytest.mark.tensorflow_only
+def test_export_refuses_unknown_tokenizer_before_writing(tmp_path):
+    from keras_hub.tokenizers import ByteTokenizer
+
+    from keras_primer.export.onnx_export import export_onnx
+    from keras_primer.export.saved_model import export_saved_model
+    from keras_primer.models.primer.primer_causal_lm_preprocessor import PrimerCausalLMPreprocessor
+
+    lm = make_lm("primer", "bytes")
+    lm.preprocessor = PrimerCausalLMPreprocessor(ByteTokenizer(lowercase=False), sequence_length=8)
+    with pytest.raises(ValueError, match="tokenizer is a ByteTokenizer"):
+        export_saved_model(lm, str(tmp_path / "serving"), "m", 1, default_max_new_tokens=4)
+    with pytest.raises(ValueError, match="tokenizer is a ByteTokenizer"):
+        export_onnx(lm, str(tmp_path / "onnx"))
+    lm.preprocessor = None
+    with pytest.raises(ValueError, match="no preprocessor"):
+        export_onnx(lm, str(tmp_path / "onnx"))
+    assert list(tmp_path.iterdir()) == []

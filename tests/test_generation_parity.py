@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 CASES = [(f, t) for f in ("primer", "feedback") for t in ("bytes", "sentencepiece")]
 PROMPTS = ["Hello", "Hi", "To be, or not"]
-NEW_TOKENS = 5
+NEW_TOKENS = 6
 SAMPLING = dict(temperature=1.0, top_k=8, top_p=0.9, seed=11)
 BAD = [  # (options, expected text)
     (dict(temperature=-1.0), decoding.TEMPERATURE_ERROR),
@@ -35,16 +35,19 @@ BAD = [  # (options, expected text)
 
 SAVED_MODEL_SCRIPT = BLOCK_IMPORTS + r'''
 block_imports("keras", "keras_hub", "keras_primer", "tf_keras", "jax", "torch")
-import json
+import importlib.util, json, os
 import tensorflow as tf
-import tensorflow_text  # registers the SentencePiece ops
-cases, prompts, sampling, bad, out_path = json.loads(sys.argv[1])
+# The SentencePiece kernels alone: `import tensorflow_text` would import Keras
+# (its package imports tf.keras layers), which this process cannot.
+text_dir = importlib.util.find_spec("tensorflow_text").submodule_search_locations[0]
+tf.load_op_library(os.path.join(text_dir, "python", "ops", "_sentencepiece_tokenizer.so"))
+cases, prompts, new_tokens, sampling, bad, out_path = json.loads(sys.argv[1])
 result = {}
 for name, sm_dir in cases.items():
     loaded = tf.saved_model.load(sm_dir)
     greedy = loaded.signatures["generate"](prompts=tf.constant(prompts))["outputs"].numpy()
     options = loaded.signatures["generate_with_options"]
-    def run(temperature=0.0, top_k=0, top_p=1.0, seed=0, max_new_tokens=5):
+    def run(temperature=0.0, top_k=0, top_p=1.0, seed=0, max_new_tokens=new_tokens):
         out = options(prompts=tf.constant(prompts), max_new_tokens=tf.constant(max_new_tokens),
                       temperature=tf.constant(temperature, tf.float32), top_k=tf.constant(top_k),
                       top_p=tf.constant(top_p, tf.float32), seed=tf.constant(seed))
@@ -58,7 +61,8 @@ for name, sm_dir in cases.items():
             errors.append(e.message)
     result[name] = {"greedy": [x.decode("utf-8") for x in greedy], "sampled": [run(**sampling), run(**sampling)],
                     "errors": errors}
-result["modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ("keras", "keras_primer", "jax", "torch"))
+result["modules"] = sorted(m for m in sys.modules
+                           if m.split(".")[0] in ("keras", "keras_primer", "jax", "torch") and sys.modules[m])
 json.dump(result, open(out_path, "w"))
 '''
 
@@ -67,19 +71,19 @@ block_imports(*{FRAMEWORKS!r})
 ''' + r'''
 import json
 from keras_primer_runtime.ort_generator import OrtGenerator
-cases, prompts, sampling, bad, out_path = json.loads(sys.argv[1])
+cases, prompts, new_tokens, sampling, bad, out_path = json.loads(sys.argv[1])
 result = {}
 for name, onnx_dir in cases.items():
     gen = OrtGenerator(onnx_dir, providers=["CPUExecutionProvider"])
     errors = []
     for options in bad:
         try:
-            gen.generate(prompts, 5, **options)
+            gen.generate(prompts, new_tokens, **options)
             errors.append(None)
         except ValueError as e:
             errors.append(str(e))
-    result[name] = {"greedy": gen.generate(prompts, 5),
-                    "sampled": [gen.generate(prompts, 5, **sampling) for _ in range(2)], "errors": errors}
+    result[name] = {"greedy": gen.generate(prompts, new_tokens),
+                    "sampled": [gen.generate(prompts, new_tokens, **sampling) for _ in range(2)], "errors": errors}
 json.dump(result, open(out_path, "w"))
 '''
 
@@ -87,7 +91,7 @@ json.dump(result, open(out_path, "w"))
 def _fresh(script, cases, tmp_path, name):
     out = tmp_path / f"{name}.json"
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    args = json.dumps([cases, PROMPTS, SAMPLING, [b for b, _ in BAD], str(out)])
+    args = json.dumps([cases, PROMPTS, NEW_TOKENS, SAMPLING, [b for b, _ in BAD], str(out)])
     result = subprocess.run([sys.executable, "-c", script, args], capture_output=True, text=True,
                             env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
