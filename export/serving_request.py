@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from keras_primer.export import serving_client as sc
+from keras_primer_runtime import serving_client as sc
 
 
 def main(argv=None):
@@ -25,9 +25,13 @@ def main(argv=None):
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
-    signature, inputs = sc.generate_inputs(
-        args.prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
-    )
+    try:
+        signature, inputs = sc.generate_inputs(
+            args.prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.grpc:
         outputs = sc.predict_grpc(args.grpc, sc.grpc_request(args.model, signature, inputs))
         texts = [x.decode("utf-8") for x in outputs["outputs"]]

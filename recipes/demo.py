@@ -18,7 +18,7 @@ import time
 def export_step(model_path: str, out_dir: str, prompt: str) -> None:
     """Exports the model (TF Serving SavedModel + ONNX) and generates with ONNX Runtime."""
     from keras_primer.export.command import export_model
-    from keras_primer.export.ort_generator import OrtGenerator
+    from keras_primer_runtime.ort_generator import OrtGenerator
 
     export_dir = os.path.join(out_dir, "export")
     if os.path.isdir(export_dir):
@@ -30,9 +30,9 @@ def export_step(model_path: str, out_dir: str, prompt: str) -> None:
     for key, path in written.get("onnx", {}).items():
         print(f"ONNX {key}: {path}")
     generator = OrtGenerator(os.path.join(export_dir, "onnx"))
-    print(f"--- ONNX Runtime (top-k) continuation of {prompt!r} ---")
+    print(f"--- ONNX Runtime (top-k 10) continuation of {prompt!r} ---")
     room = generator.max_sequence_length - len(generator.tokenize(prompt))
-    print(generator.generate([prompt], max_new_tokens=min(120, room), sampler="top_k", seed=0)[0])
+    print(generator.generate([prompt], max_new_tokens=min(120, room), temperature=1.0, top_k=10, seed=0)[0])
 
 
 def main(argv: list[str] | None = None) -> int:

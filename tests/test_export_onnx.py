@@ -35,7 +35,7 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def generator(exported):
-    from keras_primer.export.ort_generator import OrtGenerator
+    from keras_primer_runtime.ort_generator import OrtGenerator
 
     return OrtGenerator(exported["dir"])
 
@@ -43,20 +43,29 @@ def generator(exported):
 def test_files_ir_version_and_dynamic_axes(exported):
     import onnx
 
-    for key in ("model", "decoder_step", "model_int8", "decoder_step_int8", "config"):
+    for key in ("model", "decoder_step", "model_int8", "decoder_step_int8", "config", "tokenizer"):
         assert os.path.exists(exported["onnx"][key]), key
     model = onnx.load(exported["onnx"]["model"])
     assert model.ir_version == 8
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    assert set(dims) == {"token_ids", "padding_mask"}
-    assert all(isinstance(d, str) for d in dims["token_ids"])  # batch and length dynamic
+    assert set(dims) == {"input_ids", "attention_mask"}
+    assert all(isinstance(d, str) for d in dims["input_ids"])  # batch and length dynamic
     step = onnx.load(exported["onnx"]["decoder_step"])
-    assert [i.name for i in step.graph.input] == ["token_ids", "position", "past_key_value", "past_conv"]
-    assert [o.name for o in step.graph.output] == ["logits", "present_key_value", "present_conv"]
-    kv = [d.dim_param or d.dim_value for d in step.graph.input[2].type.tensor_type.shape.dim]
-    assert isinstance(kv[0], str) and isinstance(kv[3], str) and kv[1:3] == [2, 2] and kv[4:] == [2, 8]
+    # Decoder-with-past names: per layer key/value, then the MDHA conv states.
+    past = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert [i.name for i in step.graph.input] == ["input_ids", "cache_position"] + past + [
+        "conv_state.0", "conv_state.1"]
+    assert [o.name for o in step.graph.output] == ["logits"] + present + [
+        "present_conv_state.0", "present_conv_state.1"]
+    key = [d.dim_param or d.dim_value for d in step.graph.input[2].type.tensor_type.shape.dim]
+    assert isinstance(key[0], str) and isinstance(key[1], str) and key[2:] == [2, 8]
+    conv = [d.dim_param or d.dim_value for d in step.graph.input[6].type.tensor_type.shape.dim]
+    assert isinstance(conv[0], str) and conv[1:] == [3, 2, 2, 8]
     config = json.load(open(exported["onnx"]["config"]))
-    assert config["family"] == "primer" and config["states"]["conv"]["shape"] == [-1, 2, 3, 2, 2, 8]
+    assert config["family"] == "primer"
+    assert config["states"][1] == {"name": "conv", "shape": ["batch", 2, 3, 2, 2, 8], "dtype": "float32"}
+    assert config["tokenizer"]["kind"] == "bytes" and config["tokenizer"]["special_ids"] == [0, 2, 3]
 
 
 def test_ort_logits_match_keras(exported, generator):
@@ -83,8 +92,12 @@ def test_decoder_step_matches_call_with_cache(exported, generator):
     np.testing.assert_allclose(ort_logits, keras.ops.convert_to_numpy(logits)[:, -1], atol=1e-4, rtol=0)
     ort_logits, state = generator.step(ids[:, 5:6], 5, state)
     np.testing.assert_allclose(ort_logits, keras.ops.convert_to_numpy(step_logits)[:, -1], atol=1e-4, rtol=0)
-    for name in ("key_value", "conv"):
-        np.testing.assert_allclose(state[name], keras.ops.convert_to_numpy(cache[name]), atol=1e-4, rtol=0)
+    key_value, conv = (keras.ops.convert_to_numpy(cache[n]) for n in ("key_value", "conv"))
+    for layer in range(2):
+        for j, kind in enumerate(("key", "value")):
+            np.testing.assert_allclose(state[f"past_key_values.{layer}.{kind}"].numpy(),
+                                       key_value[:, layer, j], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(state[f"conv_state.{layer}"].numpy(), conv[:, layer], atol=1e-4, rtol=0)
 
 
 def test_ort_greedy_matches_keras_greedy(exported, generator):
@@ -94,17 +107,17 @@ def test_ort_greedy_matches_keras_greedy(exported, generator):
 
 
 def test_sampling_is_seeded(generator):
-    for sampler in ("top_k", "top_p"):
-        a = generator.generate(PROMPTS, max_new_tokens=5, sampler=sampler, top_k=4, top_p=0.8, seed=1)
-        b = generator.generate(PROMPTS, max_new_tokens=5, sampler=sampler, top_k=4, top_p=0.8, seed=1)
+    for options in (dict(top_k=4), dict(top_p=0.8), dict(top_k=4, top_p=0.8)):
+        a = generator.generate(PROMPTS, max_new_tokens=5, temperature=1.0, seed=1, **options)
+        b = generator.generate(PROMPTS, max_new_tokens=5, temperature=1.0, seed=1, **options)
         assert a == b and all(x.startswith(p) for x, p in zip(a, PROMPTS))
-    ids = generator.generate(["Hi"], max_new_tokens=5, sampler="top_k", top_k=1, seed=3, return_token_ids=True)
+    ids = generator.generate(["Hi"], max_new_tokens=5, temperature=1.0, top_k=1, seed=3, return_token_ids=True)
     assert ids == generator.generate(["Hi"], max_new_tokens=5, return_token_ids=True)  # top_k=1 is greedy
 
 
 def test_int8_agreement_is_reported(exported, record_property):
     from keras_primer.export.onnx_export import int8_agreement
-    from keras_primer.export.ort_generator import OrtGenerator
+    from keras_primer_runtime.ort_generator import OrtGenerator
 
     report = int8_agreement(exported["onnx"]["model"], exported["onnx"]["model_int8"],
                             exported["token_ids"], exported["padding_mask"])
@@ -131,17 +144,18 @@ def test_bad_inputs_give_clear_errors(generator):
         generator.logits(np.ones((1, 3), "int32"), np.ones((1, 4), "int32"))
     with pytest.raises(ValueError, match="empty"):
         generator.generate(["ok", ""])
-    with pytest.raises(ValueError, match="must be a string"):
+    with pytest.raises(ValueError, match="list of strings"):
         generator.generate([7])
     with pytest.raises(ValueError, match="max_new_tokens"):
         generator.generate(["ok"], max_new_tokens=40)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generator.generate(["ok"], max_new_tokens=0)
-    with pytest.raises(ValueError, match="sampler"):
-        generator.generate(["ok"], sampler="beam")
+    with pytest.raises(ValueError, match="top_p"):
+        generator.generate(["ok"], temperature=1.0, top_p=0.0)
     state = generator.empty_state(1, 4)
     with pytest.raises(ValueError, match="float32"):
-        generator.step(np.ones((1, 1), "int32"), 0, dict(state, conv=state["conv"].astype("float64")))
+        generator.step(np.ones((1, 1), "int32"), 0,
+                       dict(state, **{"conv_state.0": state["conv_state.0"].astype("float64")}))
     with pytest.raises(ValueError, match="batch"):
         generator.step(np.ones((2, 1), "int32"), 0, state)
 
@@ -149,13 +163,37 @@ def test_bad_inputs_give_clear_errors(generator):
 def test_cuda_provider_preferred_when_available(monkeypatch):
     import onnxruntime
 
-    from keras_primer.export import ort_generator
+    from keras_primer_runtime import ort_generator
 
     monkeypatch.setattr(onnxruntime, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert ort_generator.default_providers()[0] == "CUDAExecutionProvider"
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert ort_generator.default_providers() == ["CPUExecutionProvider"]
+
+
+def test_cuda_requested_but_not_loadable_is_loud(exported, monkeypatch):
+    """Never a silent CPU fallback: missing from this onnxruntime, or offered
+    but dropped by the session (its libraries failed to load)."""
+    import onnxruntime
+
+    from keras_primer_runtime.ort_generator import OrtGenerator
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+            OrtGenerator(exported["dir"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    real = onnxruntime.InferenceSession
+
+    class CpuOnly(real):
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession",
+                        lambda path, providers=None: CpuOnly(path, providers=["CPUExecutionProvider"]))
+    with pytest.raises(RuntimeError, match="could not load"):
+        OrtGenerator(exported["dir"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
 OTHER_BACKEND_SCRIPT = r'''
@@ -190,7 +228,7 @@ def test_model_trained_on_other_backend(backend, where, exported, tmp_path):
     import tensorflow as tf
 
     from keras_primer.export import export_model
-    from keras_primer.export.ort_generator import OrtGenerator
+    from keras_primer_runtime.ort_generator import OrtGenerator
 
     env = dict(os.environ, KERAS_BACKEND=backend)
     result = subprocess.run([sys.executable, "-c", OTHER_BACKEND_SCRIPT, TESTS_DIR, str(tmp_path), where],
@@ -223,7 +261,7 @@ def test_feedback_model_exports(tmp_path):
     import tensorflow as tf
 
     from keras_primer.export import export_model
-    from keras_primer.export.ort_generator import OrtGenerator
+    from keras_primer_runtime.ort_generator import OrtGenerator
     from keras_primer.models.feedback import (
         FeedbackBackbone,
         FeedbackCausalLM,
@@ -240,7 +278,7 @@ def test_feedback_model_exports(tmp_path):
     lm.save(str(tmp_path / "feedback.keras"))
     written = export_model(str(tmp_path / "feedback.keras"), str(tmp_path / "out"), max_new_tokens=4)
     config = json.load(open(written["onnx"]["config"]))
-    assert config["family"] == "feedback" and set(config["states"]) == {"key", "value"}
+    assert config["family"] == "feedback" and [s["name"] for s in config["states"]] == ["key", "value"]
 
     token_ids, padding_mask = sample_ids()
     padding_mask = np.ones_like(padding_mask)

@@ -206,12 +206,16 @@ def test_bad_generate_inputs_give_clear_errors(loaded):
     kwargs = dict(temperature=tf.constant(0.0), top_k=tf.constant(0), top_p=tf.constant(1.0), seed=tf.constant(0))
     with pytest.raises(tf.errors.InvalidArgumentError, match="non-empty string"):
         generate(prompts=tf.constant(["ok", ""]))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="at least one prompt"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="non-empty list of strings"):
         generate(prompts=tf.constant([], tf.string))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="max_new_tokens` must be at least 1"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_new_tokens` must be an integer >= 1"):
         options(prompts=tf.constant(["ok"]), max_new_tokens=tf.constant(0), **kwargs)
     with pytest.raises(tf.errors.InvalidArgumentError, match="max_sequence_length=32"):
         options(prompts=tf.constant(["ok"]), max_new_tokens=tf.constant(40), **kwargs)
+    # Regression (issue 12): near 2**31 the int32 sum wrapped past the check.
+    for huge in (2**31 - 1, 2**31 - 3):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="max_sequence_length=32"):
+            options(prompts=tf.constant(["ok"]), max_new_tokens=tf.constant(huge), **kwargs)
     with pytest.raises(tf.errors.InvalidArgumentError, match="top_p"):
         options(prompts=tf.constant(["ok"]), max_new_tokens=tf.constant(2),
                 **dict(kwargs, top_p=tf.constant(1.5)))
@@ -252,7 +256,7 @@ def test_sampling_options_are_seeded_and_bounded(loaded):
 def test_rest_and_grpc_client_requests(exported, loaded):
     import tensorflow as tf
 
-    from keras_primer.export import serving_client as sc
+    from keras_primer_runtime import serving_client as sc
 
     signature, inputs = sc.generate_inputs(PROMPTS[:2])
     assert signature == "generate"
@@ -277,8 +281,19 @@ def test_rest_and_grpc_client_requests(exported, loaded):
         sc.rest_body(signature, inputs, form="instances")
     with pytest.raises(ValueError, match="empty"):
         sc.generate_inputs(["ok", ""])
-    with pytest.raises(ValueError, match="must be a string"):
+    with pytest.raises(ValueError, match="list of strings"):
         sc.generate_inputs([3])
+    # Regressions (issue 12): the client validates like the signatures.
+    with pytest.raises(ValueError, match="outside int32"):
+        sc.logits_inputs(np.array([[2, 2**40]]))  # astype(int32) made it 0
+    with pytest.raises(ValueError, match="temperature"):
+        sc.generate_inputs(["ok"], temperature=float("nan"))
+    with pytest.raises(ValueError, match="top_p"):
+        sc.generate_inputs(["ok"], top_p=1.5)
+    with pytest.raises(ValueError, match="int32"):
+        sc.generate_inputs(["ok"], max_new_tokens=2**40)
+    with pytest.raises(ValueError, match="http"):
+        sc.predict_rest("file:///etc/passwd", {})
     with pytest.raises(ValueError, match="max_new_tokens"):
         sc.generate_inputs(["ok"], max_new_tokens=0)
     with pytest.raises(ValueError, match="integer array"):

@@ -15,8 +15,9 @@ Whatever backend trained the model, the export runs under the TensorFlow
 backend: in this process when it already uses it, else in a
 `KERAS_BACKEND=tensorflow` subprocess.
 
-Submodules: `saved_model`, `onnx_export` (TensorFlow backend), and
-`ort_generator`, `serving_client` (NumPy + onnxruntime / TF Serving API only).
+Submodules: `saved_model`, `onnx_export` (TensorFlow backend). The runtime
+side (no Keras/TensorFlow) is `keras_primer_runtime.ort_generator` and
+`keras_primer_runtime.serving_client`.
 """
 
 from keras_primer.export.command import export_model

@@ -1,20 +1,24 @@
 """ONNX export through tf2onnx (TensorFlow backend only).
 
-Writes, into one directory:
+Writes, into one directory (the contract is documented in export/README.md):
 
-* `model.onnx`: `token_ids` int32 `[batch, length]` (+ `padding_mask` int32
-  `[batch, length]`) -> `logits` float32 `[batch, length, vocab]`.
-* `decoder_step.onnx`: `token_ids` int32 `[batch, n]` (n = 1 for a decoding
-  step, n = prompt length for the prefill), `position` int32 `[]` (position
-  of `token_ids[:, 0]`), one `past_<state>` input per decoding state (Primer:
-  `past_key_value` `[batch, layers, 2, max_length, heads, head_dim]` and
-  `past_conv` `[batch, layers, 3, kernel_size - 1, heads, head_dim]`)
-  -> `logits` `[batch, vocab]` (of the last of the n tokens) and one
-  `present_<state>` output per state. `max_length` is a dynamic axis: the
-  caller allocates the cache for prompt + new tokens.
-* `export_config.json`: the adapter metadata the ONNX Runtime generator reads.
+* `model.onnx`: `input_ids` int32 `[batch, length]`, `attention_mask` int32
+  `[batch, length]` -> `logits` float32 `[batch, length, vocab]`.
+* `decoder_step.onnx`: `input_ids` int32 `[batch, n]` (n = 1 for a decoding
+  step, n = prompt length for the prefill), `cache_position` int32 `[]`
+  (position of `input_ids[:, 0]`, the same for every row), and the decoding
+  state as named tensors (`state_tensors`): `past_key_values.N.key` /
+  `past_key_values.N.value` `[batch, max_length, heads, head_dim]` per
+  layer (Primer) or per memory group (Feedback), and for Primer EZ the MDHA
+  convolution state `conv_state.N` `[batch, 3, kernel_size - 1, heads,
+  head_dim]` -> `logits` `[batch, vocab]` (of the last of the n tokens) and
+  `present.N.key` / `present.N.value` / `present_conv_state.N`.
+  `max_length` is a dynamic axis: the caller allocates the cache for
+  prompt + new tokens.
+* `export_config.json`: family, sizes, tokenizer description, state tensors.
+* `tokenizer.json` (+ `tokenizer.model`, the SentencePiece proto).
 * optionally `model.int8.onnx` and `decoder_step.int8.onnx` (dynamic int8
-  quantization of the weights with `onnxruntime.quantization`).
+  quantization of the MatMul weights, per channel, `onnxruntime.quantization`).
 
 The models use opset 17 and IR version 8, which onnxruntime 1.30 loads.
 """
@@ -30,6 +34,58 @@ from keras_primer.export.adapters import get_adapter
 OPSET = 17
 IR_VERSION = 8
 CONFIG_FILE = "export_config.json"
+
+
+def state_tensors(specs):
+    """The ONNX tensors of the model-described states, in graph order.
+
+    Each entry: `state` (name of the model's state), `index` (the leading
+    indices after the batch axis that select this tensor), `past`/`present`
+    (ONNX names) and `shape` (with `"batch"`/`"max_length"` symbols).
+    """
+    out = []
+    for spec in specs:
+        shape = list(spec.shape)
+        if spec.name == "key_value":  # [batch, layers, 2, max_length, heads, dim]
+            for layer in range(shape[1]):
+                for j, kind in enumerate(("key", "value")):
+                    out.append(dict(state=spec.name, index=[layer, j], shape=[shape[0]] + shape[3:],
+                                    past=f"past_key_values.{layer}.{kind}", present=f"present.{layer}.{kind}"))
+        elif spec.name == "conv":  # [batch, layers, 3, kernel - 1, heads, dim]
+            for layer in range(shape[1]):
+                out.append(dict(state=spec.name, index=[layer], shape=[shape[0]] + shape[2:],
+                                past=f"conv_state.{layer}", present=f"present_conv_state.{layer}"))
+        elif spec.name in ("key", "value"):  # [batch, max_length, groups, heads, dim]
+            for group in range(shape[2]):
+                out.append(dict(state=spec.name, index=[None, group], shape=shape[:2] + shape[3:],
+                                past=f"past_key_values.{group}.{spec.name}",
+                                present=f"present.{group}.{spec.name}"))
+        else:
+            raise ValueError(f"No ONNX naming for decoding state {spec.name!r}.")
+    for entry in out:
+        entry["dtype"] = "float32"
+    return out
+
+
+def _select(x, index):
+    # Last axis first, so that dropping an axis does not move the earlier ones.
+    for axis in reversed(range(len(index))):
+        if index[axis] is not None:
+            x = tf.gather(x, index[axis], axis=axis + 1)
+    return x
+
+
+def _split_state(name, value, tensors):
+    return [_select(value, t["index"]) for t in tensors if t["state"] == name]
+
+
+def _stack_state(spec, parts):
+    if spec.name == "key_value":
+        layers = spec.shape[1]
+        return tf.stack([tf.stack(parts[2 * i : 2 * i + 2], axis=1) for i in range(layers)], axis=1)
+    if spec.name == "conv":
+        return tf.stack(parts, axis=1)
+    return tf.stack(parts, axis=2)  # key / value: [batch, max_length, groups, ...]
 
 
 def _convert(function, input_signature, output_names, path):
@@ -62,42 +118,50 @@ def _convert(function, input_signature, output_names, path):
 def build_functions(model):
     """The TF functions converted to ONNX: full logits and one decoder step."""
     adapter = get_adapter(model)
+    tensors = state_tensors(adapter.state_specs)
 
-    def logits_fn(token_ids, padding_mask):
-        return {"logits": tf.cast(adapter.logits(token_ids, padding_mask), tf.float32)}
+    def logits_fn(input_ids, attention_mask):
+        return {"logits": tf.cast(adapter.logits(input_ids, attention_mask), tf.float32)}
 
     logits_signature = [
-        tf.TensorSpec([None, None], tf.int32, name="token_ids"),
-        tf.TensorSpec([None, None], tf.int32, name="padding_mask"),
+        tf.TensorSpec([None, None], tf.int32, name="input_ids"),
+        tf.TensorSpec([None, None], tf.int32, name="attention_mask"),
     ]
-    specs = adapter.state_specs(None)
-    names = list(adapter.state_names)
 
-    def step_fn(token_ids, position, *states):
-        state = dict(zip(names, states))
-        logits, next_state = adapter.step(token_ids, state, position)
+    def step_fn(input_ids, cache_position, *pasts):
+        state = {}
+        for spec in adapter.state_specs:
+            parts = [p for p, t in zip(pasts, tensors) if t["state"] == spec.name]
+            state[spec.name] = _stack_state(spec, parts)
+        logits, next_state = adapter.step(input_ids, state, cache_position)
         outputs = [tf.cast(logits[:, -1], tf.float32)]
-        outputs += [tf.cast(next_state[n], tf.float32) for n in names]
+        for spec in adapter.state_specs:
+            outputs += [tf.cast(x, tf.float32) for x in _split_state(spec.name, next_state[spec.name], tensors)]
         return outputs
 
     step_signature = [
-        tf.TensorSpec([None, None], tf.int32, name="token_ids"),
-        tf.TensorSpec([], tf.int32, name="position"),
-    ] + [tf.TensorSpec(specs[n][0], tf.float32, name=f"past_{n}") for n in names]
-    step_output_names = ["logits"] + [f"present_{n}" for n in names]
+        tf.TensorSpec([None, None], tf.int32, name="input_ids"),
+        tf.TensorSpec([], tf.int32, name="cache_position"),
+    ] + [
+        tf.TensorSpec([d if isinstance(d, int) else None for d in t["shape"]], tf.float32, name=t["past"])
+        for t in tensors
+    ]
+    step_output_names = ["logits"] + [t["present"] for t in tensors]
     return (
         adapter,
+        tensors,
         (tf.function(logits_fn, jit_compile=False, autograph=False), logits_signature, ["logits"]),
         (tf.function(step_fn, jit_compile=False, autograph=False), step_signature, step_output_names),
     )
 
 
 def quantize_int8(src, dst):
-    """Dynamic int8 quantization of the weights (MatMul/Gather...)."""
+    """Dynamic int8 quantization of the MatMul weights, per output channel
+    (activations quantized on the fly by ORT's `DynamicQuantizeMatMul`)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
     proto = onnx.load(dst)
     proto.ir_version = max(IR_VERSION, min(proto.ir_version, 10))
     onnx.save(proto, dst)
@@ -105,7 +169,9 @@ def quantize_int8(src, dst):
 
 
 def export_onnx(model, out_dir, int8=False):
-    """Writes `model.onnx`, `decoder_step.onnx` (+ int8 copies) and the config.
+    """Writes `model.onnx`, `decoder_step.onnx` (+ int8 copies), the config
+    and the tokenizer files. Nothing is written for a model (or tokenizer)
+    that cannot be exported.
 
     Returns a dict of the written paths.
     """
@@ -113,8 +179,8 @@ def export_onnx(model, out_dir, int8=False):
 
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError("ONNX export runs under the TensorFlow backend (tf2onnx).")
+    adapter, tensors, logits_parts, step_parts = build_functions(model)
     os.makedirs(out_dir, exist_ok=True)
-    adapter, logits_parts, step_parts = build_functions(model)
     paths = {
         "model": _convert(*logits_parts, os.path.join(out_dir, "model.onnx")),
         "decoder_step": _convert(*step_parts, os.path.join(out_dir, "decoder_step.onnx")),
@@ -129,9 +195,11 @@ def export_onnx(model, out_dir, int8=False):
         opset=OPSET,
         ir_version=IR_VERSION,
         files={k: os.path.basename(v) for k, v in paths.items()},
-        step_inputs=["token_ids", "position"] + [f"past_{n}" for n in adapter.state_names],
-        step_outputs=["logits"] + [f"present_{n}" for n in adapter.state_names],
+        step_io={"input_ids": "input_ids", "cache_position": "cache_position", "logits": "logits"},
+        state_tensors=tensors,
     )
+    adapter.tokenizer.save(out_dir, adapter.proto)
+    paths["tokenizer"] = os.path.join(out_dir, "tokenizer.json")
     paths["config"] = os.path.join(out_dir, CONFIG_FILE)
     with open(paths["config"], "w") as f:
         json.dump(config, f, indent=2)
@@ -145,12 +213,12 @@ def int8_agreement(fp32_path, int8_path, token_ids, padding_mask=None):
     token_ids = np.asarray(token_ids, np.int32)
     if padding_mask is None:
         padding_mask = np.ones_like(token_ids)
-    feeds = {"token_ids": token_ids, "padding_mask": np.asarray(padding_mask, np.int32)}
+    feeds = {"input_ids": token_ids, "attention_mask": np.asarray(padding_mask, np.int32)}
     results = []
     for path in (fp32_path, int8_path):
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         results.append(session.run(["logits"], feeds)[0])
-    mask = feeds["padding_mask"].astype(bool)
+    mask = feeds["attention_mask"].astype(bool)
     agree = (results[0].argmax(-1) == results[1].argmax(-1))[mask]
     return {
         "next_token_agreement": float(agree.mean()),

@@ -6,49 +6,72 @@
       models.config                       # TF Serving model config
       <name>/<version>/saved_model.pb     # signatures below, float32 weights
       <name>/<version>/variables/
+      <name>/<version>/assets/tokenizer.model        (SentencePiece models)
       <name>/<version>/assets.extra/tf_serving_warmup_requests
+      <name>/<version>/assets.extra/keras_primer.json (tokenizer, states)
 
-Signatures (all traced with `jit_compile=False`, core TensorFlow ops only):
+Signatures (all traced with `jit_compile=False`):
 
 * `serving_default`: `token_ids` int32 `[batch, length]`, `padding_mask`
   int32 `[batch, length]` -> `logits` float32 `[batch, length, vocab]`.
 * `generate`: `prompts` string `[batch]` -> `outputs` (prompt + completion,
-  special tokens removed, as `CausalLM.generate` returns) and `completions`
-  (the new text only), greedy, `default_max_new_tokens` new tokens at most.
+  special tokens removed, as `CausalLM.generate` returns), `completions`
+  (the new text only) and `num_new_tokens`, greedy,
+  `default_max_new_tokens` new tokens at most.
 * `generate_with_options`: `prompts`, `max_new_tokens` int32 `[]`,
   `temperature` float32 `[]` (0 = greedy), `top_k` int32 `[]` (0 = off),
   `top_p` float32 `[]` (1 = off), `seed` int32 `[]`; same outputs.
 
 TF Serving requires every input of a signature in each request, so the
 optional inputs live in a second signature instead of being optional.
-Byte tokenization and detokenization happen in the graph (`bytes_split`,
+The meaning of the options, their checks and error texts come from
+`keras_primer_runtime.decoding`; the next-token distribution from
+`keras_primer.generation.filtered_probabilities`, as in Keras `generate`.
+Tokenization happens in the graph: byte models with core ops (`bytes_split`,
 `decode_raw`, a 256-entry byte table, `reduce_join`, `unicode_transcode`),
-and the decoding loop is a `tf.while_loop` over the fixed-shape cache.
+SentencePiece models with tensorflow-text's three SentencePiece ops
+(`SENTENCEPIECE_OPS`; the op holds the proto as a node attribute, and a copy
+is the SavedModel asset `assets/tokenizer.model`).
 """
 
 import json
 import os
+import tempfile
 
 import tensorflow as tf
 
 from keras_primer.export.adapters import get_adapter
+from keras_primer.generation import filtered_probabilities
+from keras_primer_runtime import decoding
 
 FORBIDDEN_OPS = ("PyFunc", "EagerPyFunc", "PyFuncStateless", "_XlaCompile", "_XlaRun", "XlaLaunch")
+#: The only non-core ops a SavedModel may hold (SentencePiece models only).
+SENTENCEPIECE_OPS = ("SentencepieceOp", "SentencepieceTokenizeOp", "SentencepieceDetokenizeOp")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
-NEG_INF = -1e9
+METADATA_FILE = os.path.join("assets.extra", "keras_primer.json")
 
 
 def _byte_table():
     return tf.constant([bytes([i]) for i in range(256)])
 
 
-class GenerationGraph:
-    """The TensorFlow functions behind the signatures, for one adapter."""
+def _assert(condition, message):
+    return tf.debugging.Assert(condition, [message])
 
-    def __init__(self, adapter, default_max_new_tokens=32):
+
+class GenerationGraph:
+    """The TensorFlow functions behind the signatures, for one adapter.
+
+    `sentencepiece` is a `tensorflow_text.SentencepieceTokenizer` for
+    SentencePiece models (None for byte models).
+    """
+
+    def __init__(self, adapter, default_max_new_tokens=32, sentencepiece=None):
         self.adapter = adapter
-        limit = adapter.max_sequence_length - (2 if adapter.add_start_token else 1)
-        if not 1 <= default_max_new_tokens <= limit:
+        self.spec = adapter.tokenizer
+        self.sentencepiece = sentencepiece
+        limit = adapter.max_sequence_length - (2 if self.spec.add_start_token else 1)
+        if isinstance(default_max_new_tokens, bool) or not 1 <= int(default_max_new_tokens) <= limit:
             raise ValueError(
                 f"`default_max_new_tokens` must be between 1 and {limit} for a model "
                 f"with max_sequence_length={adapter.max_sequence_length}. "
@@ -84,88 +107,74 @@ class GenerationGraph:
 
     # === generate ===
     def tokenize(self, prompts):
-        a = self.adapter
-        pieces = tf.strings.bytes_split(prompts)
-        ids = tf.ragged.map_flat_values(tf.io.decode_raw, pieces, tf.uint8)
-        ids = tf.cast(tf.squeeze(ids, -1), tf.int32)
-        if a.add_start_token:
-            starts = tf.RaggedTensor.from_tensor(tf.fill([tf.shape(prompts)[0], 1], a.start_id))
+        if self.sentencepiece is not None:
+            ids = tf.cast(self.sentencepiece.tokenize(prompts), tf.int32)
+        else:
+            pieces = tf.strings.bytes_split(prompts)
+            ids = tf.ragged.map_flat_values(tf.io.decode_raw, pieces, tf.uint8)
+            ids = tf.cast(tf.squeeze(ids, -1), tf.int32)
+        if self.spec.add_start_token:
+            starts = tf.RaggedTensor.from_tensor(tf.fill([tf.shape(prompts)[0], 1], self.spec.start_id))
             ids = tf.concat([starts, ids], axis=1)
         return ids
 
     def detokenize(self, token_ids, keep):
-        pieces = tf.gather(_byte_table(), tf.ragged.boolean_mask(token_ids, keep))
-        text = tf.strings.reduce_join(pieces, axis=-1)
+        ids = tf.ragged.boolean_mask(token_ids, keep)
+        if self.sentencepiece is not None:
+            return self.sentencepiece.detokenize(ids)
+        text = tf.strings.reduce_join(tf.gather(_byte_table(), ids), axis=-1)
         return tf.strings.unicode_transcode(
             text, "UTF-8", "UTF-8", errors="replace", replacement_char=65533
         )
 
+    @staticmethod
+    def option_checks(temperature, top_k, top_p, seed):
+        """The contract's option checks as graph asserts (same texts)."""
+        finite = lambda x: tf.reduce_all(tf.math.is_finite(x))  # noqa: E731
+        return [
+            _assert(tf.logical_and(finite(temperature), temperature >= 0), decoding.TEMPERATURE_ERROR),
+            _assert(top_k >= 0, decoding.TOP_K_ERROR),
+            _assert(tf.logical_and(top_p > 0, top_p <= 1), decoding.TOP_P_ERROR),
+            _assert(seed >= 0, decoding.SEED_ERROR),
+        ]
+
     def choose(self, logits, options, step):
         """Next ids from `[batch, vocab]` logits: greedy or sampled."""
         logits = tf.cast(logits, tf.float32)
-        vocab = self.adapter.vocabulary_size
-        sorted_logits, sorted_ids = tf.math.top_k(logits, k=vocab)
-        greedy = sorted_ids[:, 0]
+        greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
         if options is None:
             return greedy
         temperature, top_k, top_p, seed = options
-        scaled = sorted_logits / tf.maximum(temperature, 1e-6)
-        probabilities = tf.nn.softmax(scaled, axis=-1)
-        mass_before = tf.cumsum(probabilities, axis=-1, exclusive=True)
-        rank = tf.range(vocab)[None, :]
-        k = tf.where(top_k > 0, top_k, vocab)
-        keep = tf.logical_and(rank < k, mass_before < top_p)
-        keep = tf.logical_or(keep, tf.equal(rank, 0))
-        masked = tf.where(keep, scaled, NEG_INF)
+        probabilities = filtered_probabilities(logits, tf.maximum(temperature, 1e-6), top_k, top_p)
         choice = tf.random.stateless_categorical(
-            masked, 1, seed=tf.stack([seed, step]), dtype=tf.int32
+            tf.math.log(probabilities), 1, seed=tf.stack([seed, step]), dtype=tf.int32
         )
-        sampled = tf.gather(sorted_ids, choice[:, 0], batch_dims=1)
-        return tf.where(temperature > 0, sampled, greedy)
+        return tf.where(temperature > 0, choice[:, 0], greedy)
 
     def generate(self, prompts, max_new_tokens, options=None):
-        a = self.adapter
+        a, spec = self.adapter, self.spec
         prompts = tf.convert_to_tensor(prompts)
-        max_new_tokens = tf.cast(max_new_tokens, tf.int32)
-        byte_lengths = tf.strings.length(prompts, unit="BYTE")
-        extra = 1 if a.add_start_token else 0
         checks = [
             tf.debugging.assert_equal(tf.rank(prompts), 1, message="`prompts` must be a 1-D batch of strings."),
-            tf.debugging.assert_positive(tf.size(prompts), message="`prompts` is empty: send at least one prompt."),
-            tf.debugging.assert_positive(
-                byte_lengths, message="Every prompt must be a non-empty string (a prompt is empty)."
-            ),
-            tf.debugging.assert_greater_equal(
-                max_new_tokens, 1, message="`max_new_tokens` must be at least 1."
-            ),
-            tf.debugging.assert_less_equal(
-                byte_lengths + extra + max_new_tokens,
-                a.max_sequence_length,
-                message=(
-                    "Prompt bytes + start token + `max_new_tokens` exceed the model's "
-                    f"max_sequence_length={a.max_sequence_length}: shorten the prompt or "
-                    "lower `max_new_tokens`."
-                ),
-            ),
+            _assert(tf.size(prompts) > 0, decoding.PROMPTS_ERROR),
+            _assert(tf.reduce_all(tf.strings.length(prompts, unit="BYTE") > 0), decoding.EMPTY_PROMPT_ERROR),
+            _assert(max_new_tokens >= 1, decoding.MAX_NEW_TOKENS_ERROR),
         ]
         if options is not None:
-            temperature, top_k, top_p, _ = options
-            checks += [
-                tf.debugging.assert_non_negative(temperature, message="`temperature` must be >= 0 (0 = greedy)."),
-                tf.debugging.assert_non_negative(top_k, message="`top_k` must be >= 0 (0 = off)."),
-                tf.debugging.assert_positive(top_p, message="`top_p` must be in (0, 1]."),
-                tf.debugging.assert_less_equal(top_p, 1.0, message="`top_p` must be in (0, 1]."),
-            ]
+            checks += self.option_checks(*options)
         with tf.control_dependencies(checks):
             prompts = tf.identity(prompts)
-            max_new_tokens = tf.identity(max_new_tokens)
-
         ids = self.tokenize(prompts)
-        lengths = tf.cast(ids.row_lengths(), tf.int32)
+        # int64: `max_new_tokens` near 2**31 must not wrap around.
+        needed = ids.row_lengths() + tf.cast(max_new_tokens, tf.int64)
+        length_error = decoding.LENGTH_ERROR.format(max_sequence_length=a.max_sequence_length)
+        with tf.control_dependencies([_assert(tf.reduce_all(needed <= a.max_sequence_length), length_error)]):
+            lengths = tf.cast(ids.row_lengths(), tf.int32)
+            max_new_tokens = tf.identity(tf.cast(max_new_tokens, tf.int32))
         batch_size = tf.shape(lengths)[0]
         total = tf.reduce_max(lengths) + max_new_tokens
-        tokens = ids.to_tensor(default_value=a.pad_id)
-        tokens = tf.pad(tokens, [[0, 0], [0, max_new_tokens]], constant_values=a.pad_id)
+        tokens = ids.to_tensor(default_value=spec.pad_id)
+        tokens = tf.pad(tokens, [[0, 0], [0, max_new_tokens]], constant_values=spec.pad_id)
         limits = lengths + max_new_tokens
         start = tf.reduce_min(lengths)
 
@@ -183,7 +192,7 @@ class GenerationGraph:
             prompt_token = tf.gather(tokens, p, axis=1)
             chosen = tf.where(in_prompt, prompt_token, chosen)
             tokens = tf.where(tf.equal(positions, p), chosen[:, None], tokens)
-            ended = tf.logical_and(tf.logical_not(in_prompt), tf.equal(chosen, a.end_id))
+            ended = tf.logical_and(tf.logical_not(in_prompt), tf.equal(chosen, spec.end_id))
             done = done | ended | (p + 1 >= limits)
             logits, state = a.step(chosen[:, None], state, p)
             return p + 1, tokens, state, logits[:, -1], done
@@ -198,10 +207,10 @@ class GenerationGraph:
 
         valid = positions < limits[:, None]
         generated = positions >= lengths[:, None]
-        ends = tf.cast(generated & valid & tf.equal(tokens, a.end_id), tf.int32)
+        ends = tf.cast(generated & valid & tf.equal(tokens, spec.end_id), tf.int32)
         after_end = (tf.cumsum(ends, axis=1) - ends) > 0
         keep = valid & tf.logical_not(after_end)
-        for special in sorted({a.start_id, a.end_id, a.pad_id}):
+        for special in spec.special_ids:
             keep = keep & tf.not_equal(tokens, special)
         return {
             "outputs": self.detokenize(tokens, keep),
@@ -223,8 +232,14 @@ def build_module(model, default_max_new_tokens=32):
             "which start a KERAS_BACKEND=tensorflow subprocess when needed."
         )
     adapter = get_adapter(model)
-    graph = GenerationGraph(adapter, default_max_new_tokens)
     module = tf.Module()
+    sentencepiece = None
+    if adapter.tokenizer.kind == "sentencepiece":
+        import tensorflow_text
+
+        sentencepiece = tensorflow_text.SentencepieceTokenizer(model=adapter.proto, out_type=tf.int32)
+        module.sentencepiece = sentencepiece  # tracks the op's resource
+    graph = GenerationGraph(adapter, default_max_new_tokens, sentencepiece)
 
 
     @tf.function(
@@ -282,9 +297,11 @@ def build_module(model, default_max_new_tokens=32):
 
 def warmup_requests(model_name, adapter, default_max_new_tokens):
     """`PredictRequest`s that exercise each signature once (small inputs)."""
-    from keras_primer.export import serving_client as sc
+    from keras_primer_runtime import serving_client as sc
 
-    token_ids = [[adapter.start_id, 72, 105], [adapter.start_id, 33, adapter.pad_id]]
+    spec = adapter.tokenizer
+    token_ids = [[spec.start_id, 72 % spec.vocabulary_size, 105 % spec.vocabulary_size],
+                 [spec.start_id, 33 % spec.vocabulary_size, spec.pad_id]]
     requests = [
         sc.grpc_request(model_name, *sc.logits_inputs(token_ids, [[1, 1, 1], [1, 1, 0]])),
         sc.grpc_request(model_name, *sc.generate_inputs(["Hi", "The"])),
@@ -326,18 +343,23 @@ def models_config(model_name, base_path):
     )
 
 
-def check_graph(saved_model_dir, allow_tensorflow_text=False):
+# Graph-plumbing ops of TensorFlow core without a `tf.raw_ops` wrapper.
+_CORE_WITHOUT_RAW_OPS = ("_Arg", "_Retval", "_If", "_While", "NoOp")
+
+
+def check_graph(saved_model_dir, allow_sentencepiece=False):
     """Walks every node of every function of a SavedModel.
 
     Returns the sorted list of op types. Raises ValueError on a forbidden op
     (`PyFunc`, `EagerPyFunc`, `Xla*`, `_XlaCompile`/`_XlaRun`), on a function
-    or node marked for XLA compilation, or on an op not registered in
-    TensorFlow core (or tensorflow-text when `allow_tensorflow_text`).
+    or node marked for XLA compilation, or on an op outside TensorFlow core,
+    except exactly `SENTENCEPIECE_OPS` when `allow_sentencepiece`.
     """
     from tensorflow.core.protobuf import saved_model_pb2
     from tensorflow.python.framework import op_def_registry
 
-    if allow_tensorflow_text:
+    allowed_text_ops = set(SENTENCEPIECE_OPS) if allow_sentencepiece else set()
+    if allowed_text_ops:
         import tensorflow_text  # noqa: F401  registers its ops
 
     proto = saved_model_pb2.SavedModel()
@@ -360,8 +382,13 @@ def check_graph(saved_model_dir, allow_tensorflow_text=False):
                 op_types.add(op)
                 if op in FORBIDDEN_OPS or op.startswith("Xla"):
                     problems.append(f"{owner}: node {node.name} uses forbidden op {op}")
+                elif op in allowed_text_ops:
+                    pass
                 elif op_def_registry.get(op) is None:
                     problems.append(f"{owner}: node {node.name} uses unregistered op {op}")
+                elif not hasattr(tf.raw_ops, op) and op not in _CORE_WITHOUT_RAW_OPS:
+                    # Registered, but by a library (tensorflow-text, ...), not TF core.
+                    problems.append(f"{owner}: node {node.name} uses non-core op {op}")
                 if "_XlaMustCompile" in node.attr and node.attr["_XlaMustCompile"].b:
                     problems.append(f"{owner}: node {node.name} has _XlaMustCompile=True")
     if problems:
@@ -373,8 +400,10 @@ def export_saved_model(model, base_dir, model_name="primer", version=1, default_
                        serving_base_path=None):
     """Writes the TF Serving layout for `model`; returns the version dir.
 
+    Nothing is written when the model (or its tokenizer) cannot be exported.
+
     Args:
-        model: A float32 causal LM with a registered adapter.
+        model: A float32 causal LM of a known family, with a known tokenizer.
         base_dir: Directory that receives `models.config` and `<model_name>/`.
         model_name: TF Serving model name.
         version: Integer version directory.
@@ -388,18 +417,25 @@ def export_saved_model(model, base_dir, model_name="primer", version=1, default_
     if os.path.exists(os.path.join(version_dir, "saved_model.pb")):
         raise FileExistsError(f"{version_dir} already holds a SavedModel; pick another --version.")
     module, signatures, adapter = build_module(model, default_max_new_tokens)
-    tf.saved_model.save(
-        module,
-        version_dir,
-        signatures=signatures,
-        options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        if adapter.proto is not None:
+            # A copy of the proto as a SavedModel asset (assets/tokenizer.model).
+            proto_path = os.path.join(scratch, decoding.SENTENCEPIECE_FILE)
+            with open(proto_path, "wb") as f:
+                f.write(adapter.proto)
+            module.tokenizer_model = tf.saved_model.Asset(proto_path)
+        tf.saved_model.save(
+            module,
+            version_dir,
+            signatures=signatures,
+            options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
+        )
     write_warmup(version_dir, warmup_requests(model_name, adapter, default_max_new_tokens))
     with open(os.path.join(base_dir, "models.config"), "w") as f:
         f.write(models_config(model_name, serving_base_path or f"/models/{model_name}"))
     meta = dict(adapter.metadata(), default_max_new_tokens=int(default_max_new_tokens),
                 model_name=model_name, version=int(version))
-    with open(os.path.join(version_dir, "assets.extra", "keras_primer.json"), "w") as f:
+    with open(os.path.join(version_dir, METADATA_FILE), "w") as f:
         json.dump(meta, f, indent=2)
-    check_graph(version_dir)
+    check_graph(version_dir, allow_sentencepiece=adapter.proto is not None)
     return version_dir

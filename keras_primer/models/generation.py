@@ -58,7 +58,16 @@ class GenerateInputChecks:
         return super().predict(x, *args, **kwargs)
 
     def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
+        """keras-hub `generate`, after the decoding contract's checks: the
+        sampler's options (`keras_primer.generation.check_sampler`, same
+        error texts as the SavedModel and ONNX Runtime), prompts and lengths."""
+        from keras_primer.generation import check_sampler
+
+        if getattr(self, "sampler", None) is not None:
+            check_sampler(self.sampler)
         backbone = self.backbone
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))):
+            raise ValueError(f"`max_length` must be an integer. Received: {max_length!r}")
         if max_length is None and self.preprocessor is not None:
             max_length = self.preprocessor.sequence_length
         if max_length is not None and not 1 <= int(max_length) <= backbone.max_sequence_length:

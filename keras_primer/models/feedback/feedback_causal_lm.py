@@ -92,6 +92,19 @@ class FeedbackCausalLM(TiedHeadCausalLM):
         logits = backbone.token_embedding(hidden_states, reverse=True)
         return logits, hidden_states, {"key": keys, "value": values}
 
+    # === Decoding state layout (read by the exporters; keep in step with
+    # `empty_cache`, tests pin the two) ===
+    def decoding_state_specs(self):
+        """The cache tensors as `keras_primer_runtime.decoding.StateSpec`s:
+        `key` and `value`, each `[batch, max_length, kv_groups, num_heads,
+        head_dim]` (`kv_groups` = 1 with shared keys/values, else
+        `num_layers`)."""
+        from keras_primer_runtime.decoding import StateSpec
+
+        stack = self.backbone.feedback_stack
+        shape = ("batch", "max_length", int(stack.kv_groups), int(stack.num_heads), int(stack.head_dim))
+        return [StateSpec("key", shape), StateSpec("value", shape)]
+
     def empty_cache(self, batch_size, max_length):
         """A zero cache for sequences of up to `max_length` tokens."""
         keys, values = self.backbone.feedback_stack.empty_cache(batch_size, max_length)

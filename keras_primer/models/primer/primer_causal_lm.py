@@ -117,6 +117,22 @@ class PrimerCausalLM(TiedHeadCausalLM):
         logits = backbone.token_embedding(hidden_states, reverse=True)
         return logits, hidden_states, next_cache
 
+    # === Decoding state layout (read by the exporters; keep in step with
+    # `empty_cache`, tests pin the two) ===
+    def decoding_state_specs(self):
+        """The cache tensors as `keras_primer_runtime.decoding.StateSpec`s:
+        `key_value` `[batch, num_layers, 2, max_length, num_heads, head_dim]`
+        and, with convolutions, `conv` `[batch, num_layers, 3,
+        kernel_size - 1, num_heads, head_dim]`."""
+        from keras_primer_runtime.decoding import StateSpec
+
+        b = self.backbone
+        heads = (int(b.num_heads), int(b.head_dim))
+        specs = [StateSpec("key_value", ("batch", int(b.num_layers), 2, "max_length") + heads)]
+        if b.conv_state_length:
+            specs.append(StateSpec("conv", ("batch", int(b.num_layers), 3, int(b.conv_state_length)) + heads))
+        return specs
+
     def empty_cache(self, batch_size, max_length):
         """A zero cache for sequences of up to `max_length` tokens."""
         backbone = self.backbone

@@ -1,39 +1,31 @@
 """Requests for a keras-primer model served by TensorFlow Serving.
 
 Builds (and optionally sends) REST and gRPC `Predict` requests for the three
-signatures of `export_saved_model`, validating inputs first so that mistakes
-become clear `ValueError`s on the client instead of server errors. Only
-NumPy is needed for REST; gRPC needs `tensorflow-serving-api` (and `grpcio`).
+signatures of `export_saved_model`, validating inputs first with the checks
+and texts of `keras_primer_runtime.decoding` (the ones the signatures
+assert), so mistakes become clear `ValueError`s on the client. Imports with
+the standard library and NumPy; gRPC needs `tensorflow-serving-api` (and
+`grpcio`), imported when a gRPC function is called.
 
-    from keras_primer.export import serving_client as sc
-    body = sc.rest_body("generate", sc.generate_inputs(["ROMEO:"]))
-    url = sc.rest_url("localhost", 8501, "primer")   # POST json=body
-    request = sc.grpc_request("primer", "generate", sc.generate_inputs(["ROMEO:"]))
+>>> from keras_primer_runtime import serving_client as sc
+>>> sc.rest_body(*sc.generate_inputs(["ROMEO:"]))
+{'signature_name': 'generate', 'inputs': {'prompts': ['ROMEO:']}}
+>>> sc.rest_url("localhost", 8501, "primer")
+'http://localhost:8501/v1/models/primer:predict'
 """
 
 import json
+import urllib.parse
 import urllib.request
 
 import numpy as np
 
+from keras_primer_runtime import decoding
+
 SIGNATURES = ("serving_default", "generate", "generate_with_options")
-
-
-def _check_prompts(prompts):
-    if isinstance(prompts, (str, bytes)):
-        prompts = [prompts]
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("`prompts` must be a non-empty string or list of strings.")
-    out = []
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, bytes):
-            prompt = prompt.decode("utf-8")
-        if not isinstance(prompt, str):
-            raise ValueError(f"Prompt {i} must be a string; received {type(prompt).__name__}.")
-        if not prompt:
-            raise ValueError(f"Prompt {i} is empty; send at least one character.")
-        out.append(prompt)
-    return out
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+#: `max_new_tokens` of `generate_with_options` when only other options are given.
+DEFAULT_MAX_NEW_TOKENS = 32
 
 
 def generate_inputs(prompts, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None):
@@ -43,46 +35,64 @@ def generate_inputs(prompts, max_new_tokens=None, temperature=None, top_k=None, 
     `generate_with_options`, whose missing options get neutral values
     (greedy, no top-k/top-p cut, seed 0, 32 new tokens).
     """
-    prompts = _check_prompts(prompts)
+    prompts = decoding.check_prompts(prompts)
     options = (max_new_tokens, temperature, top_k, top_p, seed)
     if all(o is None for o in options):
         return "generate", {"prompts": prompts}
-    max_new_tokens = 32 if max_new_tokens is None else max_new_tokens
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"`max_new_tokens` must be a positive integer; received {max_new_tokens!r}.")
-    temperature = 0.0 if temperature is None else float(temperature)
-    top_k = 0 if top_k is None else int(top_k)
-    top_p = 1.0 if top_p is None else float(top_p)
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError("Need temperature >= 0, top_k >= 0 and 0 < top_p <= 1.")
+    max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    max_new_tokens = decoding.check_max_new_tokens(max_new_tokens)
+    if max_new_tokens > INT32_MAX:
+        raise ValueError(
+            f"`max_new_tokens` does not fit the signature's int32 input. Received: {max_new_tokens}"
+        )
+    checked = decoding.check_sampling(
+        0.0 if temperature is None else temperature,
+        0 if top_k is None else top_k,
+        1.0 if top_p is None else top_p,
+        0 if seed is None else seed,
+    )
     return "generate_with_options", {
         "prompts": prompts,
         "max_new_tokens": int(max_new_tokens),
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "seed": 0 if seed is None else int(seed),
+        "temperature": checked.temperature,
+        "top_k": checked.top_k,
+        "top_p": checked.top_p,
+        "seed": checked.seed,
     }
+
+
+def _int32_array(values, name):
+    array = np.asarray(values)
+    if array.dtype.kind not in "iu" or array.ndim != 2 or 0 in array.shape:
+        raise ValueError(
+            f"`{name}` must be a non-empty integer array of shape [batch, length]; "
+            f"received dtype {array.dtype}, shape {array.shape}."
+        )
+    # Checked before the cast: astype(int32) would wrap 2**40 to 0.
+    if array.min() < INT32_MIN or array.max() > INT32_MAX:
+        raise ValueError(f"`{name}` holds values outside int32, the signature's dtype.")
+    return array.astype(np.int32)
 
 
 def logits_inputs(token_ids, padding_mask=None):
     """Inputs of `serving_default`: int32 `[batch, length]` ids and mask."""
-    token_ids = np.asarray(token_ids)
-    if token_ids.dtype.kind not in "iu" or token_ids.ndim != 2 or 0 in token_ids.shape:
-        raise ValueError(
-            f"`token_ids` must be a non-empty integer array of shape [batch, length]; "
-            f"received dtype {token_ids.dtype}, shape {token_ids.shape}."
-        )
+    token_ids = _int32_array(token_ids, "token_ids")
+    if token_ids.min() < 0:
+        raise ValueError("`token_ids` contains a negative id.")
     padding_mask = np.ones_like(token_ids) if padding_mask is None else np.asarray(padding_mask)
     if padding_mask.shape != token_ids.shape:
         raise ValueError(f"`padding_mask` must have shape {token_ids.shape}; received {padding_mask.shape}.")
+    padding_mask = _int32_array(padding_mask, "padding_mask")
+    if not np.isin(padding_mask, (0, 1)).all():
+        raise ValueError("`padding_mask` must hold only 0 (padding) and 1 (token).")
     return "serving_default", {
-        "token_ids": token_ids.astype(np.int32).tolist(),
-        "padding_mask": padding_mask.astype(np.int32).tolist(),
+        "token_ids": token_ids.tolist(),
+        "padding_mask": padding_mask.tolist(),
     }
 
 
 def rest_url(host, port, model_name, version=None):
+    """The REST predict URL of a model (http only)."""
     version_part = f"/versions/{int(version)}" if version is not None else ""
     return f"http://{host}:{port}/v1/models/{model_name}{version_part}:predict"
 
@@ -138,7 +148,10 @@ def rest_inputs_to_numpy(signature, body):
 
 
 def predict_rest(url, body, timeout=60):
-    """POSTs `body` and returns the decoded JSON answer."""
+    """POSTs `body` to an http(s) `url` and returns the decoded JSON answer."""
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in ("http", "https"):
+        raise ValueError(f"`url` must be an http:// or https:// URL; received scheme {scheme!r}.")
     request = urllib.request.Request(
         url, data=json.dumps(body).encode("utf-8"), headers={"Content-Type": "application/json"}
     )

@@ -1,0 +1,234 @@
+"""Text generation with ONNX Runtime from the files of `export_onnx`.
+
+Imports with NumPy, onnxruntime and (for SentencePiece models)
+sentencepiece only: no Keras, TensorFlow, JAX or PyTorch. The tokenizer
+travels in the export directory (`tokenizer.json`, `tokenizer.model`), the
+sampling options, checks and error texts come from
+`keras_primer_runtime.decoding`, so the text matches Keras `generate` and
+the SavedModel signatures.
+
+    from keras_primer_runtime.ort_generator import OrtGenerator
+    generator = OrtGenerator("exported/onnx")                 # fp32
+    generator.generate(["ROMEO:"], max_new_tokens=32)          # greedy
+    generator.generate("ROMEO:", temperature=0.8, top_p=0.9, seed=0)
+
+The decoding state stays in ONNX Runtime `OrtValue`s bound with IOBinding
+between tokens (on the device of the session). `CUDAExecutionProvider` is
+used when onnxruntime offers it; asking for it when it cannot load raises.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from keras_primer_runtime import decoding
+
+CONFIG_FILE = "export_config.json"
+
+
+def default_providers():
+    """CUDA then CPU when this onnxruntime offers CUDA, else CPU."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _session(path, providers):
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise RuntimeError(
+            f"ONNX Runtime provider(s) {missing} requested but this onnxruntime offers only "
+            f"{available}; install onnxruntime-gpu with a matching CUDA, or ask for "
+            "providers=['CPUExecutionProvider']."
+        )
+    session = ort.InferenceSession(path, providers=list(providers))
+    dropped = [p for p in providers if p not in session.get_providers()]
+    if dropped:  # ORT falls back quietly when a provider library fails to load
+        raise RuntimeError(
+            f"ONNX Runtime could not load provider(s) {dropped} for {path} (it would have run on "
+            f"{session.get_providers()}); check the CUDA/cuDNN libraries, or ask for the CPU."
+        )
+    return session
+
+
+class OrtGenerator:
+    """Tokenization, cached decoding loop and detokenization around ORT.
+
+    Args:
+        onnx_dir: Directory written by `export_onnx` (holds
+            `export_config.json`, `decoder_step.onnx`, `model.onnx` and the
+            tokenizer files).
+        int8: Use the int8-quantized files (`*.int8.onnx`).
+        providers: ONNX Runtime execution providers (default: CUDA if
+            available, else CPU). A requested provider that cannot load
+            raises `RuntimeError`.
+    """
+
+    def __init__(self, onnx_dir, int8=False, providers=None):
+        with open(os.path.join(onnx_dir, CONFIG_FILE)) as f:
+            self.config = json.load(f)
+        files = self.config["files"]
+        suffix = "_int8" if int8 else ""
+        if "decoder_step" + suffix not in files:
+            raise FileNotFoundError(
+                f"{onnx_dir} has no {'int8 ' if int8 else ''}decoder step model; "
+                "export with int8=True (`--int8`) to get one."
+            )
+        self.onnx_dir = onnx_dir
+        self.tokenizer, self.codec = decoding.load_tokenizer(onnx_dir)
+        self.providers = list(providers or default_providers())
+        self._step = _session(os.path.join(onnx_dir, files["decoder_step" + suffix]), self.providers)
+        self._device = "cuda" if self._step.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self._full_path = os.path.join(onnx_dir, files["model" + suffix])
+        self._full = None
+        # The ONNX tensors of the decoding state (see export/README.md).
+        self.state_tensors = self.config["state_tensors"]
+        self.io = self.config["step_io"]
+        self.vocabulary_size = int(self.config["vocabulary_size"])
+        self.max_sequence_length = int(self.config["max_sequence_length"])
+
+    # === Low level ===
+
+    def _check_ids(self, token_ids, name="token_ids"):
+        token_ids = np.asarray(token_ids)
+        if token_ids.dtype.kind not in "iu":
+            raise ValueError(f"`{name}` must hold integer token ids; received dtype {token_ids.dtype}.")
+        if token_ids.ndim != 2:
+            raise ValueError(f"`{name}` must have shape [batch, length]; received shape {token_ids.shape}.")
+        if token_ids.shape[0] < 1 or token_ids.shape[1] < 1:
+            raise ValueError(f"`{name}` must not be empty; received shape {token_ids.shape}.")
+        if token_ids.min() < 0 or token_ids.max() >= self.vocabulary_size:
+            raise ValueError(f"`{name}` ids must lie in [0, {self.vocabulary_size - 1}].")
+        return token_ids.astype(np.int32)
+
+    def logits(self, token_ids, padding_mask=None):
+        """Full forward pass (`model.onnx`): logits `[batch, length, vocab]`."""
+        token_ids = self._check_ids(token_ids)
+        if token_ids.shape[1] > self.max_sequence_length:
+            raise ValueError(
+                f"`token_ids` has length {token_ids.shape[1]} > max_sequence_length={self.max_sequence_length}."
+            )
+        if padding_mask is None:
+            padding_mask = np.ones_like(token_ids)
+        padding_mask = np.asarray(padding_mask)
+        if padding_mask.shape != token_ids.shape:
+            raise ValueError(
+                f"`padding_mask` must have the shape of `token_ids` {token_ids.shape}; received {padding_mask.shape}."
+            )
+        if self._full is None:
+            self._full = _session(self._full_path, self.providers)
+        feeds = {"input_ids": token_ids, "attention_mask": padding_mask.astype(np.int32)}
+        return self._full.run(["logits"], feeds)[0]
+
+    def empty_state(self, batch_size, max_length):
+        """Zero decoding states (NumPy), keyed by their `past_*` ONNX names."""
+        sizes = {"batch": batch_size, "max_length": max_length}
+        return {
+            t["past"]: np.zeros([sizes.get(d, d) for d in t["shape"]], t["dtype"])
+            for t in self.state_tensors
+        }
+
+    def step(self, token_ids, position, state):
+        """One `decoder_step.onnx` call: `(logits [batch, vocab], next_state)`.
+
+        `state` maps the `past_*` names to NumPy arrays or `OrtValue`s; the
+        next state comes back as `OrtValue`s left on the session's device
+        (no copy through NumPy), keyed by the same names for the next call.
+        """
+        import onnxruntime as ort
+
+        token_ids = self._check_ids(token_ids)
+        binding = self._step.io_binding()
+        alive = []  # NumPy buffers the bound OrtValues point to, until run
+        binding.bind_cpu_input(self.io["input_ids"], token_ids)
+        binding.bind_cpu_input(self.io["cache_position"], np.asarray(position, np.int32).reshape(()))
+        for t in self.state_tensors:
+            value = state[t["past"]]
+            if not isinstance(value, ort.OrtValue):
+                value = np.asarray(value)
+                if value.dtype != np.float32:
+                    raise ValueError(f"State `{t['past']}` must be float32; received {value.dtype}.")
+                alive.append(value)
+                value = ort.OrtValue.ortvalue_from_numpy(value, self._device, 0)
+            shape = value.shape()
+            if len(shape) != len(t["shape"]) or shape[0] != token_ids.shape[0]:
+                raise ValueError(
+                    f"State `{t['past']}` must have rank {len(t['shape'])} and batch {token_ids.shape[0]}; "
+                    f"received shape {tuple(shape)}."
+                )
+            binding.bind_ortvalue_input(t["past"], value)
+        binding.bind_output(self.io["logits"], "cpu")
+        for t in self.state_tensors:
+            binding.bind_output(t["present"], self._device)
+        self._step.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        next_state = {t["past"]: value for t, value in zip(self.state_tensors, outputs[1:])}
+        return outputs[0].numpy(), next_state
+
+    # === Text ===
+
+    def tokenize(self, prompt):
+        """Prompt ids, start token included when the model adds one."""
+        ids = self.codec.encode(prompt)
+        if self.tokenizer.add_start_token:
+            ids = [self.tokenizer.start_id] + ids
+        return ids
+
+    def detokenize(self, ids):
+        """Text of `ids` without special tokens."""
+        return self.codec.decode(ids)
+
+    def generate(self, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                 return_token_ids=False):
+        """Prompt + completion strings (special tokens removed), as Keras does.
+
+        Each prompt gets at most `max_new_tokens` new tokens and stops at the
+        end token. Options as in `keras_primer_runtime.decoding` (temperature
+        0 = greedy, top_k 0 and top_p 1 = off).
+        """
+        single = isinstance(prompts, (str, bytes))
+        prompts = decoding.check_prompts(prompts)
+        options = decoding.check_sampling(temperature, top_k, top_p, seed)
+        decoding.check_max_new_tokens(max_new_tokens)
+        ids = [self.tokenize(p) for p in prompts]
+        lengths = np.array([len(x) for x in ids])
+        max_new_tokens = decoding.check_max_new_tokens(
+            max_new_tokens, int(lengths.max()), self.max_sequence_length
+        )
+        rng = np.random.default_rng(options.seed)
+        batch, total = len(ids), int(lengths.max()) + max_new_tokens
+        pad, end = self.tokenizer.pad_id, self.tokenizer.end_id
+        tokens = np.full((batch, total), pad, np.int32)
+        for row, x in enumerate(ids):
+            tokens[row, : len(x)] = x
+        limits = lengths + max_new_tokens
+        start = int(lengths.min())
+        state = self.empty_state(batch, total)
+        logits, state = self.step(tokens[:, :start], 0, state)
+        done = np.zeros(batch, bool)
+        ended = np.full(batch, total)
+        for p in range(start, total):
+            chosen = decoding.choose_next(logits, options, rng).astype(np.int32)
+            in_prompt = p < lengths
+            chosen = np.where(in_prompt, tokens[:, p], chosen)
+            tokens[:, p] = chosen
+            new_end = ~in_prompt & (chosen == end) & (ended == total)
+            ended = np.where(new_end, p, ended)
+            done |= new_end | (p + 1 >= limits)
+            if done.all():
+                break
+            logits, state = self.step(tokens[:, p : p + 1], p, state)
+        results = []
+        for row in range(batch):
+            stop = min(int(limits[row]), int(ended[row]) + 1)
+            results.append(tokens[row, :stop].tolist())
+        if return_token_ids:
+            return results
+        texts = [self.detokenize(x) for x in results]
+        return texts[0] if single else texts

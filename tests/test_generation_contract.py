@@ -1,0 +1,218 @@
+"""The decoding contract: one set of sampling semantics, checks and error
+texts, one tokenizer and state description, read by Keras `generate`, the
+SavedModel signatures and the ONNX Runtime generator."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from export_helpers import BLOCK_IMPORTS, FRAMEWORKS, PROMPTS, make_lm
+from keras_primer_runtime import decoding
+
+OPTIONS = [
+    dict(temperature=1.0, top_k=0, top_p=1.0),
+    dict(temperature=0.7, top_k=5, top_p=1.0),
+    dict(temperature=1.3, top_k=0, top_p=0.6),
+    dict(temperature=0.5, top_k=7, top_p=0.9),
+    dict(temperature=2.0, top_k=1, top_p=1.0),
+    dict(temperature=1.0, top_k=0, top_p=1e-6),
+]
+BAD_OPTIONS = [
+    (dict(temperature=-1.0), decoding.TEMPERATURE_ERROR),
+    (dict(temperature=math.nan), decoding.TEMPERATURE_ERROR),
+    (dict(temperature=math.inf), decoding.TEMPERATURE_ERROR),
+    (dict(temperature=1.0, top_p=0.0), decoding.TOP_P_ERROR),
+    (dict(temperature=1.0, top_p=1.5), decoding.TOP_P_ERROR),
+    (dict(temperature=1.0, top_p=math.nan), decoding.TOP_P_ERROR),
+    (dict(temperature=1.0, top_k=-2), decoding.TOP_K_ERROR),
+]
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _logits(seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, (4, 50)).astype("float32")
+    logits[1, :3] = logits[1, 10]  # ties
+    return logits
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_filtered_distribution_numpy_port_matches_keras_ops(options):
+    from keras_primer.generation import filtered_probabilities
+
+    logits = _logits()
+    expected = decoding.filtered_probabilities(logits, decoding.check_sampling(**options))
+    got = keras.ops.convert_to_numpy(filtered_probabilities(logits, **options))
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(expected.sum(-1), 1.0, atol=1e-5)
+
+
+def test_filtered_distribution_oracle():
+    """Hand-computed: softmax([2, 1, 0, -1] / 1) keeps ranks whose preceding mass < 0.7."""
+    logits = np.array([[2.0, 1.0, 0.0, -1.0]], "float32")
+    p = np.exp(logits[0]) / np.exp(logits[0]).sum()  # 0.644, 0.237, 0.087, 0.032
+    got = decoding.filtered_probabilities(logits, decoding.check_sampling(1.0, top_p=0.7))
+    np.testing.assert_allclose(got[0], [p[0] / (p[0] + p[1]), p[1] / (p[0] + p[1]), 0, 0], atol=1e-6)
+    got = decoding.filtered_probabilities(logits[:, ::-1], decoding.check_sampling(1.0, top_k=1))
+    np.testing.assert_allclose(got[0], [0, 0, 0, 1], atol=0)
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize("options", OPTIONS)
+def test_filtered_distribution_savedmodel_graph_matches(options):
+    """The SavedModel traces `filtered_probabilities` with TensorFlow in a graph."""
+    import tensorflow as tf
+
+    from keras_primer.generation import filtered_probabilities
+
+    graph_fn = tf.function(filtered_probabilities, jit_compile=False, autograph=False)
+    got = graph_fn(tf.constant(_logits(1)), tf.constant(options["temperature"]),
+                   tf.constant(options["top_k"]), tf.constant(options["top_p"])).numpy()
+    expected = decoding.filtered_probabilities(_logits(1), decoding.check_sampling(**options))
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad,message", BAD_OPTIONS)
+def test_bad_options_same_text_in_keras_and_runtime(bad, message):
+    from keras_hub.samplers import TopKSampler, TopPSampler
+
+    from keras_primer.generation import ContractSampler, check_sampler
+
+    with pytest.raises(ValueError) as runtime_error:
+        decoding.check_sampling(**bad)
+    assert str(runtime_error.value).startswith(message)
+    with pytest.raises(ValueError) as keras_error:
+        ContractSampler(**bad)
+    assert str(keras_error.value) == str(runtime_error.value)
+    # keras-hub samplers given to `compile` go through the same checks.
+    if bad.get("top_k", 0) >= 0:
+        sampler = TopPSampler(p=bad.get("top_p", 0.9), k=bad.get("top_k") or None,
+                              temperature=bad.get("temperature", 1.0))
+        with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+            check_sampler(sampler)
+    with pytest.raises(ValueError, match="top_k"):
+        check_sampler(TopKSampler(k=-1))
+
+
+@pytest.mark.parametrize("sampler_args", [dict(p=0.0), dict(p=1.5), dict(p=0.9, temperature=-1.0),
+                                          dict(p=0.9, temperature=float("nan"))])
+def test_keras_generate_refuses_bad_keras_hub_sampler(sampler_args):
+    """Regression (issue 12): these were accepted and gave garbage (or, with
+    NaN, an empty completion on JAX)."""
+    from keras_hub.samplers import TopPSampler
+
+    lm = make_lm("primer", "bytes")
+    lm.compile(sampler=TopPSampler(**sampler_args))
+    with pytest.raises(ValueError, match="must be a"):
+        lm.generate("Hi", max_length=8)
+
+
+def test_keras_contract_sampler_is_seeded_and_greedy_at_zero():
+    from keras_primer.generation import ContractSampler
+
+    lm = make_lm("primer", "bytes")
+    runs = []
+    for _ in range(2):
+        lm.compile(sampler=ContractSampler(temperature=1.0, top_k=20, seed=5))
+        runs.append(lm.generate(["Hello", "Hi"], max_length=14))
+    assert runs[0] == runs[1]
+    lm.compile(sampler=ContractSampler(temperature=0.0))
+    greedy = lm.generate("Hello", max_length=14)
+    lm.compile(sampler="greedy")
+    assert greedy == lm.generate("Hello", max_length=14)
+    restored = ContractSampler.from_config(ContractSampler(0.5, 3, 0.8, 9).get_config())
+    assert restored.options == decoding.check_sampling(0.5, 3, 0.8, 9)
+
+
+@pytest.mark.parametrize("family", ["primer", "feedback"])
+def test_state_specs_describe_empty_cache(family):
+    """The layout the exporters read is the one `empty_cache` builds."""
+    lm = make_lm(family, "bytes")
+    cache = lm.empty_cache(3, 7)
+    specs = lm.decoding_state_specs()
+    assert [s.name for s in specs] == list(cache)
+    for spec in specs:
+        assert tuple(cache[spec.name].shape) == spec.concrete(3, 7)
+
+
+def test_tokenizer_spec_round_trip_and_refusals():
+    from keras_primer.generation import tokenizer_spec
+    from keras_primer.models.primer.primer_causal_lm_preprocessor import PrimerCausalLMPreprocessor
+
+    spec, proto = tokenizer_spec(make_lm("primer", "bytes"))
+    assert (spec.kind, spec.vocabulary_size, spec.special_ids, proto) == ("bytes", 256, [0, 2, 3], None)
+    assert decoding.TokenizerSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    spec, proto = tokenizer_spec(make_lm("feedback", "sentencepiece"))
+    assert spec.kind == "sentencepiece" and proto[:2] and spec.special_ids == [0, 2, 3]
+    lm = make_lm("primer", "bytes")
+    lm.preprocessor = None
+    with pytest.raises(ValueError, match="no preprocessor/tokenizer"):
+        tokenizer_spec(lm)
+    from keras_hub.tokenizers import ByteTokenizer
+
+    lm.preprocessor = PrimerCausalLMPreprocessor(ByteTokenizer(), sequence_length=8)
+    with pytest.raises(ValueError, match="tokenizer is a ByteTokenizer"):
+        tokenizer_spec(lm)
+
+
+def test_length_and_prompt_checks():
+    assert decoding.check_max_new_tokens(2**31 - 1) == 2**31 - 1
+    with pytest.raises(ValueError, match="max_sequence_length=32"):
+        decoding.check_max_new_tokens(2**31 - 1, longest_prompt=3, max_sequence_length=32)
+    for bad in (0, -1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            decoding.check_max_new_tokens(bad)
+    with pytest.raises(ValueError, match=decoding.EMPTY_PROMPT_ERROR.replace("(", r"\(").replace(")", r"\)")):
+        decoding.check_prompts(["a", ""])
+    for bad in ([], [3], None):
+        with pytest.raises(ValueError, match="list of strings"):
+            decoding.check_prompts(bad)
+
+
+@pytest.mark.tensorflow_only
+def test_runtime_imports_without_any_framework():
+    """`keras_primer_runtime` modules import (and decode) with the frameworks blocked."""
+    script = BLOCK_IMPORTS + f"""
+block_imports(*{FRAMEWORKS!r})
+import numpy as np
+from keras_primer_runtime import decoding, ort_generator, serving_client
+import onnxruntime, sentencepiece
+probs = decoding.filtered_probabilities(np.array([[1.0, 2.0]]), decoding.check_sampling(1.0))
+try:
+    import tensorflow
+    print("tensorflow importable")
+except ImportError:
+    pass
+print(sorted(m for m in sys.modules if m.split(".")[0] in {FRAMEWORKS!r} and sys.modules[m]),
+      round(float(probs[0, 1]), 4))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=TESTS_DIR)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["[]", "0.7311"]
+
+
+@pytest.mark.tensorflow_only
+def test_export_refuses_unknown_tokenizer_before_writing(tmp_path):
+    from keras_hub.tokenizers import ByteTokenizer
+
+    from keras_primer.export.onnx_export import export_onnx
+    from keras_primer.export.saved_model import export_saved_model
+    from keras_primer.models.primer.primer_causal_lm_preprocessor import PrimerCausalLMPreprocessor
+
+    lm = make_lm("primer", "bytes")
+    lm.preprocessor = PrimerCausalLMPreprocessor(ByteTokenizer(lowercase=False), sequence_length=8)
+    with pytest.raises(ValueError, match="tokenizer is a ByteTokenizer"):
+        export_saved_model(lm, str(tmp_path / "serving"), "m", 1, default_max_new_tokens=4)
+    with pytest.raises(ValueError, match="tokenizer is a ByteTokenizer"):
+        export_onnx(lm, str(tmp_path / "onnx"))
+    lm.preprocessor = None
+    with pytest.raises(ValueError, match="no preprocessor"):
+        export_onnx(lm, str(tmp_path / "onnx"))
+    assert list(tmp_path.iterdir()) == []
