@@ -7,11 +7,10 @@ reason beside it. Configs are tiny so the whole file stays fast.
 
 import os
 
-import keras
 import numpy as np
 from keras.src.testing import TestCase as KerasTestCase
 
-from keras_hub.src.tests.test_case import TestCase as HubTestCase  # needs `grain`
+from keras_hub.src.tests import test_case as hub_test_case  # needs `grain`
 
 import keras_primer  # noqa: F401  (registers the serializable classes)
 from keras_primer.layers import (
@@ -38,7 +37,7 @@ from keras_primer.models.primer import (
 
 
 
-class TestCase(HubTestCase):
+class TestCase(hub_test_case.TestCase):
     # tf.test.TestCase's deprecated `test_session` would be collected by
     # pytest as a test that always skips ("Not a test").
     test_session = None
