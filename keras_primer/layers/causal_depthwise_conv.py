@@ -98,7 +98,7 @@ class CausalDepthwiseConv(keras.layers.Layer):
     >>> conv = CausalDepthwiseConv(kernel_size=3)
     >>> x = np.arange(1, 6, dtype="float32").reshape(1, 5, 1, 1)
     >>> conv.build(x.shape)
-    >>> conv.kernel.assign(np.array([100.0, 10.0, 1.0]).reshape(3, 1, 1))
+    >>> _ = conv.kernel.assign(np.array([100.0, 10.0, 1.0]).reshape(3, 1, 1))
     >>> np.asarray(conv(x)).ravel()
     array([  1.,  12., 123., 234., 345.], dtype=float32)
     """

@@ -40,7 +40,7 @@ class PrimerDecoderBlock(keras.layers.Layer):
 
     >>> import numpy as np
     >>> block = PrimerDecoderBlock(num_heads=2, intermediate_dim=32)
-    >>> block(np.ones((1, 4, 16), "float32")).shape
+    >>> tuple(block(np.ones((1, 4, 16), "float32")).shape)
     (1, 4, 16)
     """
 

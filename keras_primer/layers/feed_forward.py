@@ -29,7 +29,7 @@ class FeedForward(keras.layers.Layer):
 
     >>> import numpy as np
     >>> ffn = FeedForward(intermediate_dim=16, activation="squared_relu")
-    >>> ffn(np.ones((2, 3, 8), "float32")).shape
+    >>> tuple(ffn(np.ones((2, 3, 8), "float32")).shape)
     (2, 3, 8)
     """
 

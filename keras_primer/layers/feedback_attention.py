@@ -54,7 +54,7 @@ class FeedbackAttention(keras.layers.Layer):
     >>> out = attention(np.ones((1, 8), "float32"), np.ones((1, 3, 2, 4), "float32"),
     ...     np.ones((1, 3, 2, 4), "float32"), np.array([2, 1, 0]),
     ...     np.ones((1, 3), bool))
-    >>> out.shape
+    >>> tuple(out.shape)
     (1, 8)
     """
 

@@ -98,7 +98,7 @@ class FeedbackStack(keras.layers.Layer):
     >>> import numpy as np
     >>> stack = FeedbackStack(num_layers=2, num_heads=2, intermediate_dim=32,
     ...     max_sequence_length=8)
-    >>> stack(np.random.rand(1, 5, 16).astype("float32")).shape
+    >>> tuple(stack(np.random.rand(1, 5, 16).astype("float32")).shape)
     (1, 5, 16)
     """
 

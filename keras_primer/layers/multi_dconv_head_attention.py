@@ -58,7 +58,7 @@ class MultiDConvHeadAttention(keras.layers.Layer):
     >>> import numpy as np
     >>> attention = MultiDConvHeadAttention(num_heads=2, key_dim=4)
     >>> x = np.random.rand(1, 5, 8).astype("float32")
-    >>> attention(x).shape
+    >>> tuple(attention(x).shape)
     (1, 5, 8)
     """
 

@@ -23,7 +23,7 @@ class PaddingAwarePositionEmbedding(keras.layers.Layer):
     >>> embedding = PaddingAwarePositionEmbedding(sequence_length=8)
     >>> ids = np.zeros((2, 5), "int32")
     >>> mask = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], "bool")
-    >>> embedding(np.ones((2, 5, 4), "float32"), padding_mask=mask).shape
+    >>> tuple(embedding(np.ones((2, 5, 4), "float32"), padding_mask=mask).shape)
     (2, 5, 4)
     """
 

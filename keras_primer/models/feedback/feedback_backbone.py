@@ -68,7 +68,7 @@ class FeedbackBackbone(CheckedBackbone):
     ...     activation="squared_relu")
     >>> inputs = {"token_ids": np.ones((1, 8), "int32"),
     ...           "padding_mask": np.ones((1, 8), "int32")}
-    >>> backbone(inputs).shape
+    >>> tuple(backbone(inputs).shape)
     (1, 8, 16)
     """
 

@@ -56,7 +56,7 @@ class PrimerBackbone(CheckedBackbone):
     ...     intermediate_dim=32, max_sequence_length=32)
     >>> inputs = {"token_ids": np.ones((1, 8), "int32"),
     ...           "padding_mask": np.ones((1, 8), "int32")}
-    >>> backbone(inputs).shape
+    >>> tuple(backbone(inputs).shape)
     (1, 8, 16)
     """
 
