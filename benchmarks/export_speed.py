@@ -85,6 +85,10 @@ def run(args):
     serving = tf.saved_model.load(written["saved_model"]).signatures["generate_with_options"]
     onnx_dir = os.path.dirname(written["onnx"]["config"])
     ort_fp32, ort_int8 = OrtGenerator(onnx_dir), OrtGenerator(onnx_dir, int8=True)
+    # One thread per op: the per-token ops of a small model are too small to
+    # split, and on a busy machine spinning worker threads cost more.
+    ort_fp32_1t = OrtGenerator(onnx_dir, intra_op_num_threads=1)
+    ort_int8_1t = OrtGenerator(onnx_dir, int8=True, intra_op_num_threads=1)
     prompt_tokens = len(PROMPT.encode()) + 1
     new = args.new_tokens
     lm.compile(sampler="greedy")
@@ -104,7 +108,8 @@ def run(args):
                          seed=tf.constant(0))
         seconds, out = _timed(lambda: serving(**sm_inputs), args.repeats)
         timings["saved_model_generate"] = (seconds, int(out["num_new_tokens"].numpy().max()))
-        for name, generator in (("ort_fp32", ort_fp32), ("ort_int8", ort_int8)):
+        for name, generator in (("ort_fp32", ort_fp32), ("ort_int8", ort_int8),
+                                ("ort_fp32_1thread", ort_fp32_1t), ("ort_int8_1thread", ort_int8_1t)):
             seconds, ids = _timed(
                 lambda: generator.generate(prompts, max_new_tokens=new, return_token_ids=True), args.repeats
             )
@@ -119,6 +124,9 @@ def run(args):
         results["ratios"][f"batch_{batch}"] = {
             "ort_fp32_over_keras": round(per_step["ort_fp32"] / per_step["keras_generate"], 3),
             "ort_int8_over_ort_fp32": round(per_step["ort_int8"] / per_step["ort_fp32"], 3),
+            "ort_fp32_1thread_over_keras": round(per_step["ort_fp32_1thread"] / per_step["keras_generate"], 3),
+            "ort_int8_1thread_over_ort_fp32_1thread": round(
+                per_step["ort_int8_1thread"] / per_step["ort_fp32_1thread"], 3),
             "saved_model_over_keras": round(per_step["saved_model_generate"] / per_step["keras_generate"], 3),
         }
     results["sizes_bytes"] = {

@@ -142,7 +142,7 @@ def filtered_probabilities(logits, options: SamplingOptions) -> np.ndarray:
     """The next-token distribution `[batch, vocab]` that `options` sample from.
 
     Greedy options give a one-hot of the argmax. This is the NumPy port of
-    `keras_primer.generation.filtered_logits`; parity tests pin the two.
+    `keras_primer.generation.filtered_probabilities`; parity tests pin the two.
 
     >>> p = filtered_probabilities(np.array([[2.0, 1.0, 0.0]]), check_sampling(1.0, top_k=2))
     >>> [round(float(x), 4) for x in p[0]]

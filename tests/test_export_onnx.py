@@ -191,9 +191,18 @@ def test_cuda_requested_but_not_loadable_is_loud(exported, monkeypatch):
             return ["CPUExecutionProvider"]
 
     monkeypatch.setattr(onnxruntime, "InferenceSession",
-                        lambda path, providers=None: CpuOnly(path, providers=["CPUExecutionProvider"]))
+                        lambda path, *args, providers=None: CpuOnly(path, *args, providers=["CPUExecutionProvider"]))
     with pytest.raises(RuntimeError, match="could not load"):
         OrtGenerator(exported["dir"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def test_single_thread_session_gives_the_same_text(exported, generator):
+    from keras_primer_runtime.ort_generator import OrtGenerator
+
+    single = OrtGenerator(exported["dir"], providers=["CPUExecutionProvider"], intra_op_num_threads=1)
+    assert single.generate(PROMPTS, max_new_tokens=NEW_TOKENS) == generator.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    with pytest.raises(ValueError, match="intra_op_num_threads"):
+        OrtGenerator(exported["dir"], intra_op_num_threads=0)
 
 
 OTHER_BACKEND_SCRIPT = r'''
