@@ -41,7 +41,9 @@ def _models(args):
     size = _size(args)
     return {
         "feedback_shared_kv": lambda: FeedbackCausalLM(FeedbackBackbone(shared_kv=True, **size)),
-        "feedback_per_layer_kv": lambda: FeedbackCausalLM(FeedbackBackbone(shared_kv=False, **size)),
+        "feedback_per_layer_kv": lambda: FeedbackCausalLM(
+            FeedbackBackbone(shared_kv=False, **size)
+        ),
         "transformer": lambda: PrimerCausalLM(
             PrimerBackbone(activation="relu", use_dconv=False, **size)
         ),
@@ -72,7 +74,10 @@ TRAINED = ("feedback_shared_kv", "feedback_per_layer_kv", "transformer", "keras_
 def figures(args):
     """Yields one figure (a dict) at a time for the current backend."""
     from keras_primer.benchmarking import (
-        interleaved_train_step_seconds, keras_hub_gpt2, machine_description)
+        interleaved_train_step_seconds,
+        keras_hub_gpt2,
+        machine_description,
+    )
     from keras_primer.benchmarking.roofline import matmul_peak_flops, training_flops_per_token
 
     about = {**machine_description(), "quick": args.quick}
@@ -83,37 +88,64 @@ def figures(args):
         args.context = context
         makers = {**_models(args), "keras_hub_gpt2": lambda: keras_hub_gpt2(_size(args))}
         flops = training_flops_per_token(
-            args.num_layers, args.hidden_dim, 4 * args.hidden_dim, args.vocabulary_size, context)
+            args.num_layers, args.hidden_dim, 4 * args.hidden_dim, args.vocabulary_size, context
+        )
         tokens = args.batch_size * context
         for mode in args.modes.split(","):
             models = {}
             for name in (n for n in TRAINED if n in chosen):
                 keras.utils.set_random_seed(0)
                 models[name] = makers[name]()
-                models[name].compile(optimizer=keras.optimizers.Adam(1e-4),
-                                     jit_compile=COMPILE_MODES[mode])
+                models[name].compile(
+                    optimizer=keras.optimizers.Adam(1e-4), jit_compile=COMPILE_MODES[mode]
+                )
             try:
                 seconds = interleaved_train_step_seconds(
-                    models, args.batch_size, context, args.vocabulary_size, args.train_steps,
-                    warmup=args.warmup_steps)
+                    models,
+                    args.batch_size,
+                    context,
+                    args.vocabulary_size,
+                    args.train_steps,
+                    warmup=args.warmup_steps,
+                )
             except Exception as error:  # e.g. torch.compile unavailable: report, go on
-                yield {**about, "figure": "train_tokens_per_s", "compile": mode,
-                       "context": context, "error": f"{type(error).__name__}: {error}"}
+                yield {
+                    **about,
+                    "figure": "train_tokens_per_s",
+                    "compile": mode,
+                    "context": context,
+                    "error": f"{type(error).__name__}: {error}",
+                }
                 continue
             for name, step in seconds.items():
-                yield {**about, "figure": "train_tokens_per_s", "compile": mode,
-                       "context": context, "model": name, "value": tokens / step,
-                       "mfu": tokens / step * flops / peak}
+                yield {
+                    **about,
+                    "figure": "train_tokens_per_s",
+                    "compile": mode,
+                    "context": context,
+                    "model": name,
+                    "value": tokens / step,
+                    "mfu": tokens / step * flops / peak,
+                }
                 if "transformer" in seconds and name.startswith("feedback"):
-                    yield {**about, "figure": "transformer_over_feedback_tokens_per_s",
-                           "compile": mode, "context": context, "model": name,
-                           "value": step / seconds["transformer"]}
+                    yield {
+                        **about,
+                        "figure": "transformer_over_feedback_tokens_per_s",
+                        "compile": mode,
+                        "context": context,
+                        "model": name,
+                        "value": step / seconds["transformer"],
+                    }
     makers = _models(args)
     for name in ("feedback_shared_kv", "feedback_per_layer_kv", "primer_ez"):
         if name in chosen:
-            yield {**about, "figure": "decode_ms_per_token", "model": name,
-                   "length": args.decode_length,
-                   "value": 1e3 * decode_seconds_per_token(makers[name], args)}
+            yield {
+                **about,
+                "figure": "decode_ms_per_token",
+                "model": name,
+                "length": args.decode_length,
+                "value": 1e3 * decode_seconds_per_token(makers[name], args),
+            }
 
 
 def main(argv=None) -> None:

@@ -24,7 +24,6 @@ values read) / cached step time / copy bandwidth.
 import argparse
 import json
 
-
 VARIANTS = {
     "primer_ez": dict(activation="squared_relu", use_dconv=True),
     "primer_ez_without_dconv": dict(activation="squared_relu", use_dconv=False),
@@ -36,12 +35,34 @@ COMPILE_MODES = {"default": "auto", "jit": True}
 
 def config(quick: bool) -> dict:
     if quick:
-        return dict(num_layers=2, hidden_dim=64, num_heads=4, context=64, batch=4, position=96,
-                    max_sequence_length=128, train_repeats=3, decode_repeats=5, vocab=256,
-                    matmul_size=512, copy_megabytes=16)
-    return dict(num_layers=4, hidden_dim=256, num_heads=4, context=256, batch=16, position=512,
-                max_sequence_length=1024, train_repeats=10, decode_repeats=30, vocab=256,
-                matmul_size=2048, copy_megabytes=256)
+        return dict(
+            num_layers=2,
+            hidden_dim=64,
+            num_heads=4,
+            context=64,
+            batch=4,
+            position=96,
+            max_sequence_length=128,
+            train_repeats=3,
+            decode_repeats=5,
+            vocab=256,
+            matmul_size=512,
+            copy_megabytes=16,
+        )
+    return dict(
+        num_layers=4,
+        hidden_dim=256,
+        num_heads=4,
+        context=256,
+        batch=16,
+        position=512,
+        max_sequence_length=1024,
+        train_repeats=10,
+        decode_repeats=30,
+        vocab=256,
+        matmul_size=2048,
+        copy_megabytes=256,
+    )
 
 
 def build_models(cfg: dict, jit_compile) -> dict:
@@ -50,10 +71,14 @@ def build_models(cfg: dict, jit_compile) -> dict:
     from keras_primer import PrimerBackbone, PrimerCausalLM
     from keras_primer.benchmarking import keras_hub_gpt2
 
-    size = dict(vocabulary_size=cfg["vocab"], num_layers=cfg["num_layers"],
-                num_heads=cfg["num_heads"], hidden_dim=cfg["hidden_dim"],
-                intermediate_dim=4 * cfg["hidden_dim"],
-                max_sequence_length=cfg["max_sequence_length"])
+    size = dict(
+        vocabulary_size=cfg["vocab"],
+        num_layers=cfg["num_layers"],
+        num_heads=cfg["num_heads"],
+        hidden_dim=cfg["hidden_dim"],
+        intermediate_dim=4 * cfg["hidden_dim"],
+        max_sequence_length=cfg["max_sequence_length"],
+    )
     models = {}
     for name, flags in VARIANTS.items():
         keras.utils.set_random_seed(0)
@@ -74,7 +99,8 @@ def decode_seconds(lm, cfg: dict, peer: bool) -> tuple[float, float]:
     position = cfg["position"]
     prompt = ops.convert_to_tensor(random_token_ids(1, position + 1, cfg["vocab"], seed=1))
     full = compile_function(
-        lambda t: lm({"token_ids": t, "padding_mask": ops.ones_like(t)})[:, -1], lm)
+        lambda t: lm({"token_ids": t, "padding_mask": ops.ones_like(t)})[:, -1], lm
+    )
     step = compile_function(lambda t, c, i: lm.call_with_cache(t, c, i)[0], lm)
     if peer:  # keras-hub sizes the cache from the ids it pre-fills
         padded = ops.pad(prompt[:, :position], [[0, 0], [0, cfg["max_sequence_length"] - position]])
@@ -93,47 +119,82 @@ def measure(quick: bool, modes: list[str]):
     """Yields one figure (a dict) at a time for the current backend."""
     from keras_primer.benchmarking import interleaved_train_step_seconds, machine_description
     from keras_primer.benchmarking.roofline import (
-        copy_bandwidth, decode_bytes_per_token, matmul_peak_flops, training_flops_per_token)
+        copy_bandwidth,
+        decode_bytes_per_token,
+        matmul_peak_flops,
+        training_flops_per_token,
+    )
 
     cfg = config(quick)
     about = {**machine_description(), "quick": quick}
     peak = matmul_peak_flops(cfg["matmul_size"])
     bandwidth = copy_bandwidth(cfg["copy_megabytes"])
-    yield {**about, "figure": "matmul_peak_gflop_per_s", "value": peak / 1e9,
-           "size": cfg["matmul_size"]}
+    yield {
+        **about,
+        "figure": "matmul_peak_gflop_per_s",
+        "value": peak / 1e9,
+        "size": cfg["matmul_size"],
+    }
     yield {**about, "figure": "copy_bandwidth_gb_per_s", "value": bandwidth / 1e9}
     flops_per_token = training_flops_per_token(
-        cfg["num_layers"], cfg["hidden_dim"], 4 * cfg["hidden_dim"], cfg["vocab"], cfg["context"])
+        cfg["num_layers"], cfg["hidden_dim"], 4 * cfg["hidden_dim"], cfg["vocab"], cfg["context"]
+    )
     tokens = cfg["batch"] * cfg["context"]
     models = None
     for mode in modes:
         try:
             models = build_models(cfg, COMPILE_MODES[mode])
             seconds = interleaved_train_step_seconds(
-                models, cfg["batch"], cfg["context"], cfg["vocab"], cfg["train_repeats"])
+                models, cfg["batch"], cfg["context"], cfg["vocab"], cfg["train_repeats"]
+            )
         except Exception as error:  # e.g. torch.compile unavailable: report, go on
-            yield {**about, "figure": "train_tokens_per_s", "compile": mode,
-                   "error": f"{type(error).__name__}: {error}"}
+            yield {
+                **about,
+                "figure": "train_tokens_per_s",
+                "compile": mode,
+                "error": f"{type(error).__name__}: {error}",
+            }
             continue
         for name, step in seconds.items():
-            yield {**about, "figure": "train_tokens_per_s", "compile": mode, "model": name,
-                   "value": tokens / step, "step_ms": 1e3 * step,
-                   "mfu": tokens / step * flops_per_token / peak}
-        yield {**about, "figure": "primer_ez_over_keras_hub_gpt2_tokens_per_s", "compile": mode,
-               "value": seconds[PEER] / seconds["primer_ez"]}
-        yield {**about, "figure": "primer_ez_over_transformer_baseline_tokens_per_s",
-               "compile": mode, "value": seconds["transformer_baseline"] / seconds["primer_ez"]}
+            yield {
+                **about,
+                "figure": "train_tokens_per_s",
+                "compile": mode,
+                "model": name,
+                "value": tokens / step,
+                "step_ms": 1e3 * step,
+                "mfu": tokens / step * flops_per_token / peak,
+            }
+        yield {
+            **about,
+            "figure": "primer_ez_over_keras_hub_gpt2_tokens_per_s",
+            "compile": mode,
+            "value": seconds[PEER] / seconds["primer_ez"],
+        }
+        yield {
+            **about,
+            "figure": "primer_ez_over_transformer_baseline_tokens_per_s",
+            "compile": mode,
+            "value": seconds["transformer_baseline"] / seconds["primer_ez"],
+        }
     if models is None:
         return
     for name in ("primer_ez", "transformer_baseline", PEER):
         lm = models[name]
         cached, uncached = decode_seconds(lm, cfg, peer=name == PEER)
         needed = decode_bytes_per_token(
-            lm.count_params(), cfg["num_layers"], cfg["hidden_dim"], cfg["position"])
-        yield {**about, "figure": "decode_ms_per_token", "model": name,
-               "position": cfg["position"], "cached_ms": 1e3 * cached,
-               "uncached_ms": 1e3 * uncached, "cached_over_uncached": cached / uncached,
-               "bandwidth_utilisation": needed / cached / bandwidth}
+            lm.count_params(), cfg["num_layers"], cfg["hidden_dim"], cfg["position"]
+        )
+        yield {
+            **about,
+            "figure": "decode_ms_per_token",
+            "model": name,
+            "position": cfg["position"],
+            "cached_ms": 1e3 * cached,
+            "uncached_ms": 1e3 * uncached,
+            "cached_over_uncached": cached / uncached,
+            "bandwidth_utilisation": needed / cached / bandwidth,
+        }
 
 
 def main() -> None:
@@ -141,8 +202,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny configuration")
     parser.add_argument("--backends", default="tensorflow,jax,torch")
     parser.add_argument("--modes", default="default,jit", help="compile modes: default,jit")
-    parser.add_argument("--single-backend", action="store_true",
-                        help="measure KERAS_BACKEND only, in this process")
+    parser.add_argument(
+        "--single-backend", action="store_true", help="measure KERAS_BACKEND only, in this process"
+    )
     args = parser.parse_args()
     extra = ["--modes", args.modes] + (["--quick"] if args.quick else [])
     if args.single_backend:

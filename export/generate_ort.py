@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate text with ONNX Runtime from `exported/onnx` (no Keras/TensorFlow needed at run time).
 
-    python export/generate_ort.py exported/onnx "ROMEO:" --max-new-tokens 64 --temperature 0.8 --top-p 0.9
+python export/generate_ort.py exported/onnx "ROMEO:" --max-new-tokens 64 --temperature 0.8 --top-p 0.9
 """
 
 import argparse
@@ -20,14 +20,22 @@ def main(argv=None):
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--int8", action="store_true")
-    parser.add_argument("--provider", action="append", default=None,
-                        help="ONNX Runtime provider (repeatable; default CUDA if available, else CPU)")
+    parser.add_argument(
+        "--provider",
+        action="append",
+        default=None,
+        help="ONNX Runtime provider (repeatable; default CUDA if available, else CPU)",
+    )
     args = parser.parse_args(argv)
     try:
         generator = OrtGenerator(args.onnx_dir, int8=args.int8, providers=args.provider)
         texts = generator.generate(
-            args.prompts, args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            args.prompts,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
         )
     except (ValueError, RuntimeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

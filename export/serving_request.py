@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Send a request to a running TF Serving (REST or gRPC).
 
-    python export/serving_request.py --model primer "ROMEO:" "JULIET:"
-    python export/serving_request.py --model primer --grpc localhost:8500 --max-new-tokens 16 --temperature 0.8 --top-k 20 "ROMEO:"
+python export/serving_request.py --model primer "ROMEO:" "JULIET:"
+python export/serving_request.py --model primer --grpc localhost:8500 --max-new-tokens 16 --temperature 0.8 --top-k 20 "ROMEO:"
 """
 
 import argparse
@@ -18,7 +18,9 @@ def main(argv=None):
     parser.add_argument("--model", default="primer")
     parser.add_argument("--host", default="localhost")
     parser.add_argument("--port", type=int, default=8501)
-    parser.add_argument("--grpc", default=None, help="host:port of the gRPC endpoint (default: use REST)")
+    parser.add_argument(
+        "--grpc", default=None, help="host:port of the gRPC endpoint (default: use REST)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
@@ -36,7 +38,9 @@ def main(argv=None):
         outputs = sc.predict_grpc(args.grpc, sc.grpc_request(args.model, signature, inputs))
         texts = [x.decode("utf-8") for x in outputs["outputs"]]
     else:
-        answer = sc.predict_rest(sc.rest_url(args.host, args.port, args.model), sc.rest_body(signature, inputs))
+        answer = sc.predict_rest(
+            sc.rest_url(args.host, args.port, args.model), sc.rest_body(signature, inputs)
+        )
         texts = answer["outputs"]["outputs"]
     print(json.dumps(texts, ensure_ascii=False, indent=2))
     return 0

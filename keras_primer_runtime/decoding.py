@@ -111,7 +111,9 @@ def check_max_new_tokens(max_new_tokens, longest_prompt=None, max_sequence_lengt
         # Python integers: no int32 wrap-around for values near 2**31.
         if int(longest_prompt) + int(max_new_tokens) > int(max_sequence_length):
             raise ValueError(
-                _received(LENGTH_ERROR.format(max_sequence_length=max_sequence_length), max_new_tokens)
+                _received(
+                    LENGTH_ERROR.format(max_sequence_length=max_sequence_length), max_new_tokens
+                )
             )
     return int(max_new_tokens)
 
@@ -224,7 +226,7 @@ class TokenizerSpec:
         return data
 
     @classmethod
-    def from_json(cls, data: dict) -> "TokenizerSpec":
+    def from_json(cls, data: dict) -> TokenizerSpec:
         """The spec written by `to_json`."""
         data = {k: v for k, v in data.items() if k != "special_ids"}
         data["extra_special_ids"] = tuple(data.get("extra_special_ids", ()))
@@ -319,5 +321,5 @@ class StateSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
-    def from_json(cls, data: dict) -> "StateSpec":
+    def from_json(cls, data: dict) -> StateSpec:
         return cls(data["name"], tuple(data["shape"]), data.get("dtype", "float32"))

@@ -90,12 +90,17 @@ class OrtGenerator:
         self.tokenizer, self.codec = decoding.load_tokenizer(onnx_dir)
         self.providers = list(providers or default_providers())
         if intra_op_num_threads is not None and (
-            isinstance(intra_op_num_threads, bool) or not isinstance(intra_op_num_threads, int)
+            isinstance(intra_op_num_threads, bool)
+            or not isinstance(intra_op_num_threads, int)
             or intra_op_num_threads < 1
         ):
-            raise ValueError(f"`intra_op_num_threads` must be an integer >= 1. Received: {intra_op_num_threads!r}")
+            raise ValueError(
+                f"`intra_op_num_threads` must be an integer >= 1. Received: {intra_op_num_threads!r}"
+            )
         self._threads = intra_op_num_threads
-        self._step = _session(os.path.join(onnx_dir, files["decoder_step" + suffix]), self.providers, self._threads)
+        self._step = _session(
+            os.path.join(onnx_dir, files["decoder_step" + suffix]), self.providers, self._threads
+        )
         self._device = "cuda" if self._step.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._full_path = os.path.join(onnx_dir, files["model" + suffix])
         self._full = None
@@ -110,9 +115,13 @@ class OrtGenerator:
     def _check_ids(self, token_ids, name="token_ids"):
         token_ids = np.asarray(token_ids)
         if token_ids.dtype.kind not in "iu":
-            raise ValueError(f"`{name}` must hold integer token ids; received dtype {token_ids.dtype}.")
+            raise ValueError(
+                f"`{name}` must hold integer token ids; received dtype {token_ids.dtype}."
+            )
         if token_ids.ndim != 2:
-            raise ValueError(f"`{name}` must have shape [batch, length]; received shape {token_ids.shape}.")
+            raise ValueError(
+                f"`{name}` must have shape [batch, length]; received shape {token_ids.shape}."
+            )
         if token_ids.shape[0] < 1 or token_ids.shape[1] < 1:
             raise ValueError(f"`{name}` must not be empty; received shape {token_ids.shape}.")
         if token_ids.min() < 0 or token_ids.max() >= self.vocabulary_size:
@@ -159,13 +168,17 @@ class OrtGenerator:
         binding = self._step.io_binding()
         alive = []  # NumPy buffers the bound OrtValues point to, until run
         binding.bind_cpu_input(self.io["input_ids"], token_ids)
-        binding.bind_cpu_input(self.io["cache_position"], np.asarray(position, np.int32).reshape(()))
+        binding.bind_cpu_input(
+            self.io["cache_position"], np.asarray(position, np.int32).reshape(())
+        )
         for t in self.state_tensors:
             value = state[t["past"]]
             if not isinstance(value, ort.OrtValue):
                 value = np.asarray(value)
                 if value.dtype != np.float32:
-                    raise ValueError(f"State `{t['past']}` must be float32; received {value.dtype}.")
+                    raise ValueError(
+                        f"State `{t['past']}` must be float32; received {value.dtype}."
+                    )
                 alive.append(value)
                 value = ort.OrtValue.ortvalue_from_numpy(value, self._device, 0)
             shape = value.shape()
@@ -196,8 +209,16 @@ class OrtGenerator:
         """Text of `ids` without special tokens."""
         return self.codec.decode(ids)
 
-    def generate(self, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=0,
-                 return_token_ids=False):
+    def generate(
+        self,
+        prompts,
+        max_new_tokens=32,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        return_token_ids=False,
+    ):
         """Prompt + completion strings (special tokens removed), as Keras does.
 
         Each prompt gets at most `max_new_tokens` new tokens and stops at the

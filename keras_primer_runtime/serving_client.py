@@ -28,7 +28,9 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 DEFAULT_MAX_NEW_TOKENS = 32
 
 
-def generate_inputs(prompts, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None):
+def generate_inputs(
+    prompts, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None
+):
     """Inputs of `generate` (prompts only) or `generate_with_options`.
 
     Returns `(signature_name, inputs)`. Any option given selects
@@ -81,7 +83,9 @@ def logits_inputs(token_ids, padding_mask=None):
         raise ValueError("`token_ids` contains a negative id.")
     padding_mask = np.ones_like(token_ids) if padding_mask is None else np.asarray(padding_mask)
     if padding_mask.shape != token_ids.shape:
-        raise ValueError(f"`padding_mask` must have shape {token_ids.shape}; received {padding_mask.shape}.")
+        raise ValueError(
+            f"`padding_mask` must have shape {token_ids.shape}; received {padding_mask.shape}."
+        )
     padding_mask = _int32_array(padding_mask, "padding_mask")
     if not np.isin(padding_mask, (0, 1)).all():
         raise ValueError("`padding_mask` must hold only 0 (padding) and 1 (token).")
@@ -126,9 +130,14 @@ def rest_body(signature, inputs, form="inputs"):
 def rest_inputs_to_numpy(signature, body):
     """What TF Serving feeds the signature for a REST body (for tests)."""
     dtypes = {
-        "token_ids": np.int32, "padding_mask": np.int32, "prompts": object,
-        "max_new_tokens": np.int32, "temperature": np.float32, "top_k": np.int32,
-        "top_p": np.float32, "seed": np.int32,
+        "token_ids": np.int32,
+        "padding_mask": np.int32,
+        "prompts": object,
+        "max_new_tokens": np.int32,
+        "temperature": np.float32,
+        "top_k": np.int32,
+        "top_p": np.float32,
+        "seed": np.int32,
     }
     if "inputs" in body:
         columns = body["inputs"]

@@ -12,18 +12,23 @@ NEW_TOKENS = 6
 SENTENCEPIECE_VOCAB = 320
 
 # A few KB of text to train a small SentencePiece model on, in the test.
-_WORDS = ("to be or not the question whether tis nobler in mind suffer slings arrows "
-          "outrageous fortune take arms against sea of troubles and by opposing end them "
-          "hello hi my lord good night sweet prince").split()
+_WORDS = (
+    "to be or not the question whether tis nobler in mind suffer slings arrows "
+    "outrageous fortune take arms against sea of troubles and by opposing end them "
+    "hello hi my lord good night sweet prince"
+).split()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sentencepiece_proto():
     """Proto of a 320-piece BPE model trained on ~15 KB of generated lines."""
     from keras_primer.data.tokenizers import train_sentencepiece
 
     rng = np.random.default_rng(0)
-    lines = [" ".join(rng.choice(_WORDS, size=rng.integers(4, 12))).capitalize() + "." for _ in range(300)]
+    lines = [
+        " ".join(rng.choice(_WORDS, size=rng.integers(4, 12))).capitalize() + "."
+        for _ in range(300)
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "text.txt")
         with open(path, "w") as f:
@@ -36,9 +41,17 @@ def make_lm(family="primer", tokenizer="bytes", seed=0, use_dconv=True):
     ("bytes" | "sentencepiece") and large random weights."""
     import keras
 
-    from keras_primer import PrimerBackbone, PrimerCausalLM, PrimerCausalLMPreprocessor, PrimerTokenizer
+    from keras_primer import (
+        PrimerBackbone,
+        PrimerCausalLM,
+        PrimerCausalLMPreprocessor,
+        PrimerTokenizer,
+    )
     from keras_primer.models.feedback import (
-        FeedbackBackbone, FeedbackCausalLM, FeedbackCausalLMPreprocessor, FeedbackTokenizer,
+        FeedbackBackbone,
+        FeedbackCausalLM,
+        FeedbackCausalLMPreprocessor,
+        FeedbackTokenizer,
     )
 
     keras.utils.set_random_seed(seed)
@@ -48,13 +61,23 @@ def make_lm(family="primer", tokenizer="bytes", seed=0, use_dconv=True):
         tok, vocab = PrimerSentencePieceTokenizer(proto=sentencepiece_proto()), SENTENCEPIECE_VOCAB
     else:
         tok, vocab = (PrimerTokenizer() if family == "primer" else FeedbackTokenizer()), 256
-    sizes = dict(vocabulary_size=vocab, num_layers=2, num_heads=2, hidden_dim=16,
-                 intermediate_dim=32, max_sequence_length=32)
+    sizes = dict(
+        vocabulary_size=vocab,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+    )
     if family == "primer":
-        lm = PrimerCausalLM(PrimerBackbone(use_dconv=use_dconv, **sizes),
-                            PrimerCausalLMPreprocessor(tok, sequence_length=32))
+        lm = PrimerCausalLM(
+            PrimerBackbone(use_dconv=use_dconv, **sizes),
+            PrimerCausalLMPreprocessor(tok, sequence_length=32),
+        )
     else:
-        lm = FeedbackCausalLM(FeedbackBackbone(**sizes), FeedbackCausalLMPreprocessor(tok, sequence_length=32))
+        lm = FeedbackCausalLM(
+            FeedbackBackbone(**sizes), FeedbackCausalLMPreprocessor(tok, sequence_length=32)
+        )
     return _randomize(lm, seed)
 
 
@@ -66,11 +89,14 @@ def make_model(use_dconv=True, seed=0):
 
 def _randomize(lm, seed):
     rng = np.random.default_rng(seed)
-    lm.set_weights([
-        (rng.normal(0, 0.3, w.shape) + (1.0 if "gamma" in v.path else 0.0)).astype("float32")
-        if w.ndim <= 1 else rng.normal(0, 0.3, w.shape).astype("float32")
-        for v, w in zip(lm.weights, lm.get_weights())
-    ])
+    lm.set_weights(
+        [
+            (rng.normal(0, 0.3, w.shape) + (1.0 if "gamma" in v.path else 0.0)).astype("float32")
+            if w.ndim <= 1
+            else rng.normal(0, 0.3, w.shape).astype("float32")
+            for v, w in zip(lm.weights, lm.get_weights())
+        ]
+    )
     return lm
 
 
@@ -100,10 +126,19 @@ def sample_ids(seed=0):
 # Prepended to scripts run in a fresh interpreter: `import name` (or of a
 # submodule) raises ImportError and `importlib.util.find_spec(name)` is None,
 # as if the package were not installed (TensorFlow probes for keras that way).
-BLOCK_IMPORTS = r'''
+BLOCK_IMPORTS = r"""
 import sys
 def block_imports(*names):
     for name in names:
         sys.modules[name] = None
-'''
-FRAMEWORKS = ("keras", "keras_hub", "keras_primer", "tensorflow", "tensorflow_text", "tf_keras", "jax", "torch")
+"""
+FRAMEWORKS = (
+    "keras",
+    "keras_hub",
+    "keras_primer",
+    "tensorflow",
+    "tensorflow_text",
+    "tf_keras",
+    "jax",
+    "torch",
+)

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from export_helpers import NEW_TOKENS, PROMPTS, keras_greedy, make_model, sample_ids
 
 pytestmark = pytest.mark.tensorflow_only
@@ -29,8 +28,15 @@ def exported(tmp_path_factory):
     written = export_model(model_path, str(root / "out"), int8=True, saved_model=False)
     token_ids, padding_mask = sample_ids()
     logits = keras.ops.convert_to_numpy(lm({"token_ids": token_ids, "padding_mask": padding_mask}))
-    return {"root": root, "lm": lm, "onnx": written["onnx"], "token_ids": token_ids,
-            "padding_mask": padding_mask, "logits": logits, "dir": str(root / "out" / "onnx")}
+    return {
+        "root": root,
+        "lm": lm,
+        "onnx": written["onnx"],
+        "token_ids": token_ids,
+        "padding_mask": padding_mask,
+        "logits": logits,
+        "dir": str(root / "out" / "onnx"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,10 @@ def test_files_ir_version_and_dynamic_axes(exported):
         assert os.path.exists(exported["onnx"][key]), key
     model = onnx.load(exported["onnx"]["model"])
     assert model.ir_version == 8
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in model.graph.input
+    }
     assert set(dims) == {"input_ids", "attention_mask"}
     assert all(isinstance(d, str) for d in dims["input_ids"])  # batch and length dynamic
     step = onnx.load(exported["onnx"]["decoder_step"])
@@ -55,27 +64,44 @@ def test_files_ir_version_and_dynamic_axes(exported):
     past = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
     assert [i.name for i in step.graph.input] == ["input_ids", "cache_position"] + past + [
-        "conv_state.0", "conv_state.1"]
+        "conv_state.0",
+        "conv_state.1",
+    ]
     assert [o.name for o in step.graph.output] == ["logits"] + present + [
-        "present_conv_state.0", "present_conv_state.1"]
+        "present_conv_state.0",
+        "present_conv_state.1",
+    ]
     key = [d.dim_param or d.dim_value for d in step.graph.input[2].type.tensor_type.shape.dim]
     assert isinstance(key[0], str) and isinstance(key[1], str) and key[2:] == [2, 8]
     conv = [d.dim_param or d.dim_value for d in step.graph.input[6].type.tensor_type.shape.dim]
     assert isinstance(conv[0], str) and conv[1:] == [3, 2, 2, 8]
     config = json.load(open(exported["onnx"]["config"]))
     assert config["family"] == "primer"
-    assert config["states"][1] == {"name": "conv", "shape": ["batch", 2, 3, 2, 2, 8], "dtype": "float32"}
-    assert config["tokenizer"]["kind"] == "bytes" and config["tokenizer"]["special_ids"] == [0, 2, 3]
+    assert config["states"][1] == {
+        "name": "conv",
+        "shape": ["batch", 2, 3, 2, 2, 8],
+        "dtype": "float32",
+    }
+    assert config["tokenizer"]["kind"] == "bytes" and config["tokenizer"]["special_ids"] == [
+        0,
+        2,
+        3,
+    ]
 
 
 def test_ort_logits_match_keras(exported, generator):
     np.testing.assert_allclose(
-        generator.logits(exported["token_ids"], exported["padding_mask"]), exported["logits"], atol=1e-4, rtol=0
+        generator.logits(exported["token_ids"], exported["padding_mask"]),
+        exported["logits"],
+        atol=1e-4,
+        rtol=0,
     )
     import keras
 
     ids = exported["token_ids"][:2, :5]
-    expected = keras.ops.convert_to_numpy(exported["lm"]({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
+    expected = keras.ops.convert_to_numpy(
+        exported["lm"]({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+    )
     np.testing.assert_allclose(generator.logits(ids), expected, atol=1e-4, rtol=0)
 
 
@@ -89,15 +115,25 @@ def test_decoder_step_matches_call_with_cache(exported, generator):
     step_logits, _, cache = lm.call_with_cache(ids[:, 5:6], cache, 5)
     state = generator.empty_state(2, 9)
     ort_logits, state = generator.step(ids[:, :5], 0, state)
-    np.testing.assert_allclose(ort_logits, keras.ops.convert_to_numpy(logits)[:, -1], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        ort_logits, keras.ops.convert_to_numpy(logits)[:, -1], atol=1e-4, rtol=0
+    )
     ort_logits, state = generator.step(ids[:, 5:6], 5, state)
-    np.testing.assert_allclose(ort_logits, keras.ops.convert_to_numpy(step_logits)[:, -1], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        ort_logits, keras.ops.convert_to_numpy(step_logits)[:, -1], atol=1e-4, rtol=0
+    )
     key_value, conv = (keras.ops.convert_to_numpy(cache[n]) for n in ("key_value", "conv"))
     for layer in range(2):
         for j, kind in enumerate(("key", "value")):
-            np.testing.assert_allclose(state[f"past_key_values.{layer}.{kind}"].numpy(),
-                                       key_value[:, layer, j], atol=1e-4, rtol=0)
-        np.testing.assert_allclose(state[f"conv_state.{layer}"].numpy(), conv[:, layer], atol=1e-4, rtol=0)
+            np.testing.assert_allclose(
+                state[f"past_key_values.{layer}.{kind}"].numpy(),
+                key_value[:, layer, j],
+                atol=1e-4,
+                rtol=0,
+            )
+        np.testing.assert_allclose(
+            state[f"conv_state.{layer}"].numpy(), conv[:, layer], atol=1e-4, rtol=0
+        )
 
 
 def test_ort_greedy_matches_keras_greedy(exported, generator):
@@ -111,18 +147,30 @@ def test_sampling_is_seeded(generator):
         a = generator.generate(PROMPTS, max_new_tokens=5, temperature=1.0, seed=1, **options)
         b = generator.generate(PROMPTS, max_new_tokens=5, temperature=1.0, seed=1, **options)
         assert a == b and all(x.startswith(p) for x, p in zip(a, PROMPTS))
-    ids = generator.generate(["Hi"], max_new_tokens=5, temperature=1.0, top_k=1, seed=3, return_token_ids=True)
-    assert ids == generator.generate(["Hi"], max_new_tokens=5, return_token_ids=True)  # top_k=1 is greedy
+    ids = generator.generate(
+        ["Hi"], max_new_tokens=5, temperature=1.0, top_k=1, seed=3, return_token_ids=True
+    )
+    assert ids == generator.generate(
+        ["Hi"], max_new_tokens=5, return_token_ids=True
+    )  # top_k=1 is greedy
 
 
 def test_int8_agreement_is_reported(exported, record_property):
     from keras_primer.export.onnx_export import int8_agreement
     from keras_primer_runtime.ort_generator import OrtGenerator
 
-    report = int8_agreement(exported["onnx"]["model"], exported["onnx"]["model_int8"],
-                            exported["token_ids"], exported["padding_mask"])
-    fp32 = OrtGenerator(exported["dir"]).generate(PROMPTS, max_new_tokens=NEW_TOKENS, return_token_ids=True)
-    int8 = OrtGenerator(exported["dir"], int8=True).generate(PROMPTS, max_new_tokens=NEW_TOKENS, return_token_ids=True)
+    report = int8_agreement(
+        exported["onnx"]["model"],
+        exported["onnx"]["model_int8"],
+        exported["token_ids"],
+        exported["padding_mask"],
+    )
+    fp32 = OrtGenerator(exported["dir"]).generate(
+        PROMPTS, max_new_tokens=NEW_TOKENS, return_token_ids=True
+    )
+    int8 = OrtGenerator(exported["dir"], int8=True).generate(
+        PROMPTS, max_new_tokens=NEW_TOKENS, return_token_ids=True
+    )
     same = [a == b for a, b in zip(fp32, int8)]
     report["greedy_sequences_identical"] = f"{sum(same)}/{len(same)}"
     record_property("int8_report", json.dumps(report))
@@ -154,8 +202,11 @@ def test_bad_inputs_give_clear_errors(generator):
         generator.generate(["ok"], temperature=1.0, top_p=0.0)
     state = generator.empty_state(1, 4)
     with pytest.raises(ValueError, match="float32"):
-        generator.step(np.ones((1, 1), "int32"), 0,
-                       dict(state, **{"conv_state.0": state["conv_state.0"].astype("float64")}))
+        generator.step(
+            np.ones((1, 1), "int32"),
+            0,
+            dict(state, **{"conv_state.0": state["conv_state.0"].astype("float64")}),
+        )
     with pytest.raises(ValueError, match="batch"):
         generator.step(np.ones((2, 1), "int32"), 0, state)
 
@@ -165,8 +216,11 @@ def test_cuda_provider_preferred_when_available(monkeypatch):
 
     from keras_primer_runtime import ort_generator
 
-    monkeypatch.setattr(onnxruntime, "get_available_providers",
-                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        onnxruntime,
+        "get_available_providers",
+        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
     assert ort_generator.default_providers()[0] == "CUDAExecutionProvider"
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert ort_generator.default_providers() == ["CPUExecutionProvider"]
@@ -181,17 +235,27 @@ def test_cuda_requested_but_not_loadable_is_loud(exported, monkeypatch):
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
-            OrtGenerator(exported["dir"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(onnxruntime, "get_available_providers",
-                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+            OrtGenerator(
+                exported["dir"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+            )
+    monkeypatch.setattr(
+        onnxruntime,
+        "get_available_providers",
+        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
     real = onnxruntime.InferenceSession
 
     class CpuOnly(real):
         def get_providers(self):
             return ["CPUExecutionProvider"]
 
-    monkeypatch.setattr(onnxruntime, "InferenceSession",
-                        lambda path, *args, providers=None: CpuOnly(path, *args, providers=["CPUExecutionProvider"]))
+    monkeypatch.setattr(
+        onnxruntime,
+        "InferenceSession",
+        lambda path, *args, providers=None: CpuOnly(
+            path, *args, providers=["CPUExecutionProvider"]
+        ),
+    )
     with pytest.raises(RuntimeError, match="could not load"):
         OrtGenerator(exported["dir"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 
@@ -199,13 +263,17 @@ def test_cuda_requested_but_not_loadable_is_loud(exported, monkeypatch):
 def test_single_thread_session_gives_the_same_text(exported, generator):
     from keras_primer_runtime.ort_generator import OrtGenerator
 
-    single = OrtGenerator(exported["dir"], providers=["CPUExecutionProvider"], intra_op_num_threads=1)
-    assert single.generate(PROMPTS, max_new_tokens=NEW_TOKENS) == generator.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    single = OrtGenerator(
+        exported["dir"], providers=["CPUExecutionProvider"], intra_op_num_threads=1
+    )
+    assert single.generate(PROMPTS, max_new_tokens=NEW_TOKENS) == generator.generate(
+        PROMPTS, max_new_tokens=NEW_TOKENS
+    )
     with pytest.raises(ValueError, match="intra_op_num_threads"):
         OrtGenerator(exported["dir"], intra_op_num_threads=0)
 
 
-OTHER_BACKEND_SCRIPT = r'''
+OTHER_BACKEND_SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import keras, numpy as np
@@ -220,7 +288,7 @@ ids, mask = sample_ids()
 np.save(root + "/logits.npy", keras.ops.convert_to_numpy(lm({"token_ids": ids, "padding_mask": mask})))
 if sys.argv[3] == "export":  # the exporter starts its own TensorFlow subprocess
     print(json.dumps(export_model(root + "/trained.keras", root + "/out", name="trained", onnx=False)))
-'''
+"""
 
 
 def _op_types(path):
@@ -240,25 +308,37 @@ def test_model_trained_on_other_backend(backend, where, exported, tmp_path):
     from keras_primer_runtime.ort_generator import OrtGenerator
 
     env = dict(os.environ, KERAS_BACKEND=backend)
-    result = subprocess.run([sys.executable, "-c", OTHER_BACKEND_SCRIPT, TESTS_DIR, str(tmp_path), where],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", OTHER_BACKEND_SCRIPT, TESTS_DIR, str(tmp_path), where],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     if where == "export":
         written = json.loads(result.stdout.strip().splitlines()[-1])
     else:
-        written = export_model(str(tmp_path / "trained.keras"), str(tmp_path / "out"), name="trained")
+        written = export_model(
+            str(tmp_path / "trained.keras"), str(tmp_path / "out"), name="trained"
+        )
     expected = np.load(tmp_path / "logits.npy")
-    assert np.abs(expected - exported["logits"]).max() > 1e-4  # the training step changed the weights
+    assert (
+        np.abs(expected - exported["logits"]).max() > 1e-4
+    )  # the training step changed the weights
     if "onnx" in written:
         ort_logits = OrtGenerator(written["onnx"]["config"].rsplit("/", 1)[0]).logits(
-            exported["token_ids"], exported["padding_mask"])
+            exported["token_ids"], exported["padding_mask"]
+        )
         np.testing.assert_allclose(ort_logits, expected, atol=1e-4, rtol=0)
         # Same artefacts as the TensorFlow-trained export.
         for key in ("model", "decoder_step"):
             assert _op_types(written["onnx"][key]) == _op_types(exported["onnx"][key]), key
     loaded = tf.saved_model.load(written["saved_model"])
     sm_logits = loaded.signatures["serving_default"](
-        token_ids=tf.constant(exported["token_ids"]), padding_mask=tf.constant(exported["padding_mask"]))["logits"]
+        token_ids=tf.constant(exported["token_ids"]),
+        padding_mask=tf.constant(exported["padding_mask"]),
+    )["logits"]
     np.testing.assert_allclose(sm_logits.numpy(), expected, atol=1e-4, rtol=0)
     assert sorted(loaded.signatures) == ["generate", "generate_with_options", "serving_default"]
 
@@ -270,33 +350,55 @@ def test_feedback_model_exports(tmp_path):
     import tensorflow as tf
 
     from keras_primer.export import export_model
-    from keras_primer_runtime.ort_generator import OrtGenerator
     from keras_primer.models.feedback import (
         FeedbackBackbone,
         FeedbackCausalLM,
         FeedbackCausalLMPreprocessor,
         FeedbackTokenizer,
     )
+    from keras_primer_runtime.ort_generator import OrtGenerator
 
-    backbone = FeedbackBackbone(vocabulary_size=256, num_layers=2, num_heads=2, hidden_dim=16,
-                                intermediate_dim=32, max_sequence_length=32)
-    lm = FeedbackCausalLM(backbone, FeedbackCausalLMPreprocessor(FeedbackTokenizer(), sequence_length=32))
+    backbone = FeedbackBackbone(
+        vocabulary_size=256,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+    )
+    lm = FeedbackCausalLM(
+        backbone, FeedbackCausalLMPreprocessor(FeedbackTokenizer(), sequence_length=32)
+    )
     rng = np.random.default_rng(1)
-    lm.set_weights([(rng.normal(0, 0.3, w.shape) + (1.0 if "gamma" in v.path else 0.0)).astype("float32")
-                    for v, w in zip(lm.weights, lm.get_weights())])
+    lm.set_weights(
+        [
+            (rng.normal(0, 0.3, w.shape) + (1.0 if "gamma" in v.path else 0.0)).astype("float32")
+            for v, w in zip(lm.weights, lm.get_weights())
+        ]
+    )
     lm.save(str(tmp_path / "feedback.keras"))
-    written = export_model(str(tmp_path / "feedback.keras"), str(tmp_path / "out"), max_new_tokens=4)
+    written = export_model(
+        str(tmp_path / "feedback.keras"), str(tmp_path / "out"), max_new_tokens=4
+    )
     config = json.load(open(written["onnx"]["config"]))
-    assert config["family"] == "feedback" and [s["name"] for s in config["states"]] == ["key", "value"]
+    assert config["family"] == "feedback" and [s["name"] for s in config["states"]] == [
+        "key",
+        "value",
+    ]
 
     token_ids, padding_mask = sample_ids()
     padding_mask = np.ones_like(padding_mask)
-    expected = keras.ops.convert_to_numpy(lm({"token_ids": token_ids, "padding_mask": padding_mask}))
+    expected = keras.ops.convert_to_numpy(
+        lm({"token_ids": token_ids, "padding_mask": padding_mask})
+    )
     generator = OrtGenerator(os.path.dirname(written["onnx"]["config"]))
-    np.testing.assert_allclose(generator.logits(token_ids, padding_mask), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        generator.logits(token_ids, padding_mask), expected, atol=1e-4, rtol=0
+    )
     loaded = tf.saved_model.load(written["saved_model"])
     sm_logits = loaded.signatures["serving_default"](
-        token_ids=tf.constant(token_ids), padding_mask=tf.constant(padding_mask))["logits"].numpy()
+        token_ids=tf.constant(token_ids), padding_mask=tf.constant(padding_mask)
+    )["logits"].numpy()
     np.testing.assert_allclose(sm_logits, expected, atol=1e-4, rtol=0)
 
     greedy = keras_greedy(lm, PROMPTS[:2], 4)

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from export_helpers import NEW_TOKENS, PROMPTS, keras_greedy, make_model, sample_ids
 
 pytestmark = pytest.mark.tensorflow_only
@@ -17,7 +16,7 @@ pytestmark = pytest.mark.tensorflow_only
 # Runs in a fresh interpreter in which keras, keras_hub, keras_primer and
 # tensorflow_text cannot be imported: walks the graph against the core op
 # registry, loads the SavedModel, calls both signatures, replays warmup.
-FRESH_SCRIPT = r'''
+FRESH_SCRIPT = r"""
 import json, os, sys
 BLOCKED = ("keras", "keras_hub", "keras_primer", "tensorflow_text", "tf_keras")
 for name in BLOCKED:  # `import name` raises ImportError, find_spec(name) is None
@@ -76,7 +75,7 @@ try:
 except ImportError:
     pass
 json.dump(res, open(out_path, "w"))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +90,30 @@ def exported(tmp_path_factory):
     lm.save(model_path)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        rc = command.main([model_path, "--out", str(root / "out"), "--name", "tiny", "--version", "3",
-                           "--max-new-tokens", "4", "--no-onnx"])
+        rc = command.main(
+            [
+                model_path,
+                "--out",
+                str(root / "out"),
+                "--name",
+                "tiny",
+                "--version",
+                "3",
+                "--max-new-tokens",
+                "4",
+                "--no-onnx",
+            ]
+        )
     assert rc == 0
     token_ids, padding_mask = sample_ids()
     logits = keras.ops.convert_to_numpy(lm({"token_ids": token_ids, "padding_mask": padding_mask}))
     return {
-        "root": root, "stdout": stdout.getvalue(), "lm": lm, "token_ids": token_ids,
-        "padding_mask": padding_mask, "logits": logits,
+        "root": root,
+        "stdout": stdout.getvalue(),
+        "lm": lm,
+        "token_ids": token_ids,
+        "padding_mask": padding_mask,
+        "logits": logits,
         "sm_dir": str(root / "out" / "serving" / "tiny" / "3"),
     }
 
@@ -106,12 +121,24 @@ def exported(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fresh(exported):
     root = exported["root"]
-    np.savez(root / "tokens.npz", token_ids=exported["token_ids"], padding_mask=exported["padding_mask"])
+    np.savez(
+        root / "tokens.npz", token_ids=exported["token_ids"], padding_mask=exported["padding_mask"]
+    )
     env = dict(os.environ, PROMPTS=json.dumps(PROMPTS), NEW_TOKENS=str(NEW_TOKENS))
     env.pop("KERAS_BACKEND", None)
     result = subprocess.run(
-        [sys.executable, "-c", FRESH_SCRIPT, exported["sm_dir"], str(root / "tokens.npz"), str(root / "fresh.json")],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            FRESH_SCRIPT,
+            exported["sm_dir"],
+            str(root / "tokens.npz"),
+            str(root / "fresh.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((root / "fresh.json").read_text())
@@ -162,7 +189,9 @@ def test_graph_rules_hold_and_catch_py_function(exported, tmp_path):
     with pytest.raises(ValueError, match="EagerPyFunc"):
         check_graph(str(tmp_path / "bad"))
 
-    module.g = tf.function(lambda x: x * 2, jit_compile=True, input_signature=[tf.TensorSpec([None], tf.float32)])
+    module.g = tf.function(
+        lambda x: x * 2, jit_compile=True, input_signature=[tf.TensorSpec([None], tf.float32)]
+    )
     tf.saved_model.save(module, str(tmp_path / "xla"), signatures=module.g.get_concrete_function())
     with pytest.raises(ValueError, match="_XlaMustCompile"):
         check_graph(str(tmp_path / "xla"))
@@ -173,13 +202,22 @@ def test_fresh_process_without_keras(exported, fresh):
     assert fresh["bad_ops"] == [], fresh["bad_ops"]
     assert {"serving_default", "generate", "generate_with_options"} <= set(fresh["signatures"])
     np.testing.assert_allclose(np.array(fresh["logits"]), exported["logits"], atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.array(fresh["logits_short"]), exported["logits"][:1, :4] * 0
-                               + np.array(fresh["logits_short"]), atol=0)
+    np.testing.assert_allclose(
+        np.array(fresh["logits_short"]),
+        exported["logits"][:1, :4] * 0 + np.array(fresh["logits_short"]),
+        atol=0,
+    )
     lm = exported["lm"]
     import keras
 
-    short = keras.ops.convert_to_numpy(lm({"token_ids": exported["token_ids"][:1, :4],
-                                            "padding_mask": exported["padding_mask"][:1, :4]}))
+    short = keras.ops.convert_to_numpy(
+        lm(
+            {
+                "token_ids": exported["token_ids"][:1, :4],
+                "padding_mask": exported["padding_mask"][:1, :4],
+            }
+        )
+    )
     np.testing.assert_allclose(np.array(fresh["logits_short"]), short, atol=1e-4, rtol=0)
 
 
@@ -203,12 +241,19 @@ def test_bad_generate_inputs_give_clear_errors(loaded):
 
     generate = loaded.signatures["generate"]
     options = loaded.signatures["generate_with_options"]
-    kwargs = dict(temperature=tf.constant(0.0), top_k=tf.constant(0), top_p=tf.constant(1.0), seed=tf.constant(0))
+    kwargs = dict(
+        temperature=tf.constant(0.0),
+        top_k=tf.constant(0),
+        top_p=tf.constant(1.0),
+        seed=tf.constant(0),
+    )
     with pytest.raises(tf.errors.InvalidArgumentError, match="non-empty string"):
         generate(prompts=tf.constant(["ok", ""]))
     with pytest.raises(tf.errors.InvalidArgumentError, match="non-empty list of strings"):
         generate(prompts=tf.constant([], tf.string))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="max_new_tokens` must be an integer >= 1"):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="max_new_tokens` must be an integer >= 1"
+    ):
         options(prompts=tf.constant(["ok"]), max_new_tokens=tf.constant(0), **kwargs)
     with pytest.raises(tf.errors.InvalidArgumentError, match="max_sequence_length=32"):
         options(prompts=tf.constant(["ok"]), max_new_tokens=tf.constant(40), **kwargs)
@@ -217,8 +262,11 @@ def test_bad_generate_inputs_give_clear_errors(loaded):
         with pytest.raises(tf.errors.InvalidArgumentError, match="max_sequence_length=32"):
             options(prompts=tf.constant(["ok"]), max_new_tokens=tf.constant(huge), **kwargs)
     with pytest.raises(tf.errors.InvalidArgumentError, match="top_p"):
-        options(prompts=tf.constant(["ok"]), max_new_tokens=tf.constant(2),
-                **dict(kwargs, top_p=tf.constant(1.5)))
+        options(
+            prompts=tf.constant(["ok"]),
+            max_new_tokens=tf.constant(2),
+            **dict(kwargs, top_p=tf.constant(1.5)),
+        )
     with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
         generate(prompts=tf.constant([1, 2]))
     # Still serving after the errors.
@@ -243,8 +291,13 @@ def test_sampling_options_are_seeded_and_bounded(loaded):
     import tensorflow as tf
 
     options = loaded.signatures["generate_with_options"]
-    kwargs = dict(prompts=tf.constant(["Hi", "To be"]), max_new_tokens=tf.constant(5),
-                  temperature=tf.constant(1.0), top_k=tf.constant(3), top_p=tf.constant(0.9))
+    kwargs = dict(
+        prompts=tf.constant(["Hi", "To be"]),
+        max_new_tokens=tf.constant(5),
+        temperature=tf.constant(1.0),
+        top_k=tf.constant(3),
+        top_p=tf.constant(0.9),
+    )
     a = options(seed=tf.constant(7), **kwargs)
     b = options(seed=tf.constant(7), **kwargs)
     assert a["outputs"].numpy().tolist() == b["outputs"].numpy().tolist()
@@ -265,18 +318,27 @@ def test_rest_and_grpc_client_requests(exported, loaded):
         json.dumps(body)
         feeds = sc.rest_inputs_to_numpy(signature, body)
         out = loaded.signatures[signature](**{k: tf.constant(v) for k, v in feeds.items()})
-        assert [x.decode() for x in out["outputs"].numpy()] == keras_greedy(exported["lm"], PROMPTS[:2], 4)
+        assert [x.decode() for x in out["outputs"].numpy()] == keras_greedy(
+            exported["lm"], PROMPTS[:2], 4
+        )
     signature, inputs = sc.logits_inputs(exported["token_ids"], exported["padding_mask"])
     for form in ("instances", "inputs"):
         feeds = sc.rest_inputs_to_numpy(signature, sc.rest_body(signature, inputs, form=form))
         out = loaded.signatures[signature](**{k: tf.constant(v) for k, v in feeds.items()})
         np.testing.assert_allclose(out["logits"].numpy(), exported["logits"], atol=1e-4, rtol=0)
-    signature, inputs = sc.generate_inputs(["Hi"], max_new_tokens=3, temperature=0.7, top_k=4, seed=3)
+    signature, inputs = sc.generate_inputs(
+        ["Hi"], max_new_tokens=3, temperature=0.7, top_k=4, seed=3
+    )
     request = sc.grpc_request("tiny", signature, inputs, version=3)
     assert request.model_spec.signature_name == "generate_with_options"
-    out = loaded.signatures[signature](**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
+    out = loaded.signatures[signature](
+        **{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+    )
     assert out["num_new_tokens"].numpy()[0] <= 3
-    assert sc.rest_url("localhost", 8501, "tiny", 3) == "http://localhost:8501/v1/models/tiny/versions/3:predict"
+    assert (
+        sc.rest_url("localhost", 8501, "tiny", 3)
+        == "http://localhost:8501/v1/models/tiny/versions/3:predict"
+    )
     with pytest.raises(ValueError, match="instances"):
         sc.rest_body(signature, inputs, form="instances")
     with pytest.raises(ValueError, match="empty"):
@@ -310,19 +372,48 @@ def test_saved_model_cli_show_and_run(exported, tmp_path):
     sm_dir = exported["sm_dir"]
     shown = _cli("show", "--dir", sm_dir, "--all")
     assert shown.returncode == 0, shown.stderr[-2000:]
-    for text in ("signature_def['serving_default']", "signature_def['generate']",
-                 "inputs['token_ids']", "inputs['prompts']", "outputs['logits']", "(-1, -1, 256)"):
+    for text in (
+        "signature_def['serving_default']",
+        "signature_def['generate']",
+        "inputs['token_ids']",
+        "inputs['prompts']",
+        "outputs['logits']",
+        "(-1, -1, 256)",
+    ):
         assert text in shown.stdout, text
     np.save(tmp_path / "ids.npy", exported["token_ids"])
     np.save(tmp_path / "mask.npy", exported["padding_mask"])
-    ran = _cli("run", "--dir", sm_dir, "--tag_set", "serve", "--signature_def", "serving_default",
-               "--inputs", f"token_ids={tmp_path / 'ids.npy'};padding_mask={tmp_path / 'mask.npy'}",
-               "--outdir", str(tmp_path / "logits"))
+    ran = _cli(
+        "run",
+        "--dir",
+        sm_dir,
+        "--tag_set",
+        "serve",
+        "--signature_def",
+        "serving_default",
+        "--inputs",
+        f"token_ids={tmp_path / 'ids.npy'};padding_mask={tmp_path / 'mask.npy'}",
+        "--outdir",
+        str(tmp_path / "logits"),
+    )
     assert ran.returncode == 0, ran.stderr[-2000:]
-    np.testing.assert_allclose(np.load(tmp_path / "logits" / "logits.npy"), exported["logits"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "logits" / "logits.npy"), exported["logits"], atol=1e-4, rtol=0
+    )
     np.save(tmp_path / "prompts.npy", np.array([p.encode() for p in PROMPTS[:2]]))
-    ran = _cli("run", "--dir", sm_dir, "--tag_set", "serve", "--signature_def", "generate",
-               "--inputs", f"prompts={tmp_path / 'prompts.npy'}", "--outdir", str(tmp_path / "gen"))
+    ran = _cli(
+        "run",
+        "--dir",
+        sm_dir,
+        "--tag_set",
+        "serve",
+        "--signature_def",
+        "generate",
+        "--inputs",
+        f"prompts={tmp_path / 'prompts.npy'}",
+        "--outdir",
+        str(tmp_path / "gen"),
+    )
     assert ran.returncode == 0, ran.stderr[-2000:]
     outputs = [x.decode() for x in np.load(tmp_path / "gen" / "outputs.npy", allow_pickle=True)]
     assert outputs == keras_greedy(exported["lm"], PROMPTS[:2], 4)
@@ -333,7 +424,10 @@ def test_export_refuses_existing_version_and_bad_file(exported, capsys):
 
     model_path = str(exported["root"] / "tiny.keras")
     out = str(exported["root"] / "out")
-    assert command.main([model_path, "--out", out, "--name", "tiny", "--version", "3", "--no-onnx"]) == 2
+    assert (
+        command.main([model_path, "--out", out, "--name", "tiny", "--version", "3", "--no-onnx"])
+        == 2
+    )
     assert "already exists: pass --overwrite" in capsys.readouterr().err
     assert command.main([str(exported["root"] / "missing.keras"), "--out", out]) == 2
     assert "No model file" in capsys.readouterr().err

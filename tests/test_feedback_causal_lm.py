@@ -91,9 +91,7 @@ def test_generate_greedy_equals_argmax_of_full_forward():
     for row, n in enumerate(prompt_lengths):
         token_ids[row, :n] = prompts[row, :n]
         padding_mask[row, :n] = 1
-    out = lm.generate(
-        {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=None
-    )
+    out = lm.generate({"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=None)
     generated = np.asarray(out["token_ids"])
     # Greedy decoding by the training-time forward: right padding does not
     # change earlier positions, so one fixed shape serves every step.
@@ -143,9 +141,13 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="longer than the model's max_sequence_length"):
         backbone(_inputs(np.zeros((1, MAX_LEN + 1), "int32")))
     with pytest.raises(ValueError, match="rank 2"):
-        backbone({"token_ids": np.zeros((1, 2, 3), "int32"), "padding_mask": np.ones((1, 2), "int32")})
+        backbone(
+            {"token_ids": np.zeros((1, 2, 3), "int32"), "padding_mask": np.ones((1, 2), "int32")}
+        )
     with pytest.raises(ValueError, match="integer token ids"):
-        backbone({"token_ids": np.zeros((1, 4), "float32"), "padding_mask": np.ones((1, 4), "int32")})
+        backbone(
+            {"token_ids": np.zeros((1, 4), "float32"), "padding_mask": np.ones((1, 4), "int32")}
+        )
     with pytest.raises(ValueError, match="padding_mask"):
         backbone({"token_ids": np.zeros((1, 4), "int32"), "padding_mask": np.ones((1, 5), "int32")})
     lm = FeedbackCausalLM(

@@ -64,9 +64,11 @@ def reference_forward(stack, x):
     memory at every step and layer. Returns (outputs, memory, layer_outputs)."""
     x = _np(x)
     batch, length, hidden = x.shape
-    heads, head_dim = stack.num_heads, stack.head_dim
-    act = (lambda u: np.maximum(u, 0) ** 2) if stack.activation is squared_relu else (
-        lambda u: np.maximum(u, 0)
+    head_dim = stack.head_dim
+    act = (
+        (lambda u: np.maximum(u, 0) ** 2)
+        if stack.activation is squared_relu
+        else (lambda u: np.maximum(u, 0))
     )
     mixing = _softmax(_np(stack.layer_weights))
     wk, wv = _np(stack.key_dense.kernel), _np(stack.value_dense.kernel)
@@ -86,8 +88,11 @@ def reference_forward(stack, x):
                 values = np.einsum("bsd,dhk->bshk", mem, wv[:, g])
                 if vb is not None:
                     values = values + vb[g]
-                q = np.einsum("bd,dhk->bhk", _layer_norm(h, stack.attention_norms[i]),
-                              _np(attention.query_dense.kernel))
+                q = np.einsum(
+                    "bd,dhk->bhk",
+                    _layer_norm(h, stack.attention_norms[i]),
+                    _np(attention.query_dense.kernel),
+                )
                 rows = np.clip(t - np.arange(starts, t) - 1, 0, attention.max_relative_distance - 1)
                 p = _np(attention.relative_key_embedding)[rows]
                 s = _np(attention.relative_bias)[rows]
@@ -98,9 +103,11 @@ def reference_forward(stack, x):
                 ) / np.sqrt(head_dim)
                 probs = _softmax(scores)
                 attended = np.einsum("bhs,bshk->bhk", probs, values)
-                h = h + np.einsum(
-                    "bhk,hkd->bd", attended, _np(attention.output_dense.kernel)
-                ) + _np(attention.output_dense.bias)
+                h = (
+                    h
+                    + np.einsum("bhk,hkd->bd", attended, _np(attention.output_dense.kernel))
+                    + _np(attention.output_dense.bias)
+                )
             ffn = stack.feed_forwards[i]
             u = _layer_norm(h, stack.feed_forward_norms[i])
             u = act(u @ _np(ffn.intermediate_dense.kernel) + _np(ffn.intermediate_dense.bias))
@@ -334,8 +341,9 @@ def test_config_round_trip():
 
 def test_bad_memory_window():
     with pytest.raises(ValueError, match="memory_window"):
-        FeedbackStack(num_layers=1, num_heads=2, intermediate_dim=8, max_sequence_length=8,
-                      memory_window=0)
+        FeedbackStack(
+            num_layers=1, num_heads=2, intermediate_dim=8, max_sequence_length=8, memory_window=0
+        )
 
 
 def test_dropout_seed_follows_keras_global_seed():

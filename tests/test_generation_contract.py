@@ -11,8 +11,8 @@ import sys
 import keras
 import numpy as np
 import pytest
+from export_helpers import BLOCK_IMPORTS, FRAMEWORKS, make_lm
 
-from export_helpers import BLOCK_IMPORTS, FRAMEWORKS, PROMPTS, make_lm
 from keras_primer_runtime import decoding
 
 OPTIONS = [
@@ -58,7 +58,9 @@ def test_filtered_distribution_oracle():
     logits = np.array([[2.0, 1.0, 0.0, -1.0]], "float32")
     p = np.exp(logits[0]) / np.exp(logits[0]).sum()  # 0.644, 0.237, 0.087, 0.032
     got = decoding.filtered_probabilities(logits, decoding.check_sampling(1.0, top_p=0.7))
-    np.testing.assert_allclose(got[0], [p[0] / (p[0] + p[1]), p[1] / (p[0] + p[1]), 0, 0], atol=1e-6)
+    np.testing.assert_allclose(
+        got[0], [p[0] / (p[0] + p[1]), p[1] / (p[0] + p[1]), 0, 0], atol=1e-6
+    )
     got = decoding.filtered_probabilities(logits[:, ::-1], decoding.check_sampling(1.0, top_k=1))
     np.testing.assert_allclose(got[0], [0, 0, 0, 1], atol=0)
 
@@ -72,8 +74,12 @@ def test_filtered_distribution_savedmodel_graph_matches(options):
     from keras_primer.generation import filtered_probabilities
 
     graph_fn = tf.function(filtered_probabilities, jit_compile=False, autograph=False)
-    got = graph_fn(tf.constant(_logits(1)), tf.constant(options["temperature"]),
-                   tf.constant(options["top_k"]), tf.constant(options["top_p"])).numpy()
+    got = graph_fn(
+        tf.constant(_logits(1)),
+        tf.constant(options["temperature"]),
+        tf.constant(options["top_k"]),
+        tf.constant(options["top_p"]),
+    ).numpy()
     expected = decoding.filtered_probabilities(_logits(1), decoding.check_sampling(**options))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
@@ -92,16 +98,26 @@ def test_bad_options_same_text_in_keras_and_runtime(bad, message):
     assert str(keras_error.value) == str(runtime_error.value)
     # keras-hub samplers given to `compile` go through the same checks.
     if bad.get("top_k", 0) >= 0:
-        sampler = TopPSampler(p=bad.get("top_p", 0.9), k=bad.get("top_k") or None,
-                              temperature=bad.get("temperature", 1.0))
+        sampler = TopPSampler(
+            p=bad.get("top_p", 0.9),
+            k=bad.get("top_k") or None,
+            temperature=bad.get("temperature", 1.0),
+        )
         with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
             check_sampler(sampler)
     with pytest.raises(ValueError, match="top_k"):
         check_sampler(TopKSampler(k=-1))
 
 
-@pytest.mark.parametrize("sampler_args", [dict(p=0.0), dict(p=1.5), dict(p=0.9, temperature=-1.0),
-                                          dict(p=0.9, temperature=float("nan"))])
+@pytest.mark.parametrize(
+    "sampler_args",
+    [
+        dict(p=0.0),
+        dict(p=1.5),
+        dict(p=0.9, temperature=-1.0),
+        dict(p=0.9, temperature=float("nan")),
+    ],
+)
 def test_keras_generate_refuses_bad_keras_hub_sampler(sampler_args):
     """Regression (issue 12): these were accepted and gave garbage (or, with
     NaN, an empty completion on JAX)."""
@@ -146,7 +162,12 @@ def test_tokenizer_spec_round_trip_and_refusals():
     from keras_primer.models.primer.primer_causal_lm_preprocessor import PrimerCausalLMPreprocessor
 
     spec, proto = tokenizer_spec(make_lm("primer", "bytes"))
-    assert (spec.kind, spec.vocabulary_size, spec.special_ids, proto) == ("bytes", 256, [0, 2, 3], None)
+    assert (spec.kind, spec.vocabulary_size, spec.special_ids, proto) == (
+        "bytes",
+        256,
+        [0, 2, 3],
+        None,
+    )
     assert decoding.TokenizerSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
     spec, proto = tokenizer_spec(make_lm("feedback", "sentencepiece"))
     assert spec.kind == "sentencepiece" and proto[:2] and spec.special_ids == [0, 2, 3]
@@ -168,7 +189,9 @@ def test_length_and_prompt_checks():
     for bad in (0, -1, 1.5, True, "3"):
         with pytest.raises(ValueError, match="max_new_tokens"):
             decoding.check_max_new_tokens(bad)
-    with pytest.raises(ValueError, match=decoding.EMPTY_PROMPT_ERROR.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ValueError, match=decoding.EMPTY_PROMPT_ERROR.replace("(", r"\(").replace(")", r"\)")
+    ):
         decoding.check_prompts(["a", ""])
     for bad in ([], [3], None):
         with pytest.raises(ValueError, match="list of strings"):
@@ -178,7 +201,9 @@ def test_length_and_prompt_checks():
 @pytest.mark.tensorflow_only
 def test_runtime_imports_without_any_framework():
     """`keras_primer_runtime` modules import (and decode) with the frameworks blocked."""
-    script = BLOCK_IMPORTS + f"""
+    script = (
+        BLOCK_IMPORTS
+        + f"""
 block_imports(*{FRAMEWORKS!r})
 import numpy as np
 from keras_primer_runtime import decoding, ort_generator, serving_client
@@ -192,8 +217,10 @@ except ImportError:
 print(sorted(m for m in sys.modules if m.split(".")[0] in {FRAMEWORKS!r} and sys.modules[m]),
       round(float(probs[0, 1]), 4))
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            cwd=TESTS_DIR)
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=TESTS_DIR
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["[]", "0.7311"]
 

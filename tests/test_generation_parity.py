@@ -15,8 +15,8 @@ import subprocess
 import sys
 
 import pytest
-
 from export_helpers import BLOCK_IMPORTS, FRAMEWORKS, keras_greedy, make_lm
+
 from keras_primer_runtime import decoding
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,9 @@ BAD = [  # (options, expected text)
     (dict(temperature=1.0, top_k=-1), decoding.TOP_K_ERROR),
 ]
 
-SAVED_MODEL_SCRIPT = BLOCK_IMPORTS + r'''
+SAVED_MODEL_SCRIPT = (
+    BLOCK_IMPORTS
+    + r"""
 block_imports("keras", "keras_hub", "keras_primer", "tf_keras", "jax", "torch")
 import importlib.util, json, os
 import tensorflow as tf
@@ -64,11 +66,15 @@ for name, sm_dir in cases.items():
 result["modules"] = sorted(m for m in sys.modules
                            if m.split(".")[0] in ("keras", "keras_primer", "jax", "torch") and sys.modules[m])
 json.dump(result, open(out_path, "w"))
-'''
+"""
+)
 
-ORT_SCRIPT = BLOCK_IMPORTS + f'''
+ORT_SCRIPT = (
+    BLOCK_IMPORTS
+    + f"""
 block_imports(*{FRAMEWORKS!r})
-''' + r'''
+"""
+    + r"""
 import json
 from keras_primer_runtime.ort_generator import OrtGenerator
 cases, prompts, new_tokens, sampling, bad, out_path = json.loads(sys.argv[1])
@@ -85,15 +91,17 @@ for name, onnx_dir in cases.items():
     result[name] = {"greedy": gen.generate(prompts, new_tokens),
                     "sampled": [gen.generate(prompts, new_tokens, **sampling) for _ in range(2)], "errors": errors}
 json.dump(result, open(out_path, "w"))
-'''
+"""
+)
 
 
 def _fresh(script, cases, tmp_path, name):
     out = tmp_path / f"{name}.json"
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     args = json.dumps([cases, PROMPTS, NEW_TOKENS, SAMPLING, [b for b, _ in BAD], str(out)])
-    result = subprocess.run([sys.executable, "-c", script, args], capture_output=True, text=True,
-                            env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", script, args], capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -115,18 +123,27 @@ def test_same_text_in_keras_savedmodel_and_ort(tmp_path):
         keras_text[name] = keras_greedy(lm, PROMPTS, NEW_TOKENS)
         # Keras refuses the same bad options with the same text.
         for options, text in BAD:
-            lm.compile(sampler=TopPSampler(p=options.get("top_p", 0.9), k=options.get("top_k") or None,
-                                           temperature=options.get("temperature", 1.0)))
+            lm.compile(
+                sampler=TopPSampler(
+                    p=options.get("top_p", 0.9),
+                    k=options.get("top_k") or None,
+                    temperature=options.get("temperature", 1.0),
+                )
+            )
             if options.get("top_k", 0) < 0:
                 continue  # keras-hub's TopPSampler has no negative k; checked in the contract tests
-            with pytest.raises(ValueError, match="^" + text.replace("(", r"\(").replace(")", r"\)")):
+            with pytest.raises(
+                ValueError, match="^" + text.replace("(", r"\(").replace(")", r"\)")
+            ):
                 lm.generate("Hi", max_length=8)
 
     served = _fresh(SAVED_MODEL_SCRIPT, saved_models, tmp_path, "saved_model")
     ort = _fresh(ORT_SCRIPT, onnx_dirs, tmp_path, "ort")
     assert served.pop("modules") == []
     for name in keras_text:
-        assert len({len(x) for x in keras_text[name]}) == 3  # prompts of different lengths, non-trivial text
+        assert (
+            len({len(x) for x in keras_text[name]}) == 3
+        )  # prompts of different lengths, non-trivial text
         assert served[name]["greedy"] == keras_text[name], name
         assert ort[name]["greedy"] == keras_text[name], name
         for runtime in (served, ort):

@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 from keras.src.testing import TestCase as KerasTestCase
-
 from keras_hub.src.tests import test_case as hub_test_case  # needs `grain`
 
 import keras_primer  # noqa: F401  (registers the serializable classes)
@@ -36,7 +35,6 @@ from keras_primer.models.primer import (
 )
 
 
-
 class TestCase(hub_test_case.TestCase):
     # tf.test.TestCase's deprecated `test_session` would be collected by
     # pytest as a test that always skips ("Not a test").
@@ -44,21 +42,39 @@ class TestCase(hub_test_case.TestCase):
 
 
 SEQ = 8
-COMMON = dict(vocabulary_size=256, num_layers=2, num_heads=2, hidden_dim=8,
-              intermediate_dim=16, max_sequence_length=16)
+COMMON = dict(
+    vocabulary_size=256,
+    num_layers=2,
+    num_heads=2,
+    hidden_dim=8,
+    intermediate_dim=16,
+    max_sequence_length=16,
+)
 FAMILIES = {
-    "primer": (PrimerBackbone, PrimerCausalLM, PrimerCausalLMPreprocessor, PrimerTokenizer,
-               dict(COMMON)),
-    "feedback": (FeedbackBackbone, FeedbackCausalLM, FeedbackCausalLMPreprocessor,
-                 FeedbackTokenizer, dict(COMMON, activation="squared_relu")),
+    "primer": (
+        PrimerBackbone,
+        PrimerCausalLM,
+        PrimerCausalLMPreprocessor,
+        PrimerTokenizer,
+        dict(COMMON),
+    ),
+    "feedback": (
+        FeedbackBackbone,
+        FeedbackCausalLM,
+        FeedbackCausalLMPreprocessor,
+        FeedbackTokenizer,
+        dict(COMMON, activation="squared_relu"),
+    ),
 }
 
 
 def _backbone_inputs():
     mask = np.ones((2, SEQ), "int32")
     mask[1, 5:] = 0
-    return {"token_ids": np.arange(2 * SEQ, dtype="int32").reshape(2, SEQ) % 256,
-            "padding_mask": mask}
+    return {
+        "token_ids": np.arange(2 * SEQ, dtype="int32").reshape(2, SEQ) % 256,
+        "padding_mask": mask,
+    }
 
 
 class BackboneHarnessTest(TestCase):
@@ -84,7 +100,8 @@ class BackboneHarnessTest(TestCase):
 
     def test_feedback_backbone_saving(self):
         self.run_model_saving_test(
-            cls=FeedbackBackbone, init_kwargs=FAMILIES["feedback"][4],
+            cls=FeedbackBackbone,
+            init_kwargs=FAMILIES["feedback"][4],
             input_data=_backbone_inputs(),
         )
 
@@ -118,8 +135,9 @@ class TaskHarnessTest(TestCase):
         # The harness calls the model on preprocessed inputs (a dict of
         # tensors), so the task is saved without its string preprocessor.
         init_kwargs["preprocessor"] = None
-        self.run_model_saving_test(cls=task_cls, init_kwargs=init_kwargs,
-                                   input_data=_backbone_inputs())
+        self.run_model_saving_test(
+            cls=task_cls, init_kwargs=init_kwargs, input_data=_backbone_inputs()
+        )
 
     def test_primer_causal_lm_saving(self):
         self._saving("primer")
@@ -135,16 +153,22 @@ class TaskHarnessTest(TestCase):
         # offline equivalent and goes through the same loader.
         task.save_to_preset(preset)
         self.run_preset_test(
-            cls=backbone_cls, preset=preset, input_data=_backbone_inputs(),
+            cls=backbone_cls,
+            preset=preset,
+            input_data=_backbone_inputs(),
             expected_output_shape=(2, SEQ, kwargs["hidden_dim"]),
         )
         self.run_preset_test(
-            cls=task_cls, preset=preset, input_data=_backbone_inputs(),
+            cls=task_cls,
+            preset=preset,
+            input_data=_backbone_inputs(),
             init_kwargs={"preprocessor": None},
             expected_output_shape=(2, SEQ, kwargs["vocabulary_size"]),
         )
         self.run_preset_test(
-            cls=preprocessor_cls, preset=preset, input_data=(["the quick"],),
+            cls=preprocessor_cls,
+            preset=preset,
+            input_data=(["the quick"],),
         )
 
     def test_primer_preset(self):
@@ -164,8 +188,7 @@ class PreprocessorHarnessTest(TestCase):
             init_kwargs=self.init_kwargs,
             input_data=["Hi!"],
             expected_output=(
-                {"token_ids": [[2, 72, 105, 33, 3, 0]],
-                 "padding_mask": [[1, 1, 1, 1, 1, 0]]},
+                {"token_ids": [[2, 72, 105, 33, 3, 0]], "padding_mask": [[1, 1, 1, 1, 1, 0]]},
                 [[72, 105, 33, 3, 0, 0]],
                 [[1, 1, 1, 1, 0, 0]],
             ),
@@ -180,7 +203,9 @@ class PreprocessorHarnessTest(TestCase):
     def test_tokenizers(self):
         for tokenizer_cls in (PrimerTokenizer, FeedbackTokenizer):
             self.run_preprocessing_layer_test(
-                cls=tokenizer_cls, init_kwargs={}, input_data=["Hi!", "ab"],
+                cls=tokenizer_cls,
+                init_kwargs={},
+                input_data=["Hi!", "ab"],
                 expected_output=[[72, 105, 33], [97, 98]],
             )
 
@@ -191,45 +216,65 @@ class LayerHarnessTest(KerasTestCase):
 
     def test_causal_depthwise_conv(self):
         self.run_layer_test(
-            CausalDepthwiseConv, {"kernel_size": 3}, input_shape=(2, 5, 2, 4),
-            expected_output_shape=(2, 5, 2, 4), expected_num_trainable_weights=1,
+            CausalDepthwiseConv,
+            {"kernel_size": 3},
+            input_shape=(2, 5, 2, 4),
+            expected_output_shape=(2, 5, 2, 4),
+            expected_num_trainable_weights=1,
         )
 
     def test_feed_forward(self):
         self.run_layer_test(
-            FeedForward, {"intermediate_dim": 16, "activation": "squared_relu"},
-            input_shape=(2, 5, 8), expected_output_shape=(2, 5, 8),
-            expected_num_trainable_weights=4, supports_masking=True,
+            FeedForward,
+            {"intermediate_dim": 16, "activation": "squared_relu"},
+            input_shape=(2, 5, 8),
+            expected_output_shape=(2, 5, 8),
+            expected_num_trainable_weights=4,
+            supports_masking=True,
         )
 
     def test_multi_dconv_head_attention(self):
         self.run_layer_test(
-            MultiDConvHeadAttention, {"num_heads": 2, "key_dim": 4},
-            input_shape=(2, 5, 8), expected_output_shape=(2, 5, 8),
-            expected_num_trainable_weights=11, supports_masking=True,
+            MultiDConvHeadAttention,
+            {"num_heads": 2, "key_dim": 4},
+            input_shape=(2, 5, 8),
+            expected_output_shape=(2, 5, 8),
+            expected_num_trainable_weights=11,
+            supports_masking=True,
         )
 
     def test_primer_decoder_block(self):
         self.run_layer_test(
-            PrimerDecoderBlock, {"num_heads": 2, "intermediate_dim": 16, "dropout": 0.1},
-            input_shape=(2, 5, 8), expected_output_shape=(2, 5, 8),
-            expected_num_trainable_weights=19, expected_num_seed_generators=3,
+            PrimerDecoderBlock,
+            {"num_heads": 2, "intermediate_dim": 16, "dropout": 0.1},
+            input_shape=(2, 5, 8),
+            expected_output_shape=(2, 5, 8),
+            expected_num_trainable_weights=19,
+            expected_num_seed_generators=3,
             supports_masking=True,
         )
 
     def test_position_embedding(self):
         self.run_layer_test(
-            PaddingAwarePositionEmbedding, {"sequence_length": 8},
-            input_shape=(2, 5, 4), expected_output_shape=(2, 5, 4),
+            PaddingAwarePositionEmbedding,
+            {"sequence_length": 8},
+            input_shape=(2, 5, 4),
+            expected_output_shape=(2, 5, 4),
             expected_num_trainable_weights=1,
         )
 
     def test_feedback_stack(self):
         self.run_layer_test(
             FeedbackStack,
-            {"num_layers": 2, "num_heads": 2, "intermediate_dim": 16,
-             "max_sequence_length": 8, "dropout": 0.1},
-            input_shape=(2, 5, 8), expected_output_shape=(2, 5, 8),
+            {
+                "num_layers": 2,
+                "num_heads": 2,
+                "intermediate_dim": 16,
+                "max_sequence_length": 8,
+                "dropout": 0.1,
+            },
+            input_shape=(2, 5, 8),
+            expected_output_shape=(2, 5, 8),
             expected_num_trainable_weights=2 * (4 + 6 + 4) + 3,
             expected_num_seed_generators=1,
         )
@@ -252,7 +297,8 @@ class MultiInputLayerHarnessTest(TestCase):
                 "relative_index": np.array([2, 1, 0], "int32"),
                 "attention_mask": np.ones((2, 3), "bool"),
             },
-            expected_output_shape=(2, 8), expected_num_trainable_weights=6,
+            expected_output_shape=(2, 8),
+            expected_num_trainable_weights=6,
             # `relative_index` is one row per memory slot, not per sample, so
             # the harness' `fit` cannot batch it; training is covered by the
             # stack's harness test and the gradient tests.
@@ -262,4 +308,3 @@ class MultiInputLayerHarnessTest(TestCase):
             # mixed precision is checked through the stack and the backbone.
             run_precision_checks=False,
         )
-

@@ -29,12 +29,22 @@ from keras_primer.models.primer import (
 from keras_primer.utils import validation
 
 BACKEND = keras.backend.backend()
-KWARGS = dict(vocabulary_size=256, num_layers=2, num_heads=2, hidden_dim=16,
-              intermediate_dim=32, max_sequence_length=24)
+KWARGS = dict(
+    vocabulary_size=256,
+    num_layers=2,
+    num_heads=2,
+    hidden_dim=16,
+    intermediate_dim=32,
+    max_sequence_length=24,
+)
 FAMILIES = {
     "primer": (PrimerBackbone, PrimerCausalLM, PrimerCausalLMPreprocessor, PrimerTokenizer),
-    "feedback": (FeedbackBackbone, FeedbackCausalLM, FeedbackCausalLMPreprocessor,
-                 FeedbackTokenizer),
+    "feedback": (
+        FeedbackBackbone,
+        FeedbackCausalLM,
+        FeedbackCausalLMPreprocessor,
+        FeedbackTokenizer,
+    ),
 }
 
 

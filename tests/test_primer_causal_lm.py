@@ -1,6 +1,5 @@
 """Model-level oracles: cached decoding, padding, generation, saving, errors."""
 
-import json
 import os
 import subprocess
 import sys
@@ -134,7 +133,9 @@ def test_generate_matches_naive_greedy_for_ragged_batch(name):
     for prompt, output in zip(prompts, outputs):
         prompt_ids = [tokenizer.start_token_id] + [int(i) for i in tokenizer(prompt)]
         expected = naive_greedy(lm, prompt_ids, max_length - len(prompt_ids))
-        expected_text = tokenizer.detokenize([i for i in expected[1:] if i not in tokenizer.special_token_ids])
+        expected_text = tokenizer.detokenize(
+            [i for i in expected[1:] if i not in tokenizer.special_token_ids]
+        )
         assert output == expected_text
 
 
@@ -177,7 +178,11 @@ def test_keras_file_and_preset_round_trip(tmp_path):
     from_preset.compile(sampler="greedy")
     assert from_preset.generate("ROMEO:", max_length=12) == lm.generate("ROMEO:", max_length=12)
     tokenizer = PrimerTokenizer.from_preset(preset)
-    assert tokenizer.start_token_id == 2 and tokenizer.end_token_id == 3 and tokenizer.pad_token_id == 0
+    assert (
+        tokenizer.start_token_id == 2
+        and tokenizer.end_token_id == 3
+        and tokenizer.pad_token_id == 0
+    )
     assert PrimerBackbone.from_preset(preset).get_config() == lm.backbone.get_config()
 
 
@@ -202,7 +207,9 @@ def test_weights_saved_on_another_backend_give_same_logits(tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
     restored = keras.saving.load_model(os.path.join(tmp_path, "lm.keras"))
     ids = np.load(os.path.join(tmp_path, "ids.npy"))
-    np.testing.assert_allclose(full_logits(restored, ids), np.load(os.path.join(tmp_path, "logits.npy")), atol=1e-5)
+    np.testing.assert_allclose(
+        full_logits(restored, ids), np.load(os.path.join(tmp_path, "logits.npy")), atol=1e-5
+    )
 
 
 # --- bad input ---------------------------------------------------------------
@@ -212,11 +219,24 @@ def test_bad_token_id_inputs_raise_clear_errors():
     lm = PrimerCausalLM(tiny_backbone())
     ids = random_ids(2, 5)
     with pytest.raises(ValueError, match=r"outside the vocabulary.*\[0, 63\]"):
-        lm.predict({"token_ids": np.full((2, 5), VOCAB, "int32"), "padding_mask": np.ones((2, 5), "int32")}, verbose=0)
+        lm.predict(
+            {
+                "token_ids": np.full((2, 5), VOCAB, "int32"),
+                "padding_mask": np.ones((2, 5), "int32"),
+            },
+            verbose=0,
+        )
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        lm.backbone({"token_ids": np.full((1, 3), -1, "int32"), "padding_mask": np.ones((1, 3), "int32")})
+        lm.backbone(
+            {"token_ids": np.full((1, 3), -1, "int32"), "padding_mask": np.ones((1, 3), "int32")}
+        )
     with pytest.raises(ValueError, match="max_sequence_length=32"):
-        lm.backbone({"token_ids": random_ids(1, MAX_LEN + 1), "padding_mask": np.ones((1, MAX_LEN + 1), "int32")})
+        lm.backbone(
+            {
+                "token_ids": random_ids(1, MAX_LEN + 1),
+                "padding_mask": np.ones((1, MAX_LEN + 1), "int32"),
+            }
+        )
     with pytest.raises(ValueError, match="rank 2"):
         lm.backbone({"token_ids": ids[0], "padding_mask": np.ones((5,), "int32")})
     with pytest.raises(ValueError, match="integer token ids"):

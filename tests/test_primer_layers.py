@@ -33,7 +33,11 @@ def test_squared_relu_values_and_slope():
 
 def test_squared_relu_by_name_survives_safe_mode_keras_file(tmp_path):
     model = keras.Sequential(
-        [keras.Input((4,)), FeedForward(8, activation="squared_relu"), keras.layers.Dense(3, activation=squared_relu)]
+        [
+            keras.Input((4,)),
+            FeedForward(8, activation="squared_relu"),
+            keras.layers.Dense(3, activation=squared_relu),
+        ]
     )
     x = np.random.randn(2, 4).astype("float32")
     path = os.path.join(tmp_path, "m.keras")
@@ -73,7 +77,12 @@ def test_conv_default_init_is_causal_smoother():
 
 
 def test_conv_stepping_with_state_equals_full_sequence():
-    conv = CausalDepthwiseConv(kernel_size=4, use_bias=True, bias_initializer="random_normal", kernel_initializer="random_normal")
+    conv = CausalDepthwiseConv(
+        kernel_size=4,
+        use_bias=True,
+        bias_initializer="random_normal",
+        kernel_initializer="random_normal",
+    )
     x = np.random.randn(2, 7, 3, 2).astype("float32")
     full = to_np(conv(x))
     state = np.zeros((2, 3, 3, 2), "float32")
@@ -108,14 +117,19 @@ def random_inputs(length=LENGTH, batch=BATCH):
 
 def build_mdha(**kwargs):
     kwargs.setdefault("conv_kernel_initializer", "random_normal")
-    layer = MultiDConvHeadAttention(num_heads=HEADS, key_dim=HEAD_DIM, bias_initializer="random_normal", **kwargs)
+    layer = MultiDConvHeadAttention(
+        num_heads=HEADS, key_dim=HEAD_DIM, bias_initializer="random_normal", **kwargs
+    )
     layer.build((None, None, HIDDEN))
     return layer
 
 
 def numpy_mdha(layer, x):
     """Slow reference: explicit loops over batch, heads, positions and taps."""
-    w = {d.name: [to_np(v) for v in d.weights] for d in (layer.query_dense, layer.key_dense, layer.value_dense, layer.output_dense)}
+    w = {
+        d.name: [to_np(v) for v in d.weights]
+        for d in (layer.query_dense, layer.key_dense, layer.value_dense, layer.output_dense)
+    }
     batch, length, _ = x.shape
     projections = []
     for i, name in enumerate(("query", "key", "value")):
@@ -169,7 +183,12 @@ def test_identity_kernels_equal_keras_multi_head_attention(kernel_size):
     reference(x, x, use_causal_mask=True)
     for ours, theirs in zip(
         (layer.query_dense, layer.key_dense, layer.value_dense, layer.output_dense),
-        (reference._query_dense, reference._key_dense, reference._value_dense, reference._output_dense),
+        (
+            reference._query_dense,
+            reference._key_dense,
+            reference._value_dense,
+            reference._output_dense,
+        ),
     ):
         for a, b in zip(theirs.weights, ours.weights):
             a.assign(b)
@@ -191,12 +210,16 @@ def test_heads_have_their_own_kernels_unless_shared():
 def test_conv_parameter_counts():
     hidden, heads = 32, 4
     head_dim = hidden // heads
+
     def conv_params(**kwargs):
         layer = MultiDConvHeadAttention(num_heads=heads, key_dim=head_dim, **kwargs)
         layer.build((None, None, hidden))
         return sum(c.count_params() for c in layer.convs)
+
     assert conv_params() == 9 * hidden  # paper: 3 taps x (heads x head_dim) x q, k, v
-    assert conv_params(share_conv_kernels_across_heads=True, conv_bias=True) == 12 * head_dim  # labml-nn
+    assert (
+        conv_params(share_conv_kernels_across_heads=True, conv_bias=True) == 12 * head_dim
+    )  # labml-nn
     assert conv_params(use_dconv=False) == 0
 
 
@@ -222,7 +245,9 @@ def test_layer_configs_round_trip():
     x = random_inputs()
     for layer in (
         build_mdha(share_conv_kernels_across_heads=True, conv_bias=True, kernel_size=4),
-        PrimerDecoderBlock(num_heads=HEADS, intermediate_dim=16, activation="gelu", use_dconv=False),
+        PrimerDecoderBlock(
+            num_heads=HEADS, intermediate_dim=16, activation="gelu", use_dconv=False
+        ),
         PrimerDecoderBlock(num_heads=HEADS, intermediate_dim=16),
     ):
         expected = to_np(layer(x))

@@ -121,7 +121,10 @@ def json_lines_per_backend(script: str, backends: list[str], extra_args: list[st
         env = dict(os.environ, KERAS_BACKEND=backend)
         out = subprocess.run(
             [sys.executable, script, "--single-backend", *extra_args],
-            env=env, check=True, capture_output=True, text=True,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         figures += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return figures

@@ -67,8 +67,7 @@ def get_adapter(model):
         if cls.__name__ in FAMILIES:
             return CausalLMAdapter(model, FAMILIES[cls.__name__])
     raise ValueError(
-        f"Cannot export a {type(model).__name__}: supported model classes are "
-        f"{sorted(FAMILIES)}."
+        f"Cannot export a {type(model).__name__}: supported model classes are {sorted(FAMILIES)}."
     )
 
 
@@ -91,7 +90,9 @@ def load_float32(path):
         if isinstance(node, dict):
             for key, value in list(node.items()):
                 if key == "dtype" and not isinstance(value, (int, float)) and value is not None:
-                    if isinstance(value, dict) and value.get("class_name", "").endswith("DTypePolicy"):
+                    if isinstance(value, dict) and value.get("class_name", "").endswith(
+                        "DTypePolicy"
+                    ):
                         node[key] = "float32"
                     elif isinstance(value, str) and ("float16" in value or "bfloat16" in value):
                         node[key] = "float32"

@@ -49,17 +49,37 @@ def state_tensors(specs):
         if spec.name == "key_value":  # [batch, layers, 2, max_length, heads, dim]
             for layer in range(shape[1]):
                 for j, kind in enumerate(("key", "value")):
-                    out.append(dict(state=spec.name, index=[layer, j], shape=[shape[0]] + shape[3:],
-                                    past=f"past_key_values.{layer}.{kind}", present=f"present.{layer}.{kind}"))
+                    out.append(
+                        dict(
+                            state=spec.name,
+                            index=[layer, j],
+                            shape=[shape[0]] + shape[3:],
+                            past=f"past_key_values.{layer}.{kind}",
+                            present=f"present.{layer}.{kind}",
+                        )
+                    )
         elif spec.name == "conv":  # [batch, layers, 3, kernel - 1, heads, dim]
             for layer in range(shape[1]):
-                out.append(dict(state=spec.name, index=[layer], shape=[shape[0]] + shape[2:],
-                                past=f"conv_state.{layer}", present=f"present_conv_state.{layer}"))
+                out.append(
+                    dict(
+                        state=spec.name,
+                        index=[layer],
+                        shape=[shape[0]] + shape[2:],
+                        past=f"conv_state.{layer}",
+                        present=f"present_conv_state.{layer}",
+                    )
+                )
         elif spec.name in ("key", "value"):  # [batch, max_length, groups, heads, dim]
             for group in range(shape[2]):
-                out.append(dict(state=spec.name, index=[None, group], shape=shape[:2] + shape[3:],
-                                past=f"past_key_values.{group}.{spec.name}",
-                                present=f"present.{group}.{spec.name}"))
+                out.append(
+                    dict(
+                        state=spec.name,
+                        index=[None, group],
+                        shape=shape[:2] + shape[3:],
+                        past=f"past_key_values.{group}.{spec.name}",
+                        present=f"present.{group}.{spec.name}",
+                    )
+                )
         else:
             raise ValueError(f"No ONNX naming for decoding state {spec.name!r}.")
     for entry in out:
@@ -136,14 +156,19 @@ def build_functions(model):
         logits, next_state = adapter.step(input_ids, state, cache_position)
         outputs = [tf.cast(logits[:, -1], tf.float32)]
         for spec in adapter.state_specs:
-            outputs += [tf.cast(x, tf.float32) for x in _split_state(spec.name, next_state[spec.name], tensors)]
+            outputs += [
+                tf.cast(x, tf.float32)
+                for x in _split_state(spec.name, next_state[spec.name], tensors)
+            ]
         return outputs
 
     step_signature = [
         tf.TensorSpec([None, None], tf.int32, name="input_ids"),
         tf.TensorSpec([], tf.int32, name="cache_position"),
     ] + [
-        tf.TensorSpec([d if isinstance(d, int) else None for d in t["shape"]], tf.float32, name=t["past"])
+        tf.TensorSpec(
+            [d if isinstance(d, int) else None for d in t["shape"]], tf.float32, name=t["past"]
+        )
         for t in tensors
     ]
     step_output_names = ["logits"] + [t["present"] for t in tensors]
@@ -151,7 +176,11 @@ def build_functions(model):
         adapter,
         tensors,
         (tf.function(logits_fn, jit_compile=False, autograph=False), logits_signature, ["logits"]),
-        (tf.function(step_fn, jit_compile=False, autograph=False), step_signature, step_output_names),
+        (
+            tf.function(step_fn, jit_compile=False, autograph=False),
+            step_signature,
+            step_output_names,
+        ),
     )
 
 
@@ -161,7 +190,9 @@ def quantize_int8(src, dst):
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
+    quantize_dynamic(
+        src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"]
+    )
     proto = onnx.load(dst)
     proto.ir_version = max(IR_VERSION, min(proto.ir_version, 10))
     onnx.save(proto, dst)
@@ -186,7 +217,9 @@ def export_onnx(model, out_dir, int8=False):
         "decoder_step": _convert(*step_parts, os.path.join(out_dir, "decoder_step.onnx")),
     }
     if int8:
-        paths["model_int8"] = quantize_int8(paths["model"], os.path.join(out_dir, "model.int8.onnx"))
+        paths["model_int8"] = quantize_int8(
+            paths["model"], os.path.join(out_dir, "model.int8.onnx")
+        )
         paths["decoder_step_int8"] = quantize_int8(
             paths["decoder_step"], os.path.join(out_dir, "decoder_step.int8.onnx")
         )

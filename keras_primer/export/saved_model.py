@@ -71,7 +71,10 @@ class GenerationGraph:
         self.spec = adapter.tokenizer
         self.sentencepiece = sentencepiece
         limit = adapter.max_sequence_length - (2 if self.spec.add_start_token else 1)
-        if isinstance(default_max_new_tokens, bool) or not 1 <= int(default_max_new_tokens) <= limit:
+        if (
+            isinstance(default_max_new_tokens, bool)
+            or not 1 <= int(default_max_new_tokens) <= limit
+        ):
             raise ValueError(
                 f"`default_max_new_tokens` must be between 1 and {limit} for a model "
                 f"with max_sequence_length={adapter.max_sequence_length}. "
@@ -85,17 +88,24 @@ class GenerationGraph:
         shape = tf.shape(token_ids)
         checks = [
             tf.debugging.assert_equal(
-                tf.shape(padding_mask), shape,
+                tf.shape(padding_mask),
+                shape,
                 message="`padding_mask` must have the shape of `token_ids` [batch, length].",
             ),
-            tf.debugging.assert_positive(shape[1], message="`token_ids` must hold at least one token."),
+            tf.debugging.assert_positive(
+                shape[1], message="`token_ids` must hold at least one token."
+            ),
             tf.debugging.assert_less_equal(
-                shape[1], a.max_sequence_length,
+                shape[1],
+                a.max_sequence_length,
                 message=f"`token_ids` is longer than the model's max_sequence_length={a.max_sequence_length}.",
             ),
-            tf.debugging.assert_non_negative(token_ids, message="`token_ids` contains a negative id."),
+            tf.debugging.assert_non_negative(
+                token_ids, message="`token_ids` contains a negative id."
+            ),
             tf.debugging.assert_less(
-                token_ids, a.vocabulary_size,
+                token_ids,
+                a.vocabulary_size,
                 message=f"`token_ids` contains an id >= vocabulary_size={a.vocabulary_size}.",
             ),
         ]
@@ -114,7 +124,9 @@ class GenerationGraph:
             ids = tf.ragged.map_flat_values(tf.io.decode_raw, pieces, tf.uint8)
             ids = tf.cast(tf.squeeze(ids, -1), tf.int32)
         if self.spec.add_start_token:
-            starts = tf.RaggedTensor.from_tensor(tf.fill([tf.shape(prompts)[0], 1], self.spec.start_id))
+            starts = tf.RaggedTensor.from_tensor(
+                tf.fill([tf.shape(prompts)[0], 1], self.spec.start_id)
+            )
             ids = tf.concat([starts, ids], axis=1)
         return ids
 
@@ -132,7 +144,9 @@ class GenerationGraph:
         """The contract's option checks as graph asserts (same texts)."""
         finite = lambda x: tf.reduce_all(tf.math.is_finite(x))  # noqa: E731
         return [
-            _assert(tf.logical_and(finite(temperature), temperature >= 0), decoding.TEMPERATURE_ERROR),
+            _assert(
+                tf.logical_and(finite(temperature), temperature >= 0), decoding.TEMPERATURE_ERROR
+            ),
             _assert(top_k >= 0, decoding.TOP_K_ERROR),
             _assert(tf.logical_and(top_p > 0, top_p <= 1), decoding.TOP_P_ERROR),
             _assert(seed >= 0, decoding.SEED_ERROR),
@@ -155,9 +169,14 @@ class GenerationGraph:
         a, spec = self.adapter, self.spec
         prompts = tf.convert_to_tensor(prompts)
         checks = [
-            tf.debugging.assert_equal(tf.rank(prompts), 1, message="`prompts` must be a 1-D batch of strings."),
+            tf.debugging.assert_equal(
+                tf.rank(prompts), 1, message="`prompts` must be a 1-D batch of strings."
+            ),
             _assert(tf.size(prompts) > 0, decoding.PROMPTS_ERROR),
-            _assert(tf.reduce_all(tf.strings.length(prompts, unit="BYTE") > 0), decoding.EMPTY_PROMPT_ERROR),
+            _assert(
+                tf.reduce_all(tf.strings.length(prompts, unit="BYTE") > 0),
+                decoding.EMPTY_PROMPT_ERROR,
+            ),
             _assert(max_new_tokens >= 1, decoding.MAX_NEW_TOKENS_ERROR),
         ]
         if options is not None:
@@ -168,7 +187,9 @@ class GenerationGraph:
         # int64: `max_new_tokens` near 2**31 must not wrap around.
         needed = ids.row_lengths() + tf.cast(max_new_tokens, tf.int64)
         length_error = decoding.LENGTH_ERROR.format(max_sequence_length=a.max_sequence_length)
-        with tf.control_dependencies([_assert(tf.reduce_all(needed <= a.max_sequence_length), length_error)]):
+        with tf.control_dependencies(
+            [_assert(tf.reduce_all(needed <= a.max_sequence_length), length_error)]
+        ):
             lengths = tf.cast(ids.row_lengths(), tf.int32)
             max_new_tokens = tf.identity(tf.cast(max_new_tokens, tf.int32))
         batch_size = tf.shape(lengths)[0]
@@ -237,10 +258,11 @@ def build_module(model, default_max_new_tokens=32):
     if adapter.tokenizer.kind == "sentencepiece":
         import tensorflow_text
 
-        sentencepiece = tensorflow_text.SentencepieceTokenizer(model=adapter.proto, out_type=tf.int32)
+        sentencepiece = tensorflow_text.SentencepieceTokenizer(
+            model=adapter.proto, out_type=tf.int32
+        )
         module.sentencepiece = sentencepiece  # tracks the op's resource
     graph = GenerationGraph(adapter, default_max_new_tokens, sentencepiece)
-
 
     @tf.function(
         input_signature=[
@@ -300,16 +322,22 @@ def warmup_requests(model_name, adapter, default_max_new_tokens):
     from keras_primer_runtime import serving_client as sc
 
     spec = adapter.tokenizer
-    token_ids = [[spec.start_id, 72 % spec.vocabulary_size, 105 % spec.vocabulary_size],
-                 [spec.start_id, 33 % spec.vocabulary_size, spec.pad_id]]
+    token_ids = [
+        [spec.start_id, 72 % spec.vocabulary_size, 105 % spec.vocabulary_size],
+        [spec.start_id, 33 % spec.vocabulary_size, spec.pad_id],
+    ]
     requests = [
         sc.grpc_request(model_name, *sc.logits_inputs(token_ids, [[1, 1, 1], [1, 1, 0]])),
         sc.grpc_request(model_name, *sc.generate_inputs(["Hi", "The"])),
         sc.grpc_request(
             model_name,
             *sc.generate_inputs(
-                ["Hi"], max_new_tokens=max(1, min(4, default_max_new_tokens)),
-                temperature=0.8, top_k=5, top_p=0.9, seed=1,
+                ["Hi"],
+                max_new_tokens=max(1, min(4, default_max_new_tokens)),
+                temperature=0.8,
+                top_k=5,
+                top_p=0.9,
+                seed=1,
             ),
         ),
     ]
@@ -392,12 +420,20 @@ def check_graph(saved_model_dir, allow_sentencepiece=False):
                 if "_XlaMustCompile" in node.attr and node.attr["_XlaMustCompile"].b:
                     problems.append(f"{owner}: node {node.name} has _XlaMustCompile=True")
     if problems:
-        raise ValueError("SavedModel graph breaks the serving rules:\n" + "\n".join(sorted(set(problems))[:50]))
+        raise ValueError(
+            "SavedModel graph breaks the serving rules:\n" + "\n".join(sorted(set(problems))[:50])
+        )
     return sorted(op_types)
 
 
-def export_saved_model(model, base_dir, model_name="primer", version=1, default_max_new_tokens=32,
-                       serving_base_path=None):
+def export_saved_model(
+    model,
+    base_dir,
+    model_name="primer",
+    version=1,
+    default_max_new_tokens=32,
+    serving_base_path=None,
+):
     """Writes the TF Serving layout for `model`; returns the version dir.
 
     Nothing is written when the model (or its tokenizer) cannot be exported.
@@ -433,8 +469,12 @@ def export_saved_model(model, base_dir, model_name="primer", version=1, default_
     write_warmup(version_dir, warmup_requests(model_name, adapter, default_max_new_tokens))
     with open(os.path.join(base_dir, "models.config"), "w") as f:
         f.write(models_config(model_name, serving_base_path or f"/models/{model_name}"))
-    meta = dict(adapter.metadata(), default_max_new_tokens=int(default_max_new_tokens),
-                model_name=model_name, version=int(version))
+    meta = dict(
+        adapter.metadata(),
+        default_max_new_tokens=int(default_max_new_tokens),
+        model_name=model_name,
+        version=int(version),
+    )
     with open(os.path.join(version_dir, METADATA_FILE), "w") as f:
         json.dump(meta, f, indent=2)
     check_graph(version_dir, allow_sentencepiece=adapter.proto is not None)

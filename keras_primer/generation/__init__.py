@@ -151,7 +151,9 @@ def tokenizer_spec(model):
             f"exported text signatures would have to guess one. Attach one of: {known}."
         )
     if type(tokenizer).__name__ not in (
-        "PrimerTokenizer", "FeedbackTokenizer", "PrimerSentencePieceTokenizer"
+        "PrimerTokenizer",
+        "FeedbackTokenizer",
+        "PrimerSentencePieceTokenizer",
     ) or not isinstance(tokenizer, (PrimerTokenizer, PrimerSentencePieceTokenizer)):
         raise ValueError(
             f"Cannot export a model whose tokenizer is a {type(tokenizer).__name__}: the "

@@ -35,9 +35,7 @@ def write_rows(cache, rows, start_index):
     return ops.where(hit, scattered, cache)
 
 
-def causal_attention_mask(
-    query_length, key_length, query_start=0, key_padding_mask=None
-):
+def causal_attention_mask(query_length, key_length, query_start=0, key_padding_mask=None):
     """Boolean `[batch or 1, 1, query_length, key_length]` mask, True = attend.
 
     Query `i` sits at absolute position `query_start + i` and may attend to keys
@@ -45,9 +43,7 @@ def causal_attention_mask(
     attends to its own position, so a padding query gets finite (ignored)
     outputs rather than NaNs from an all-masked row.
     """
-    query_positions = ops.arange(query_length, dtype="int32") + ops.cast(
-        query_start, "int32"
-    )
+    query_positions = ops.arange(query_length, dtype="int32") + ops.cast(query_start, "int32")
     key_positions = ops.arange(key_length, dtype="int32")
     causal = ops.less_equal(key_positions[None, :], query_positions[:, None])
     mask = causal[None, None]

@@ -114,9 +114,7 @@ class CausalDepthwiseConv(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         if int(kernel_size) < 1:
-            raise ValueError(
-                f"`kernel_size` must be at least 1. Received: {kernel_size}"
-            )
+            raise ValueError(f"`kernel_size` must be at least 1. Received: {kernel_size}")
         self.kernel_size = int(kernel_size)
         self.share_across_heads = share_across_heads
         self.use_bias = use_bias

@@ -106,7 +106,12 @@ class PrimerDecoderBlock(keras.layers.Layer):
             name="feed_forward",
         )
         self.residual_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
-        for layer in (self.attention_norm, self.attention, self.feed_forward_norm, self.feed_forward):
+        for layer in (
+            self.attention_norm,
+            self.attention,
+            self.feed_forward_norm,
+            self.feed_forward,
+        ):
             layer.build(input_shape)
         self.built = True
 

@@ -109,9 +109,7 @@ class FeedbackAttention(keras.layers.Layer):
             initializer="zeros",
             name="relative_bias",
         )
-        self.query_bias = self.add_weight(
-            shape=heads, initializer="zeros", name="query_bias"
-        )
+        self.query_bias = self.add_weight(shape=heads, initializer="zeros", name="query_bias")
         self.built = True
 
     def call(self, query, keys, values, relative_index, attention_mask):

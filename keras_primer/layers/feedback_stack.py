@@ -256,10 +256,17 @@ class FeedbackStack(keras.layers.Layer):
             x = pre_norm_residual(
                 x,
                 self.attention_norms[i],
-                lambda normed: call_sublayer(
-                    attention, normed, keys[:, :, group], values[:, :, group],
-                    relative_index, valid,
-                ) * has_memory,
+                lambda normed: (
+                    call_sublayer(
+                        attention,
+                        normed,
+                        keys[:, :, group],
+                        values[:, :, group],
+                        relative_index,
+                        valid,
+                    )
+                    * has_memory
+                ),
                 drop=None if drop_masks is None else (lambda y: y * drop_masks[:, i, 0]),
                 fast=True,
             )
@@ -380,9 +387,7 @@ class FeedbackStack(keras.layers.Layer):
             keys, values, outputs = state
             x = ops.take(inputs, i, axis=1)
             masks = None if drop_masks is None else ops.take(drop_masks, i, axis=0)
-            out, _, keys, values = self._step(
-                x, start + i, keys, values, key_mask, masks, training
-            )
+            out, _, keys, values = self._step(x, start + i, keys, values, key_mask, masks, training)
             return keys, values, write_rows(outputs, out[:, None], i)
 
         keys, values, outputs = ops.fori_loop(

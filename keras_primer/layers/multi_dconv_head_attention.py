@@ -232,7 +232,9 @@ class MultiDConvHeadAttention(keras.layers.Layer):
         scale = 1.0 / math.sqrt(self.key_dim)
         query_length, key_length = ops.shape(query)[1], ops.shape(key)[1]
         use_dropout = training and self.dropout > 0
-        is_plain_causal = key_padding_mask is None and isinstance(query_start, int) and query_start == 0
+        is_plain_causal = (
+            key_padding_mask is None and isinstance(query_start, int) and query_start == 0
+        )
         if not use_dropout and is_plain_causal:
             return ops.dot_product_attention(query, key, value, scale=scale, is_causal=True)
         mask = causal_attention_mask(query_length, key_length, query_start, key_padding_mask)

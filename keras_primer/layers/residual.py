@@ -1,7 +1,7 @@
 """The pre-norm residual branch shared by `PrimerDecoderBlock` and the
 feedback layers of `FeedbackStack`: `x + drop(sublayer(norm(x)))`."""
 
-from typing import Callable
+from collections.abc import Callable
 
 
 def call_sublayer(layer, *args, **kwargs):

@@ -5,10 +5,9 @@ import os
 
 import keras
 import numpy as np
+from keras import ops
 from keras_hub.metrics import Perplexity
 from keras_hub.models import Backbone, CausalLM, Task
-
-from keras import ops
 
 from keras_primer.models.generation import GenerateInputChecks, finish_generation
 from keras_primer.utils.validation import check_padding_mask, check_token_ids
@@ -108,7 +107,8 @@ class CheckedBackbone(Backbone):
         tasks = [
             obj
             for obj in set(keras.saving.get_custom_objects().values())
-            if isinstance(obj, type) and issubclass(obj, Task)
+            if isinstance(obj, type)
+            and issubclass(obj, Task)
             and getattr(obj, "backbone_cls", None) is type(self)
         ]
         metadata["tasks"] = sorted({_keras_hub_task_name(t) for t in tasks})
@@ -147,7 +147,9 @@ class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
             check_model_inputs(inputs, backbone.vocabulary_size, backbone.max_sequence_length)
         return super().__call__(inputs, *args, **kwargs)
 
-    def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="top_k", **kwargs):
+    def compile(
+        self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="top_k", **kwargs
+    ):
         """keras-hub defaults, with two changes.
 
         * `loss="auto"` is the cross-entropy averaged over real tokens
@@ -227,7 +229,7 @@ class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
             )
         if scoring_mode == "loss" and target_ids is None:
             raise ValueError(
-                "`scoring_mode=\"loss\"` needs `target_ids` (the token expected at "
+                '`scoring_mode="loss"` needs `target_ids` (the token expected at '
                 "each position, usually `token_ids` shifted left by one)."
             )
         backbone = self.backbone
@@ -293,9 +295,7 @@ class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
             cache_update_index = index - 1
             batch_size = ops.shape(prompt)[0]
             prompt = ops.slice(prompt, [0, cache_update_index], [batch_size, 1])
-            logits, hidden_states, cache = self.call_with_cache(
-                prompt, cache, cache_update_index
-            )
+            logits, hidden_states, cache = self.call_with_cache(prompt, cache, cache_update_index)
             return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
 
         token_ids = self.sampler(

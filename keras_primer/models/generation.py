@@ -2,7 +2,6 @@
 
 import numpy as np
 from keras import ops
-
 from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_primer.utils.validation import check_token_ids
@@ -66,7 +65,9 @@ class GenerateInputChecks:
         if getattr(self, "sampler", None) is not None:
             check_sampler(self.sampler)
         backbone = self.backbone
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))):
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))
+        ):
             raise ValueError(f"`max_length` must be an integer. Received: {max_length!r}")
         if max_length is None and self.preprocessor is not None:
             max_length = self.preprocessor.sequence_length
@@ -87,7 +88,9 @@ class GenerateInputChecks:
 
     def _check_prompts(self, prompts, max_length):
         if not prompts:
-            raise ValueError("`generate()` received no prompts; pass a string or a list of strings.")
+            raise ValueError(
+                "`generate()` received no prompts; pass a string or a list of strings."
+            )
         tokenizer = self.preprocessor.tokenizer
         start = 1 if self.preprocessor.add_start_token else 0
         for i, prompt in enumerate(prompts):

@@ -8,8 +8,8 @@ reading id values there would cost a device-to-host sync every training step
 on PyTorch (and is impossible while tracing on JAX/TensorFlow).
 """
 
-import numpy as np
 import keras
+import numpy as np
 
 
 def concrete_value(x):
@@ -106,6 +106,5 @@ def check_padding_mask(padding_mask, token_ids, name: str = "padding_mask") -> N
         a is not None and b is not None and a != b for a, b in zip(mask_shape, ids_shape)
     ):
         raise ValueError(
-            f"`{name}` must have the shape of `token_ids` {ids_shape}. "
-            f"Received shape {mask_shape}."
+            f"`{name}` must have the shape of `token_ids` {ids_shape}. Received shape {mask_shape}."
         )

@@ -3,11 +3,11 @@
 import keras
 from keras import ops
 
+from keras_primer.models.base import TiedHeadCausalLM
 from keras_primer.models.feedback.feedback_backbone import FeedbackBackbone
 from keras_primer.models.feedback.feedback_causal_lm_preprocessor import (
     FeedbackCausalLMPreprocessor,
 )
-from keras_primer.models.base import TiedHeadCausalLM
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -102,7 +102,13 @@ class FeedbackCausalLM(TiedHeadCausalLM):
         from keras_primer_runtime.decoding import StateSpec
 
         stack = self.backbone.feedback_stack
-        shape = ("batch", "max_length", int(stack.kv_groups), int(stack.num_heads), int(stack.head_dim))
+        shape = (
+            "batch",
+            "max_length",
+            int(stack.kv_groups),
+            int(stack.num_heads),
+            int(stack.head_dim),
+        )
         return [StateSpec("key", shape), StateSpec("value", shape)]
 
     def empty_cache(self, batch_size, max_length):

@@ -3,9 +3,9 @@
 import keras
 
 from keras_primer.activations import get_activation, serialize_activation
-from keras_primer.models.base import CheckedBackbone, normal_initializer, token_embedding
 from keras_primer.layers.decoder_block import PrimerDecoderBlock
 from keras_primer.layers.position_embedding import PaddingAwarePositionEmbedding
+from keras_primer.models.base import CheckedBackbone, normal_initializer, token_embedding
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -81,8 +81,7 @@ class PrimerBackbone(CheckedBackbone):
     ):
         if hidden_dim % num_heads:
             raise ValueError(
-                f"`hidden_dim` ({hidden_dim}) must be divisible by `num_heads` "
-                f"({num_heads})."
+                f"`hidden_dim` ({hidden_dim}) must be divisible by `num_heads` ({num_heads})."
             )
         # === Layers ===
         self.token_embedding = token_embedding(vocabulary_size, hidden_dim, tie_embeddings, dtype)

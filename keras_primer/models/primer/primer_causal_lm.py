@@ -3,11 +3,11 @@
 import keras
 from keras import ops
 
+from keras_primer.models.base import TiedHeadCausalLM
 from keras_primer.models.primer.primer_backbone import PrimerBackbone
 from keras_primer.models.primer.primer_causal_lm_preprocessor import (
     PrimerCausalLMPreprocessor,
 )
-from keras_primer.models.base import TiedHeadCausalLM
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -130,7 +130,9 @@ class PrimerCausalLM(TiedHeadCausalLM):
         heads = (int(b.num_heads), int(b.head_dim))
         specs = [StateSpec("key_value", ("batch", int(b.num_layers), 2, "max_length") + heads)]
         if b.conv_state_length:
-            specs.append(StateSpec("conv", ("batch", int(b.num_layers), 3, int(b.conv_state_length)) + heads))
+            specs.append(
+                StateSpec("conv", ("batch", int(b.num_layers), 3, int(b.conv_state_length)) + heads)
+            )
         return specs
 
     def empty_cache(self, batch_size, max_length):
