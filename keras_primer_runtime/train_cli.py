@@ -21,7 +21,7 @@ PROG = "keras-primer train"
 
 
 def quiet_backend_logs(verbose: bool = False) -> None:
-    """Silences TensorFlow's C++ and oneDNN start-up logs unless `verbose`.
+    """Silences TensorFlow's C++ start-up logs (oneDNN, CPU features) unless `verbose`.
 
     Used only when `keras_primer_runtime.logging_setup` is not there.
     """
@@ -30,7 +30,6 @@ def quiet_backend_logs(verbose: bool = False) -> None:
     except ImportError:
         if not verbose:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
         return
     shared(verbose)
 

@@ -50,7 +50,8 @@ def model_state(model) -> list:
 def read_state(model) -> list[np.ndarray]:
     """The values of `model_state(model)` as NumPy arrays (synced on JAX first)."""
     sync_state(model)
-    return [np.asarray(keras.ops.convert_to_numpy(v.value)) for v in model_state(model)]
+    # The variable itself, not `.value`: a MirroredStrategy aggregate has no array value.
+    return [np.asarray(keras.ops.convert_to_numpy(v)) for v in model_state(model)]
 
 
 def write_state(model, arrays: list[np.ndarray], source: str) -> None:
