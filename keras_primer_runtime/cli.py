@@ -37,17 +37,6 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def _train_main():
-    try:
-        from keras_primer_runtime.train_cli import main
-    except ModuleNotFoundError as error:
-        if error.name != "keras_primer_runtime.train_cli":
-            raise
-        # Until the framework-free train front end is merged.
-        from keras_primer.training.command import main
-    return main
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs `keras-primer ARGV`; returns the exit status (2 for usage errors).
 
@@ -73,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     quiet_backend_logs(verbose)
     if command == "train":
-        return _train_main()(rest)
+        from keras_primer_runtime.train_cli import main as train_main
+
+        return train_main(rest)
     if command == "export":
         from keras_primer_runtime.export_cli import main as export_main
 

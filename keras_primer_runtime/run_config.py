@@ -23,6 +23,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from keras_primer_runtime.decoding import check_prompts
+
 MODELS = ("primer_ez", "transformer", "feedback")
 TOKENIZERS = ("bytes", "sentencepiece")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -69,7 +71,7 @@ class TrainPreset:
     checkpoint_interval: int = 50
     description: str = ""
 
-    def replace(self, **changes) -> "TrainPreset":
+    def replace(self, **changes) -> TrainPreset:
         """A copy with `changes` (None values are ignored)."""
         changes = {k: v for k, v in changes.items() if v is not None}
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -81,32 +83,62 @@ class TrainPreset:
 PRESETS: dict[str, TrainPreset] = {
     # Seconds on a CPU: smoke runs and tests of the whole pipeline.
     "tiny": TrainPreset(
-        num_layers=2, num_heads=2, hidden_dim=64, intermediate_dim=256,
-        sequence_length=64, dropout=0.0, batch_size=16, steps=200,
-        learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=20,
-        eval_interval=50, eval_windows=32, checkpoint_interval=25,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=64,
+        intermediate_dim=256,
+        sequence_length=64,
+        dropout=0.0,
+        batch_size=16,
+        steps=200,
+        learning_rate=3e-3,
+        min_learning_rate=3e-4,
+        warmup_steps=20,
+        eval_interval=50,
+        eval_windows=32,
+        checkpoint_interval=25,
         description="2x64, context 64: CPU smoke runs",
     ),
     # `make demo`: a few minutes on a 2-core CPU, recognisable Shakespeare.
     "cpu": TrainPreset(
-        num_layers=3, num_heads=4, hidden_dim=128, intermediate_dim=512,
-        sequence_length=64, dropout=0.0, batch_size=16, steps=1000,
-        learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=50,
-        eval_interval=250, eval_windows=64, checkpoint_interval=250,
+        num_layers=3,
+        num_heads=4,
+        hidden_dim=128,
+        intermediate_dim=512,
+        sequence_length=64,
+        dropout=0.0,
+        batch_size=16,
+        steps=1000,
+        learning_rate=3e-3,
+        min_learning_rate=3e-4,
+        warmup_steps=50,
+        eval_interval=250,
+        eval_windows=64,
+        checkpoint_interval=250,
         description="3x128, context 64: the CPU demo (minutes)",
     ),
     # nanoGPT's shakespeare_char configuration (a GPU run).
     "shakespeare_char": TrainPreset(
-        num_layers=6, num_heads=6, hidden_dim=384, intermediate_dim=1536,
-        sequence_length=256, dropout=0.2, batch_size=64, steps=5000,
-        learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=100,
-        eval_interval=250, eval_windows=200, checkpoint_interval=250,
+        num_layers=6,
+        num_heads=6,
+        hidden_dim=384,
+        intermediate_dim=1536,
+        sequence_length=256,
+        dropout=0.2,
+        batch_size=64,
+        steps=5000,
+        learning_rate=1e-3,
+        min_learning_rate=1e-4,
+        warmup_steps=100,
+        eval_interval=250,
+        eval_windows=200,
+        checkpoint_interval=250,
         description="6x384, 6 heads, context 256: nanoGPT shakespeare_char (GPU)",
     ),
 }
 
 
-def get_preset(name: "str | TrainPreset", **overrides) -> TrainPreset:
+def get_preset(name: str | TrainPreset, **overrides) -> TrainPreset:
     """The preset called `name` (or a `TrainPreset` itself), with `overrides`
     (None values ignored).
 
@@ -121,17 +153,18 @@ def get_preset(name: "str | TrainPreset", **overrides) -> TrainPreset:
 
 
 def check_prompt(prompt) -> str:
-    """Returns `prompt` if it is a non-empty string, else raises `ConfigError`.
+    """Returns `prompt` if the decoding contract accepts it, else raises `ConfigError`.
 
     >>> check_prompt("ROMEO:")
     'ROMEO:'
     """
-    if not isinstance(prompt, str) or not prompt:
+    try:
+        (checked,) = check_prompts([prompt])
+    except ValueError as error:
         raise ConfigError(
-            f"A sample prompt must be a non-empty string. Received: {prompt!r}. "
-            "Pass --prompt TEXT, or --sample-tokens 0 for no samples."
-        )
-    return prompt
+            f"{error} Received: {prompt!r}. Pass --prompt TEXT, or --sample-tokens 0 for no samples."
+        ) from None
+    return checked
 
 
 def _flag(default, help: str, flag: str | None = None, **argparse_kwargs):
@@ -159,17 +192,26 @@ class RunConfig:
     keras_primer_runtime.run_config.ConfigError: --steps must be at least 1. Received: 0.
     """
 
-    out: str = _flag(None, "output folder: checkpoints, models, reports; rerunning the "
-                     "same command resumes from its last checkpoint", required=True)
+    out: str = _flag(
+        None,
+        "output folder: checkpoints, models, reports; rerunning the "
+        "same command resumes from its last checkpoint",
+        required=True,
+    )
     model: str = _flag("primer_ez", "model family", choices=MODELS)
-    data: str | None = _flag(None, "text file or folder of text files (default: Tiny "
-                             "Shakespeare from $KERAS_PRIMER_SHAKESPEARE, else downloaded)")
-    preset: "str | TrainPreset" = _flag(
-        "tiny", "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()),
+    data: str | None = _flag(
+        None,
+        "text file or folder of text files (default: Tiny "
+        "Shakespeare from $KERAS_PRIMER_SHAKESPEARE, else downloaded)",
+    )
+    preset: str | TrainPreset = _flag(
+        "tiny",
+        "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()),
         choices=tuple(PRESETS),
     )
-    steps: int | None = _flag(None, "total optimizer steps (a larger value extends a "
-                              "finished run)", type=int)
+    steps: int | None = _flag(
+        None, "total optimizer steps (a larger value extends a finished run)", type=int
+    )
     batch_size: int | None = _flag(None, "windows per step", type=int)
     sequence_length: int | None = _flag(None, "tokens per window (the context)", type=int)
     learning_rate: float | None = _flag(None, "peak learning rate", type=float)
@@ -178,41 +220,59 @@ class RunConfig:
     checkpoint_interval: int | None = _flag(
         None, "steps between checkpoints (the last step is always one)", type=int
     )
-    tokenizer: str = _flag("bytes", "bytes, or a SentencePiece model trained on the corpus",
-                           choices=TOKENIZERS)
-    vocabulary_size: int = _flag(1024, "SentencePiece vocabulary size", flag="--vocab-size",
-                                 type=int)
+    tokenizer: str = _flag(
+        "bytes", "bytes, or a SentencePiece model trained on the corpus", choices=TOKENIZERS
+    )
+    vocabulary_size: int = _flag(
+        1024, "SentencePiece vocabulary size", flag="--vocab-size", type=int
+    )
     spm_model: str | None = _flag(None, "existing SentencePiece .model to use")
-    val_fraction: float = _flag(0.1, "share of the corpus (its end) held out, in (0, 0.5]",
-                                type=float)
+    val_fraction: float = _flag(
+        0.1, "share of the corpus (its end) held out, in (0, 0.5]", type=float
+    )
     seed: int = _flag(0, "seed of the weights and of the batches", type=int)
     precision: str = _flag("float32", "dtype policy", choices=PRECISIONS)
-    jit_compile: "str | bool" = _flag("auto", "XLA/compiled steps", choices=("auto", "true", "false"))
+    jit_compile: str | bool = _flag("auto", "XLA/compiled steps", choices=("auto", "true", "false"))
     distribution: str = _flag(
-        "none", "JAX: data_parallel, model_parallel (with --multi-host: several hosts); "
-        "TensorFlow: mirrored (one host)", choices=DISTRIBUTIONS,
+        "none",
+        "JAX: data_parallel, model_parallel (with --multi-host: several hosts); "
+        "TensorFlow: mirrored (one host)",
+        choices=DISTRIBUTIONS,
     )
-    multi_host: bool = _flag(False, "JAX: keras.distribution.initialize() first; the cluster "
-                             "comes from KERAS_DISTRIBUTION_JOB_ADDRESSES, _NUM_PROCESSES and "
-                             "_PROCESS_ID", action="store_true")
+    multi_host: bool = _flag(
+        False,
+        "JAX: keras.distribution.initialize() first; the cluster "
+        "comes from KERAS_DISTRIBUTION_JOB_ADDRESSES, _NUM_PROCESSES and "
+        "_PROCESS_ID",
+        action="store_true",
+    )
     backend: str | None = _flag(None, "Keras backend (default: $KERAS_BACKEND)", choices=BACKENDS)
-    prompts: list[str] = _flag([DEFAULT_PROMPT], f"sample prompt, repeatable (default: "
-                               f"{DEFAULT_PROMPT!r})", flag="--prompt", action="append")
+    prompts: list[str] = _flag(
+        [DEFAULT_PROMPT],
+        f"sample prompt, repeatable (default: {DEFAULT_PROMPT!r})",
+        flag="--prompt",
+        action="append",
+    )
     sample_tokens: int = _flag(200, "tokens generated per prompt at the end (0: none)", type=int)
     fine_tune: bool = _flag(
-        False, "continue the weights in --out although the run definition changed (other "
+        False,
+        "continue the weights in --out although the run definition changed (other "
         "data, seed, batch size, schedule); the change and its step go into run.json. "
-        "The model and the tokenizer must stay the same", action="store_true",
+        "The model and the tokenizer must stay the same",
+        action="store_true",
     )
-    download: bool = _flag(True, "never download Tiny Shakespeare", flag="--no-download",
-                           action="store_false")
-    tensorboard: bool = _flag(True, "no TensorBoard logs", flag="--no-tensorboard",
-                              action="store_false")
-    verbose: int = _flag(1, "Keras progress: bar (1), one line per epoch (2), none (0)",
-                         type=int, choices=(0, 1, 2))
+    download: bool = _flag(
+        True, "never download Tiny Shakespeare", flag="--no-download", action="store_false"
+    )
+    tensorboard: bool = _flag(
+        True, "no TensorBoard logs", flag="--no-tensorboard", action="store_false"
+    )
+    verbose: int = _flag(
+        1, "Keras progress: bar (1), one line per epoch (2), none (0)", type=int, choices=(0, 1, 2)
+    )
     debug: bool = _flag(False, "show the traceback of an error", action="store_true")
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         """Checks every setting (no framework needed); returns `self`.
 
         Raises:
@@ -231,18 +291,29 @@ class RunConfig:
                     f"{', '.join(str(a) for a in allowed)}."
                 )
         if self.backend is not None and self.backend not in BACKENDS:
-            raise ConfigError(f"Unknown --backend {self.backend!r}. Choose one of: {', '.join(BACKENDS)}.")
+            raise ConfigError(
+                f"Unknown --backend {self.backend!r}. Choose one of: {', '.join(BACKENDS)}."
+            )
         if not self.out or not isinstance(self.out, str):
             raise ConfigError("--out is required: the folder of the run's outputs.")
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ConfigError(f"--out {self.out} is a file; pass a folder (new or of this run).")
         preset = get_preset(self.preset)
-        for name in ("steps", "batch_size", "sequence_length", "eval_interval", "checkpoint_interval"):
+        for name in (
+            "steps",
+            "batch_size",
+            "sequence_length",
+            "eval_interval",
+            "checkpoint_interval",
+        ):
             value = getattr(self, name)
             minimum = 2 if name == "sequence_length" else 1
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < minimum):
-                raise ConfigError(f"{_flag_name(name)} must be at least {minimum}. Received: {value}.")
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            ):
+                raise ConfigError(
+                    f"{_flag_name(name)} must be at least {minimum}. Received: {value}."
+                )
         _check_real("learning_rate", self.learning_rate, low=0.0, low_open=True)
         _check_real("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         _check_real("val_fraction", self.val_fraction, low=0.0, high=0.5, low_open=True)
@@ -264,7 +335,9 @@ class RunConfig:
         for name in ("data", "spm_model"):
             path = getattr(self, name)
             if path and not os.path.exists(os.path.expanduser(path)):
-                raise ConfigError(f"{_flag_name(name)} {path} does not exist. Pass an existing path.")
+                raise ConfigError(
+                    f"{_flag_name(name)} {path} does not exist. Pass an existing path."
+                )
         if self.multi_host and self.distribution not in JAX_DISTRIBUTIONS:
             raise ConfigError(
                 "--multi-host (keras.distribution.initialize) needs --distribution "
@@ -307,8 +380,12 @@ def _check_distribution_backend(kind: str, backend: str) -> None:
     if kind in JAX_DISTRIBUTIONS and backend != "jax":
         raise ConfigError(
             f"--distribution {kind} (keras.distribution) needs the JAX backend; this run "
-            f"uses {backend}. " + ("Use `mirrored` on TensorFlow." if backend == "tensorflow"
-                                   else "Keras has no multi-device training on PyTorch.")
+            f"uses {backend}. "
+            + (
+                "Use `mirrored` on TensorFlow."
+                if backend == "tensorflow"
+                else "Keras has no multi-device training on PyTorch."
+            )
         )
     if kind == "mirrored" and backend != "tensorflow":
         raise ConfigError(

@@ -15,23 +15,10 @@ from __future__ import annotations
 import os
 import sys
 
+from keras_primer_runtime.logging_setup import quiet_backend_logs
 from keras_primer_runtime.run_config import build_train_parser, config_from_args
 
 PROG = "keras-primer train"
-
-
-def quiet_backend_logs(verbose: bool = False) -> None:
-    """Silences TensorFlow's C++ start-up logs (oneDNN, CPU features) unless `verbose`.
-
-    Used only when `keras_primer_runtime.logging_setup` is not there.
-    """
-    try:
-        from keras_primer_runtime.logging_setup import quiet_backend_logs as shared
-    except ImportError:
-        if not verbose:
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        return
-    shared(verbose)
 
 
 def _use_backend(backend: str | None) -> None:
@@ -76,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = train(config)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun the same command to resume from the last "
-              "checkpoint.", file=sys.stderr)
+        print(
+            f"{PROG}: interrupted; rerun the same command to resume from the last checkpoint.",
+            file=sys.stderr,
+        )
         return 130
     except _expected_errors() as e:
         if config.debug:

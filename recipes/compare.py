@@ -26,15 +26,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.set_defaults(preset="cpu", sample_tokens=100, verbose=2)
     parser.add_argument("--models", default="primer_ez,transformer,feedback")
     parser.add_argument("--quick", action="store_true", help="tiny preset, 100 steps")
-    parser.add_argument("--eval-windows", type=int, default=None,
-                        help="validation windows per evaluation (more: a less noisy curve)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rebuild the table and plot from the finished runs in --out")
+    parser.add_argument(
+        "--eval-windows",
+        type=int,
+        default=None,
+        help="validation windows per evaluation (more: a less noisy curve)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the table and plot from the finished runs in --out",
+    )
     args = parser.parse_args(argv)
     base = config_from_args(args)
     if args.quick:
-        base = dataclasses.replace(base, preset="tiny", steps=base.steps or 100,
-                                   eval_interval=base.eval_interval or 25)
+        base = dataclasses.replace(
+            base, preset="tiny", steps=base.steps or 100, eval_interval=base.eval_interval or 25
+        )
     try:
         base.validate()
         if base.backend:  # before anything imports Keras
@@ -44,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         from keras_primer.training.presets import get_preset
 
         if args.eval_windows:
-            base = dataclasses.replace(base, preset=get_preset(base.preset, eval_windows=args.eval_windows))
+            base = dataclasses.replace(
+                base, preset=get_preset(base.preset, eval_windows=args.eval_windows)
+            )
         models = tuple(args.models.split(","))
         out = os.path.abspath(base.out)
         if args.report_only:

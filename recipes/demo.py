@@ -32,7 +32,11 @@ def export_step(model_path: str, out_dir: str, prompt: str) -> None:
     generator = OrtGenerator(os.path.join(export_dir, "onnx"))
     print(f"--- ONNX Runtime (top-k 10) continuation of {prompt!r} ---")
     room = generator.max_sequence_length - len(generator.tokenize(prompt))
-    print(generator.generate([prompt], max_new_tokens=min(120, room), temperature=1.0, top_k=10, seed=0)[0])
+    print(
+        generator.generate(
+            [prompt], max_new_tokens=min(120, room), temperature=1.0, top_k=10, seed=0
+        )[0]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,10 +127,14 @@ def test_sentencepiece_vocabulary_errors_give_the_size_that_works(tmp_path, shak
     # Issue 11 item 7: "Use a smaller vocabulary_size" when a larger one was needed.
     from keras_primer.data import train_sentencepiece
 
-    with pytest.raises(ValueError, match=r"320 is too small .* need at least 325\. Pass --vocab-size 325"):
+    with pytest.raises(
+        ValueError, match=r"320 is too small .* need at least 325\. Pass --vocab-size 325"
+    ):
         train_sentencepiece([shakespeare_path], 320)
     small = _write(str(tmp_path / "small.txt"), "to be or not to be\n" * 20)
-    with pytest.raises(ValueError, match=r"too large for this corpus: it has at most \d+ distinct pieces"):
+    with pytest.raises(
+        ValueError, match=r"too large for this corpus: it has at most \d+ distinct pieces"
+    ):
         train_sentencepiece([small], 5000)
 
 

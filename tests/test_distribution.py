@@ -34,7 +34,9 @@ def loss(lm):
     return keras.Model.evaluate(lm, x, y, batch_size=8, verbose=0, return_dict=True)["loss"]
 """
 
-JAX_SCRIPT = COMMON + """
+JAX_SCRIPT = (
+    COMMON
+    + """
 from keras_primer.training.distribution import distribution_scope, generate
 assert len(keras.distribution.list_devices()) == 4, keras.distribution.list_devices()
 reference = loss(build())
@@ -51,12 +53,16 @@ for kind in ("data_parallel", "model_parallel"):
         assert len(out) == 3 and out[1].startswith("JULIET:"), out
     print(kind, "ok", value, reference)
 """
+)
 
-TF_SCRIPT = """
+TF_SCRIPT = (
+    """
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-""" + COMMON + """
+"""
+    + COMMON
+    + """
 reference = loss(build())
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 assert strategy.num_replicas_in_sync == 2
@@ -79,13 +85,18 @@ for a, b in zip(one.weights, two.weights):
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.path)
 print("mirrored ok", value, reference)
 """
+)
 
 
 def _run(script, backend, extra_env=None):
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT, **(extra_env or {}))
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True,
-        text=True, timeout=300, cwd=ROOT,
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout
@@ -108,7 +119,7 @@ def test_tensorflow_mirrored_strategy_matches_single_device():
 def test_distribution_errors_name_the_backend():
     import keras
 
-    from keras_primer.training.distribution import distribution_scope, generate
+    from keras_primer.training.distribution import distribution_scope
 
     with pytest.raises(ValueError, match="Unknown distribution"):
         with distribution_scope("pipeline"):
@@ -122,9 +133,25 @@ def test_distribution_errors_name_the_backend():
 # ----- `keras-primer train --distribution ...`: the whole recipe on many devices -----
 
 CLI_FLAGS = [
-    "--preset", "tiny", "--steps", "4", "--batch-size", "8", "--sequence-length", "16",
-    "--eval-interval", "4", "--sample-tokens", "8", "--no-tensorboard", "--verbose", "0",
-    "--jit-compile", "false", "--seed", "3",
+    "--preset",
+    "tiny",
+    "--steps",
+    "4",
+    "--batch-size",
+    "8",
+    "--sequence-length",
+    "16",
+    "--eval-interval",
+    "4",
+    "--sample-tokens",
+    "8",
+    "--no-tensorboard",
+    "--verbose",
+    "0",
+    "--jit-compile",
+    "false",
+    "--seed",
+    "3",
 ]
 
 
@@ -134,8 +161,17 @@ def small_corpus(sample_text_path):
 
 
 def _train_command(out, data, *flags):
-    return [sys.executable, "-m", "keras_primer_runtime.train_cli", "--out", str(out), "--data",
-            data, *CLI_FLAGS, *flags]
+    return [
+        sys.executable,
+        "-m",
+        "keras_primer_runtime.train_cli",
+        "--out",
+        str(out),
+        "--data",
+        data,
+        *CLI_FLAGS,
+        *flags,
+    ]
 
 
 def _env(backend, **extra):
@@ -146,8 +182,12 @@ def _env(backend, **extra):
 
 def _cli_train(out, data, *flags, backend="jax", env=None):
     result = subprocess.run(
-        _train_command(out, data, *flags), env=env or _env(backend), capture_output=True,
-        text=True, timeout=300, cwd=ROOT,
+        _train_command(out, data, *flags),
+        env=env or _env(backend),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return _summary(out)
@@ -175,8 +215,9 @@ def _free_ports(n):
 def _run_together(commands_and_envs, timeout=300):
     """Starts every process at once (they wait for each other) and checks all exit 0."""
     procs = [
-        subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+        subprocess.Popen(
+            cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for cmd, env in commands_and_envs
     ]
     try:
@@ -196,16 +237,23 @@ def test_cli_jax_data_and_model_parallel_match_one_device(tmp_path, small_corpus
     single = _cli_train(tmp_path / "single", small_corpus, "--backend", "jax", backend="tensorflow")
     assert single["backend"] == "jax"
     for kind in ("data_parallel", "model_parallel"):
-        summary = _cli_train(tmp_path / kind, small_corpus, "--distribution", kind, env=four_devices)
+        summary = _cli_train(
+            tmp_path / kind, small_corpus, "--distribution", kind, env=four_devices
+        )
         assert summary["distribution"] == kind and summary["steps"] == 4
         # Same batches, same seed: the same training run, sharded.
         assert summary["val_loss"] == pytest.approx(single["val_loss"], abs=2e-3), kind
         assert summary["samples"]["ROMEO:"].startswith("ROMEO:")  # 1 prompt on 4 devices
     # A batch that does not split over the devices is refused, with the fix.
     result = subprocess.run(
-        _train_command(tmp_path / "bad", small_corpus, "--distribution", "data_parallel",
-                       "--batch-size", "6"),
-        env=four_devices, capture_output=True, text=True, timeout=300, cwd=ROOT,
+        _train_command(
+            tmp_path / "bad", small_corpus, "--distribution", "data_parallel", "--batch-size", "6"
+        ),
+        env=four_devices,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert result.returncode == 2
     assert "Batch size 6 does not divide by the 4 batch shards" in result.stderr
@@ -217,7 +265,10 @@ def test_cli_jax_multi_host_matches_one_process(tmp_path, small_corpus):
     """Two JAX processes with two CPU devices each (keras.distribution.initialize)
     train the same model as one process on four devices."""
     reference = _cli_train(
-        tmp_path / "one", small_corpus, "--distribution", "data_parallel",
+        tmp_path / "one",
+        small_corpus,
+        "--distribution",
+        "data_parallel",
         env=_env("jax", XLA_FLAGS="--xla_force_host_platform_device_count=4"),
     )
     (port,) = _free_ports(1)
@@ -231,7 +282,9 @@ def test_cli_jax_multi_host_matches_one_process(tmp_path, small_corpus):
             KERAS_DISTRIBUTION_NUM_PROCESSES="2",
             KERAS_DISTRIBUTION_PROCESS_ID=str(process_id),
         )
-        command = _train_command(out, small_corpus, "--distribution", "data_parallel", "--multi-host")
+        command = _train_command(
+            out, small_corpus, "--distribution", "data_parallel", "--multi-host"
+        )
         command[command.index("--jit-compile") + 1] = "auto"  # multi-host needs compiled steps
         runs.append((command, env))
     _run_together(runs)
@@ -254,8 +307,14 @@ def test_cli_tensorflow_mirrored_matches_one_device(tmp_path, small_corpus):
         from keras_primer_runtime.train_cli import main
         sys.exit(main({_train_command(tmp_path / "mirrored", small_corpus, "--distribution", "mirrored")[3:]!r}))
     """)
-    result = subprocess.run([sys.executable, "-c", script], env=_env("tensorflow"),
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=_env("tensorflow"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     summary = _summary(tmp_path / "mirrored")
     assert summary["distribution"] == "mirrored"

@@ -36,10 +36,20 @@ SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sonne
 
 # Dropout on, so the RNG state must survive a resume too.
 TINY = TrainPreset(
-    num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
-    sequence_length=16, dropout=0.1, batch_size=4, steps=10,
-    learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=2,
-    eval_interval=5, eval_windows=8, checkpoint_interval=3,
+    num_layers=1,
+    num_heads=2,
+    hidden_dim=16,
+    intermediate_dim=32,
+    sequence_length=16,
+    dropout=0.1,
+    batch_size=4,
+    steps=10,
+    learning_rate=3e-3,
+    min_learning_rate=3e-4,
+    warmup_steps=2,
+    eval_interval=5,
+    eval_windows=8,
+    checkpoint_interval=3,
 )
 # Columns that are the same in any run of the same definition (the training
 # loss is a running mean over the batches one process ran in the epoch, and
@@ -48,8 +58,15 @@ EXACT = ("step", "val_loss", "val_accuracy", "val_perplexity", "val_bits_per_cha
 
 
 def _config(out, **kwargs):
-    values = dict(out=str(out), data=SAMPLE, preset=TINY, sample_tokens=0, verbose=0,
-                  tensorboard=False, jit_compile=False)
+    values = dict(
+        out=str(out),
+        data=SAMPLE,
+        preset=TINY,
+        sample_tokens=0,
+        verbose=0,
+        tensorboard=False,
+        jit_compile=False,
+    )
     values.update(kwargs)
     return RunConfig(**values)
 
@@ -103,8 +120,19 @@ _KILLED_RUN = textwrap.dedent("""
 def _run_killed_at(out, preset, kill_at):
     env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND=BACKEND, **{FAULT_ENV: kill_at})
     result = subprocess.run(
-        [sys.executable, "-c", _KILLED_RUN, str(out), json.dumps(dataclasses.asdict(preset)), SAMPLE],
-        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [
+            sys.executable,
+            "-c",
+            _KILLED_RUN,
+            str(out),
+            json.dumps(dataclasses.asdict(preset)),
+            SAMPLE,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
 
@@ -203,7 +231,9 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, refer
     model_before = (out / "model.keras").read_bytes()
     # Checkpoints only at the last step, so the NaN surely comes first.
     explode = TINY.replace(steps=14, learning_rate=1e30, checkpoint_interval=100)
-    with pytest.raises(ValueError, match=r"NaN or infinite at step 1[1-4].*last good checkpoint \(step 10\)"):
+    with pytest.raises(
+        ValueError, match=r"NaN or infinite at step 1[1-4].*last good checkpoint \(step 10\)"
+    ):
         train(_config(out, preset=explode, fine_tune=True))
     assert CheckpointStore(str(out / "checkpoints")).steps() == [9, 10]
     assert (out / "model.keras").read_bytes() == model_before
@@ -216,19 +246,27 @@ def test_second_writer_on_one_out_is_refused_naming_the_first(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import fcntl, os, sys, time
-            fd = os.open({str(out / '.lock')!r}, os.O_RDWR | os.O_CREAT)
+            fd = os.open({str(out / ".lock")!r}, os.O_RDWR | os.O_CREAT)
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, b"pid %d: the other trainer" % os.getpid())
             print("locked", flush=True)
             time.sleep(120)
-        """)],
-        stdout=subprocess.PIPE, text=True,
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunLockedError, match=rf"in use by another training process \(pid {holder.pid}: the other trainer\).*another --out"):
+        with pytest.raises(
+            RunLockedError,
+            match=rf"in use by another training process \(pid {holder.pid}: the other trainer\).*another --out",
+        ):
             train(_config(out))
         assert not (out / "checkpoints").exists() and not (out / "run.json").exists()
     finally:
@@ -244,22 +282,51 @@ def test_second_writer_on_one_out_is_refused_naming_the_first(tmp_path):
 def test_concurrent_trainers_one_wins_the_other_exits_2(tmp_path):
     out = tmp_path / "run"
     go = tmp_path / "go"
-    command = [sys.executable, "-m", "keras_primer_runtime.train_cli", "--out", str(out),
-               "--data", SAMPLE, "--steps", "4", "--batch-size", "4", "--sequence-length", "16",
-               "--eval-interval", "2", "--checkpoint-interval", "2", "--sample-tokens", "0",
-               "--verbose", "0", "--no-tensorboard", "--jit-compile", "false"]
+    command = [
+        sys.executable,
+        "-m",
+        "keras_primer_runtime.train_cli",
+        "--out",
+        str(out),
+        "--data",
+        SAMPLE,
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--sequence-length",
+        "16",
+        "--eval-interval",
+        "2",
+        "--checkpoint-interval",
+        "2",
+        "--sample-tokens",
+        "0",
+        "--verbose",
+        "0",
+        "--no-tensorboard",
+        "--jit-compile",
+        "false",
+    ]
     env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="tensorflow")
     # The first trainer holds at its first commit until `go` exists.
-    first = subprocess.Popen(command, env=dict(env, **{FAULT_ENV: f"2:before_write:wait={go}"}),
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        command,
+        env=dict(env, **{FAULT_ENV: f"2:before_write:wait={go}"}),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         import time
 
         deadline = time.time() + 300
         while not (out / "history.csv").exists() and time.time() < deadline:
             time.sleep(0.2)  # step 2's row is written just before its commit
-        second = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True,
-                                timeout=600)
+        second = subprocess.run(
+            command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
         go.touch()
         _, first_err = first.communicate(timeout=600)
     finally:
@@ -282,9 +349,12 @@ def test_damaged_checkpoint_gives_one_clear_error(tmp_path, reference, damage):
         data = data[: len(data) // 2]
     else:
         middle = len(data) // 2
-        data[middle:middle + 64] = bytes(64)
+        data[middle : middle + 64] = bytes(64)
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"step-00000010\.npz is damaged or truncated .*previous checkpoint \(step 9\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"step-00000010\.npz is damaged or truncated .*previous checkpoint \(step 9\)",
+    ):
         train(_config(out))
     # Moved away, the previous checkpoint resumes the run to the same end.
     path.rename(tmp_path / "damaged.npz")

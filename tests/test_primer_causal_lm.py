@@ -248,7 +248,7 @@ def test_bad_token_id_inputs_raise_clear_errors():
 def test_bad_generate_inputs_raise_clear_errors():
     lm = tiny_lm()
     lm.compile(sampler="greedy")
-    with pytest.raises(ValueError, match="Prompt 1 is empty"):
+    with pytest.raises(ValueError, match="a prompt is empty"):
         lm.generate(["ROMEO:", ""], max_length=10)
     with pytest.raises(ValueError, match="more than max_length=8"):
         lm.generate("a prompt that is far too long", max_length=8)

@@ -36,8 +36,14 @@ def _framework_free(argv: list[str]) -> subprocess.CompletedProcess:
     """)
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("KERAS_BACKEND", None)
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=60, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.tensorflow_only
@@ -59,9 +65,15 @@ def test_help_needs_no_framework():
         (["--dropout", "1"], "--dropout must be in [0.0, 1.0)"),
         (["--val-fraction", "0.7"], "--val-fraction must be in (0.0, 0.5]"),
         (["--sample-tokens", "-1"], "--sample-tokens must be 0 or more"),
-        (["--tokenizer", "sentencepiece", "--vocab-size", "100"], "--vocab-size must be at least 300"),
+        (
+            ["--tokenizer", "sentencepiece", "--vocab-size", "100"],
+            "--vocab-size must be at least 300",
+        ),
         (["--data", "/no/such/corpus.txt"], "--data /no/such/corpus.txt does not exist"),
-        (["--distribution", "mirrored", "--backend", "jax"], "mirrored (tf.distribute) needs the TensorFlow backend"),
+        (
+            ["--distribution", "mirrored", "--backend", "jax"],
+            "mirrored (tf.distribute) needs the TensorFlow backend",
+        ),
         (["--distribution", "data_parallel", "--backend", "torch"], "needs the JAX backend"),
         (["--multi-host"], "--multi-host (keras.distribution.initialize) needs --distribution"),
     ],
@@ -72,7 +84,7 @@ def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, flags, message):
     out = tmp_path / "run"
     result = _framework_free(["--out", str(out), *flags])
     assert "STATUS 2 HEAVY []" in result.stderr, result.stderr
-    lines = [l for l in result.stderr.splitlines() if not l.startswith("STATUS")]
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("STATUS")]
     assert lines == [f"keras-primer train: error: {lines[0].split('error: ', 1)[1]}"]
     assert message in lines[0]
     assert not out.exists()  # nothing written
@@ -91,8 +103,21 @@ def test_parser_is_derived_from_run_config():
     assert parsed == RunConfig(out="o")
     assert set(flags["preset"].choices) == set(PRESETS)
     assert set(flags["precision"].choices) == {"float32", "mixed_bfloat16", "mixed_float16"}
-    parsed = config_from_args(parser.parse_args(
-        ["--out", "o", "--prompt", "a", "--prompt", "b", "--no-download", "--jit-compile", "false"]))
+    parsed = config_from_args(
+        parser.parse_args(
+            [
+                "--out",
+                "o",
+                "--prompt",
+                "a",
+                "--prompt",
+                "b",
+                "--no-download",
+                "--jit-compile",
+                "false",
+            ]
+        )
+    )
     assert parsed.prompts == ["a", "b"] and parsed.download is False and parsed.jit_compile is False
 
 
@@ -102,20 +127,28 @@ def test_backend_flag_takes_effect_without_a_second_interpreter(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys
         from keras_primer_runtime.train_cli import main
-        status = main(["--out", {str(tmp_path / 'o')!r}, "--data", {str(tmp_path / 'small.txt')!r},
+        status = main(["--out", {str(tmp_path / "o")!r}, "--data", {str(tmp_path / "small.txt")!r},
                        "--backend", "torch", "--sample-tokens", "0"])
         import keras
         print("STATUS", status, keras.backend.backend(), os.getpid(), file=sys.stderr)
     """)
     env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="tensorflow")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                            text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert "too small" in result.stderr, result.stderr[-3000:]
     assert "STATUS 2 torch" in result.stderr, result.stderr[-3000:]
     assert "oneDNN custom operations" not in result.stderr  # backend logs quiet
 
 
-def test_expected_failures_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+def test_expected_failures_are_one_line_and_debug_shows_the_traceback(
+    tmp_path, capsys, monkeypatch
+):
     # Issue 9: OSError and ImportError surfaced as tracebacks.
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -131,8 +164,11 @@ def test_expected_failures_are_one_line_and_debug_shows_the_traceback(tmp_path, 
     monkeypatch.setattr(driver, "locate_corpus", missing)
     argv = ["--out", str(tmp_path / "run"), "--data", SAMPLE, "--sample-tokens", "0"]
     assert main(argv) == 2
-    assert capsys.readouterr().err.strip().startswith(
-        "keras-primer train: error: No module named 'sentencepiece'")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .startswith("keras-primer train: error: No module named 'sentencepiece'")
+    )
     with pytest.raises(ModuleNotFoundError):
         main(argv + ["--debug"])
 
@@ -142,8 +178,20 @@ def test_damaged_checkpoint_is_one_line_with_the_fix(tmp_path, capsys):
     from keras_primer.training.run_dir import CheckpointStore, write_json_atomic
 
     out = tmp_path / "run"
-    argv = ["--out", str(out), "--data", SAMPLE, "--sample-tokens", "0", "--steps", "4",
-            "--sequence-length", "16", "--batch-size", "2"]
+    argv = [
+        "--out",
+        str(out),
+        "--data",
+        SAMPLE,
+        "--sample-tokens",
+        "0",
+        "--steps",
+        "4",
+        "--sequence-length",
+        "16",
+        "--batch-size",
+        "2",
+    ]
     config = config_from_args(build_train_parser().parse_args(argv))
     preset = driver.resolve_preset(config)
     definition = driver.run_definition(config, preset, driver.locate_corpus(config))

@@ -14,17 +14,32 @@ from keras_primer.training import RunConfig, TrainPreset, plan_segments, train
 from keras_primer.training.optimizer import WarmupCosineDecay
 
 TINY = TrainPreset(
-    num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
-    sequence_length=16, dropout=0.0, batch_size=4, steps=10,
-    learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=2,
-    eval_interval=5, eval_windows=8, checkpoint_interval=3,
+    num_layers=1,
+    num_heads=2,
+    hidden_dim=16,
+    intermediate_dim=32,
+    sequence_length=16,
+    dropout=0.0,
+    batch_size=4,
+    steps=10,
+    learning_rate=3e-3,
+    min_learning_rate=3e-4,
+    warmup_steps=2,
+    eval_interval=5,
+    eval_windows=8,
+    checkpoint_interval=3,
 )
 
 
 def _config(out, data, **kwargs):
     defaults = dict(
-        out=str(out), data=data, preset=TINY, sample_tokens=8, verbose=0,
-        tensorboard=False, jit_compile=False,
+        out=str(out),
+        data=data,
+        preset=TINY,
+        sample_tokens=8,
+        verbose=0,
+        tensorboard=False,
+        jit_compile=False,
     )
     defaults.update(kwargs)
     return RunConfig(**defaults)
@@ -49,14 +64,24 @@ def test_train_writes_every_output(tmp_path, sample_text_path):
     data = sample_text_path
     summary = train(_config(tmp_path / "run", data, model="transformer"))
     out = tmp_path / "run"
-    for name in ("model.keras", "best.keras", "history.csv", "learning_curve.png",
-                 "samples.txt", "summary.json", "run.json", "checkpoints/step-00000010.npz"):
+    for name in (
+        "model.keras",
+        "best.keras",
+        "history.csv",
+        "learning_curve.png",
+        "samples.txt",
+        "summary.json",
+        "run.json",
+        "checkpoints/step-00000010.npz",
+    ):
         assert (out / name).exists(), name
     assert summary["steps"] == 10
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(float(r["step"])) for r in rows] == [5, 10]
-    assert {"loss", "val_loss", "val_bits_per_char", "wall_time", "tokens_per_second"} <= set(rows[0])
+    assert {"loss", "val_loss", "val_bits_per_char", "wall_time", "tokens_per_second"} <= set(
+        rows[0]
+    )
     saved = json.load(open(out / "summary.json"))
     for key in ("val_loss", "val_bits_per_char", "tokens_per_second", "wall_time_s"):
         assert math.isfinite(saved[key]) and saved[key] > 0, key
@@ -67,7 +92,9 @@ def test_train_writes_every_output(tmp_path, sample_text_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         lm = keras.saving.load_model(str(out / "model.keras"))
-    assert not [w for w in caught if "compile()" in str(w.message)], [str(w.message) for w in caught]
+    assert not [w for w in caught if "compile()" in str(w.message)], [
+        str(w.message) for w in caught
+    ]
     assert lm.backbone.use_dconv is False
     # Compiled as saved: the optimizer state continues at step 10, same sampler.
     assert isinstance(lm.optimizer, keras.optimizers.AdamW)
@@ -82,9 +109,19 @@ def test_resume_with_another_vocabulary_is_an_error(tmp_path, sample_text_path):
     data = sample_text_path
     tiny = TINY.replace(steps=1, eval_interval=1)
     train(_config(tmp_path / "run", data, preset=tiny, sample_tokens=0))
-    with pytest.raises(ValueError, match=r"tokenizer.kind: 'bytes' -> 'sentencepiece'.*cannot change"):
-        train(_config(tmp_path / "run", data, preset=tiny, tokenizer="sentencepiece",
-                      vocabulary_size=320, fine_tune=True))
+    with pytest.raises(
+        ValueError, match=r"tokenizer.kind: 'bytes' -> 'sentencepiece'.*cannot change"
+    ):
+        train(
+            _config(
+                tmp_path / "run",
+                data,
+                preset=tiny,
+                tokenizer="sentencepiece",
+                vocabulary_size=320,
+                fine_tune=True,
+            )
+        )
 
 
 @pytest.mark.tensorflow_only
@@ -106,8 +143,13 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
 def test_sentencepiece_training_run(tmp_path, sample_text_path):
     data = sample_text_path
     summary = train(
-        _config(tmp_path / "run", data, tokenizer="sentencepiece", vocabulary_size=400,
-                preset=TINY.replace(steps=4, eval_interval=2))
+        _config(
+            tmp_path / "run",
+            data,
+            tokenizer="sentencepiece",
+            vocabulary_size=400,
+            preset=TINY.replace(steps=4, eval_interval=2),
+        )
     )
     assert (tmp_path / "run" / "tokenizer.model").exists()
     assert summary["tokenizer"]["vocabulary_size"] == 400
@@ -119,7 +161,11 @@ def test_sentencepiece_training_run(tmp_path, sample_text_path):
 
 def test_feedback_model_trains(tmp_path, sample_text_path):
     data = sample_text_path
-    summary = train(_config(tmp_path / "fb", data, model="feedback", preset=TINY.replace(steps=2, eval_interval=2)))
+    summary = train(
+        _config(
+            tmp_path / "fb", data, model="feedback", preset=TINY.replace(steps=2, eval_interval=2)
+        )
+    )
     assert summary["steps"] == 2 and math.isfinite(summary["val_loss"])
 
 
@@ -127,7 +173,11 @@ def test_feedback_model_trains(tmp_path, sample_text_path):
 def test_steps_to_reach_interpolates():
     from keras_primer.training.compare import steps_to_reach
 
-    history = [{"step": 10, "val_loss": 3.0}, {"step": 20, "val_loss": 2.0}, {"step": 30, "val_loss": 1.5}]
+    history = [
+        {"step": 10, "val_loss": 3.0},
+        {"step": 20, "val_loss": 2.0},
+        {"step": 30, "val_loss": 1.5},
+    ]
     assert steps_to_reach(history, 2.5) == pytest.approx(15.0)
     assert steps_to_reach(history, 3.5) == 10.0
     assert steps_to_reach(history, 1.0) is None
@@ -139,7 +189,9 @@ def test_comparison_writes_table_and_plot(tmp_path, sample_text_path):
     from keras_primer.training.compare import compare
 
     data = sample_text_path
-    base = _config(tmp_path / "cmp", data, preset=TINY.replace(steps=4, eval_interval=2), sample_tokens=0)
+    base = _config(
+        tmp_path / "cmp", data, preset=TINY.replace(steps=4, eval_interval=2), sample_tokens=0
+    )
     result = compare(base, ("primer_ez", "transformer"))
     assert [row["model"] for row in result["rows"]] == ["primer_ez", "transformer"]
     for name in ("comparison.md", "comparison.csv", "comparison.png", "comparison.json"):
@@ -155,8 +207,12 @@ class _OptimizerSpy(keras.callbacks.Callback):
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_run(tmp_path, sample_text_path, precision):
     data = sample_text_path
-    config = _config(tmp_path / precision, data, precision=precision,
-                     preset=TINY.replace(steps=2, eval_interval=2))
+    config = _config(
+        tmp_path / precision,
+        data,
+        precision=precision,
+        preset=TINY.replace(steps=2, eval_interval=2),
+    )
     if precision == "mixed_float16" and keras.backend.backend() == "jax":
         import jax
 
@@ -185,7 +241,7 @@ def test_run_definition_keys_on_content_and_diff_names_each_change(tmp_path, sam
 
     config = _config(tmp_path / "run", sample_text_path)
     corpus = locate_corpus(config)
-    (name, size, sha), = corpus.fingerprint
+    ((name, size, sha),) = corpus.fingerprint
     assert name == "sonnets.txt" and size == os.path.getsize(sample_text_path) and len(sha) == 64
     definition = run_definition(config, TINY, corpus)
     assert definition["data"]["files"] == [[name, sha]]
@@ -193,10 +249,13 @@ def test_run_definition_keys_on_content_and_diff_names_each_change(tmp_path, sam
     copy = tmp_path / "elsewhere" / "sonnets.txt"
     copy.parent.mkdir()
     copy.write_bytes(open(sample_text_path, "rb").read())
-    moved = run_definition(_config(tmp_path / "run", str(copy)), TINY, locate_corpus(_config(tmp_path, str(copy))))
+    moved = run_definition(
+        _config(tmp_path / "run", str(copy)), TINY, locate_corpus(_config(tmp_path, str(copy)))
+    )
     assert definition_diff(definition, moved) == []
-    other = run_definition(_config(tmp_path / "run", sample_text_path, seed=2),
-                           TINY.replace(warmup_steps=3), corpus)
+    other = run_definition(
+        _config(tmp_path / "run", sample_text_path, seed=2), TINY.replace(warmup_steps=3), corpus
+    )
     assert definition_diff(definition, other) == ["schedule.warmup_steps: 2 -> 3", "seed: 0 -> 2"]
 
 
@@ -223,8 +282,15 @@ def test_missing_optional_packages_are_said_once_and_the_run_finishes(
     from keras_primer.training import driver
 
     monkeypatch.setattr(driver, "_installed", lambda package: False)
-    summary = train(_config(tmp_path / "run", sample_text_path, tensorboard=True, sample_tokens=0,
-                            preset=TINY.replace(steps=2, eval_interval=2)))
+    summary = train(
+        _config(
+            tmp_path / "run",
+            sample_text_path,
+            tensorboard=True,
+            sample_tokens=0,
+            preset=TINY.replace(steps=2, eval_interval=2),
+        )
+    )
     err = capsys.readouterr().err
     assert err.count("will skip") == 1
     assert "learning_curve.png (matplotlib is not installed)" in err and "TensorBoard" in err
@@ -236,6 +302,8 @@ def test_missing_optional_packages_are_said_once_and_the_run_finishes(
 @pytest.mark.tensorflow_only
 def test_library_train_refuses_another_backend_than_the_running_one(tmp_path, sample_text_path):
     other = "jax" if keras.backend.backend() != "jax" else "torch"
-    with pytest.raises(ValueError, match=rf"runs Keras on '{keras.backend.backend()}', not '{other}'"):
+    with pytest.raises(
+        ValueError, match=rf"runs Keras on '{keras.backend.backend()}', not '{other}'"
+    ):
         train(_config(tmp_path / "run", sample_text_path, backend=other))
     assert not (tmp_path / "run").exists()

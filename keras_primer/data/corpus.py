@@ -10,8 +10,7 @@ import os
 from collections.abc import Iterator
 
 SHAKESPEARE_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
-    "tinyshakespeare/input.txt"
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 SHAKESPEARE_ENV = "KERAS_PRIMER_SHAKESPEARE"
 DEFAULT_EXTENSIONS = (".txt", ".text", ".md")
@@ -39,7 +38,10 @@ def shakespeare_path(data: str | None = None, download: bool = True) -> str:
             given. The message says where it looked and how to point elsewhere.
     """
     looked = []
-    for source, path in (("--data", data), (f"${SHAKESPEARE_ENV}", os.environ.get(SHAKESPEARE_ENV))):
+    for source, path in (
+        ("--data", data),
+        (f"${SHAKESPEARE_ENV}", os.environ.get(SHAKESPEARE_ENV)),
+    ):
         if not path:
             continue
         path = os.path.abspath(os.path.expanduser(path))
@@ -86,9 +88,7 @@ def check_text_file(path: str) -> None:
         raise DataFileError(f"Data file is empty: {path}. A corpus needs some text.")
 
 
-def list_text_files(
-    path: str, extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
-) -> list[str]:
+def list_text_files(path: str, extensions: tuple[str, ...] = DEFAULT_EXTENSIONS) -> list[str]:
     """The text files of a corpus: `path` itself, or the files under a folder.
 
     A folder is searched recursively for files ending in one of `extensions`
@@ -126,9 +126,7 @@ def list_text_files(
     return sorted(files)
 
 
-def iter_text_chunks(
-    files: list[str], chunk_chars: int = 1 << 20
-) -> Iterator[tuple[int, str]]:
+def iter_text_chunks(files: list[str], chunk_chars: int = 1 << 20) -> Iterator[tuple[int, str]]:
     """Yields `(file_index, text)` pieces of about `chunk_chars` characters.
 
     Pieces end at line ends where possible, so a tokenizer never sees a word

@@ -84,8 +84,10 @@ def encode_corpus(
     os.makedirs(cache_dir, exist_ok=True)
     bin_path = os.path.join(cache_dir, "tokens.bin")
     meta_path = os.path.join(cache_dir, "tokens.json")
-    fingerprint = [[f, *rest] for f, (_, *rest) in zip(files, fingerprint)] if fingerprint else (
-        content_fingerprint(files)
+    fingerprint = (
+        [[f, *rest] for f, (_, *rest) in zip(files, fingerprint)]
+        if fingerprint
+        else (content_fingerprint(files))
     )
     if os.path.exists(meta_path) and os.path.exists(bin_path):
         with open(meta_path) as f:
@@ -159,7 +161,9 @@ def load_splits(
     n = meta["num_tokens"]
     if n == 0:
         raise DataFileError(f"The corpus at {path} encodes to no tokens.")
-    tokens = np.memmap(os.path.join(cache_dir, "tokens.bin"), dtype=meta["dtype"], mode="r", shape=(n,))
+    tokens = np.memmap(
+        os.path.join(cache_dir, "tokens.bin"), dtype=meta["dtype"], mode="r", shape=(n,)
+    )
     split = int(round(n * (1.0 - val_fraction)))
     train, val = tokens[:split], tokens[split:]
     for name, part in (("training", train), ("validation", val)):

@@ -137,7 +137,9 @@ def _vocabulary_error(message: str, vocabulary_size: int, num_files: int) -> str
             f"its characters and the special and byte pieces need at least "
             f"{too_small.group(2)}. Pass --vocab-size {too_small.group(2)} or more."
         )
-    too_large = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    too_large = re.search(
+        r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message
+    )
     if too_large:
         return (
             f"A SentencePiece vocabulary of {vocabulary_size} is too large for this corpus: "

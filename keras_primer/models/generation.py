@@ -5,6 +5,7 @@ from keras import ops
 from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_primer.utils.validation import check_token_ids
+from keras_primer_runtime.decoding import check_prompts
 
 
 def finish_generation(token_ids, padding_mask, stop_token_ids):
@@ -87,23 +88,11 @@ class GenerateInputChecks:
         )
 
     def _check_prompts(self, prompts, max_length):
-        if not prompts:
-            raise ValueError(
-                "`generate()` received no prompts; pass a string or a list of strings."
-            )
+        # Types and emptiness: the decoding contract's check and error texts.
+        prompts = check_prompts(list(prompts))
         tokenizer = self.preprocessor.tokenizer
         start = 1 if self.preprocessor.add_start_token else 0
         for i, prompt in enumerate(prompts):
-            if isinstance(prompt, bytes):
-                prompt = prompt.decode("utf-8", errors="replace")
-            if not isinstance(prompt, str):
-                raise ValueError(
-                    f"Prompts must be strings. Prompt {i} has type {type(prompt).__name__}."
-                )
-            if prompt == "":
-                raise ValueError(
-                    f"Prompt {i} is empty. `generate()` needs at least one character of prompt text."
-                )
             num_tokens = len(np.asarray(tokenizer(prompt)).reshape(-1)) + start
             if max_length is not None and num_tokens > max_length:
                 raise ValueError(

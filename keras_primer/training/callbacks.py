@@ -65,13 +65,19 @@ def write_state(model, arrays: list[np.ndarray], source: str) -> None:
         model.optimizer.build(model.trainable_variables)
     variables = model_state(model)
     mismatch = len(variables) != len(arrays) or next(
-        (f"{v.path}: {tuple(v.shape)} {v.dtype} vs {a.shape} {a.dtype}"
-         for v, a in zip(variables, arrays)
-         if tuple(v.shape) != a.shape or np.dtype(v.dtype) != a.dtype),
+        (
+            f"{v.path}: {tuple(v.shape)} {v.dtype} vs {a.shape} {a.dtype}"
+            for v, a in zip(variables, arrays)
+            if tuple(v.shape) != a.shape or np.dtype(v.dtype) != a.dtype
+        ),
         None,
     )
     if mismatch:
-        detail = mismatch if isinstance(mismatch, str) else f"{len(arrays)} arrays for {len(variables)} variables"
+        detail = (
+            mismatch
+            if isinstance(mismatch, str)
+            else f"{len(arrays)} arrays for {len(variables)} variables"
+        )
         raise ValueError(
             f"Checkpoint {source} does not fit this model and optimizer ({detail}). "
             "Use the settings it was written with, or another --out."
@@ -129,8 +135,18 @@ class RunRecorder(keras.callbacks.Callback):
         reseed: `reseed(step)` before each step (`step_seeder`), or None.
     """
 
-    def __init__(self, commit, write_history, save_best, rows, start_step, total_steps,
-                 checkpoint_interval, eval_interval, reseed=None):
+    def __init__(
+        self,
+        commit,
+        write_history,
+        save_best,
+        rows,
+        start_step,
+        total_steps,
+        checkpoint_interval,
+        eval_interval,
+        reseed=None,
+    ):
         super().__init__()
         self.reseed = reseed
         self.commit = commit

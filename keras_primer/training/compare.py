@@ -115,7 +115,9 @@ def report(summaries: dict, out: str) -> dict:
             f.write("| " + " | ".join(rows[0]) + " |\n")
             f.write("|" + "---|" * len(rows[0]) + "\n")
             for row in rows:
-                f.write("| " + " | ".join("" if v is None else str(v) for v in row.values()) + " |\n")
+                f.write(
+                    "| " + " | ".join("" if v is None else str(v) for v in row.values()) + " |\n"
+                )
         f.write(
             "\nsteps_to_baseline / time_to_baseline: the fraction of the Transformer's "
             "steps / wall-clock seconds a model needs to reach the Transformer's final "
@@ -138,7 +140,9 @@ def _plot(summaries: dict, path: str) -> None:
     for model, s in summaries.items():
         rows = [r for r in s["history"] if "val_loss" in r]
         by_step.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], "o-", label=model)
-        by_time.plot([r["wall_time"] for r in rows], [r["val_loss"] for r in rows], "o-", label=model)
+        by_time.plot(
+            [r["wall_time"] for r in rows], [r["val_loss"] for r in rows], "o-", label=model
+        )
     baseline = summaries.get(BASELINE)
     for ax in (by_step, by_time):
         if baseline is not None:

@@ -92,7 +92,10 @@ def check_runtime(config: RunConfig) -> None:
             float32 accumulation in XLA's CPU backend).
     """
     if config.tokenizer == "sentencepiece":
-        for package, pip in (("sentencepiece", "sentencepiece"), ("tensorflow_text", "tensorflow-text")):
+        for package, pip in (
+            ("sentencepiece", "sentencepiece"),
+            ("tensorflow_text", "tensorflow-text"),
+        ):
             if not _installed(package):
                 raise ConfigError(
                     f"--tokenizer sentencepiece needs the `{package}` package, which is not "
@@ -180,8 +183,9 @@ def locate_corpus(config: RunConfig) -> Corpus:
     path = os.path.abspath(os.path.expanduser(data))
     files = list_text_files(path)
     root = path if os.path.isdir(path) else os.path.dirname(path)
-    fingerprint = [[os.path.relpath(f, root), size, sha]
-                   for f, size, sha in content_fingerprint(files)]
+    fingerprint = [
+        [os.path.relpath(f, root), size, sha] for f, size, sha in content_fingerprint(files)
+    ]
     return Corpus(path, files, fingerprint)
 
 
@@ -201,19 +205,28 @@ def run_definition(config: RunConfig, preset: TrainPreset, corpus: Corpus) -> di
     return {
         "model": config.model,
         "architecture": {
-            "num_layers": p.num_layers, "num_heads": p.num_heads, "hidden_dim": p.hidden_dim,
-            "intermediate_dim": p.intermediate_dim, "sequence_length": p.sequence_length,
+            "num_layers": p.num_layers,
+            "num_heads": p.num_heads,
+            "hidden_dim": p.hidden_dim,
+            "intermediate_dim": p.intermediate_dim,
+            "sequence_length": p.sequence_length,
         },
         "tokenizer": tokenizer,
-        "data": {"files": [[name, sha] for name, _, sha in corpus.fingerprint],
-                 "val_fraction": config.val_fraction},
+        "data": {
+            "files": [[name, sha] for name, _, sha in corpus.fingerprint],
+            "val_fraction": config.val_fraction,
+        },
         "seed": config.seed,
         "batch_size": p.batch_size,
         "dropout": p.dropout,
         "schedule": {
-            "learning_rate": p.learning_rate, "min_learning_rate": p.min_learning_rate,
-            "warmup_steps": p.warmup_steps, "weight_decay": p.weight_decay,
-            "beta_1": p.beta_1, "beta_2": p.beta_2, "clipnorm": p.clipnorm,
+            "learning_rate": p.learning_rate,
+            "min_learning_rate": p.min_learning_rate,
+            "warmup_steps": p.warmup_steps,
+            "weight_decay": p.weight_decay,
+            "beta_1": p.beta_1,
+            "beta_2": p.beta_2,
+            "clipnorm": p.clipnorm,
         },
         "evaluation": {"eval_interval": p.eval_interval, "eval_windows": p.eval_windows},
         "precision": config.precision,
@@ -240,12 +253,21 @@ def definition_diff(old: dict, new: dict) -> list[str]:
         return repr(v)
 
     a, b = dict(flat(old)), dict(flat(new))
-    return [f"{k}: {show(a.get(k))} -> {show(b.get(k))}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {show(a.get(k))} -> {show(b.get(k))}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
 
 
-def reconcile_run(out: str, definition: dict, total_steps: int, committed_step: int | None,
-                  fine_tune: bool = False, say=None) -> dict:
+def reconcile_run(
+    out: str,
+    definition: dict,
+    total_steps: int,
+    committed_step: int | None,
+    fine_tune: bool = False,
+    say=None,
+) -> dict:
     """Decides whether this run may write `out`; writes `run.json` (atomically).
 
     A folder without a checkpoint starts afresh. With one, the definition
@@ -285,13 +307,15 @@ def reconcile_run(out: str, definition: dict, total_steps: int, committed_step: 
             way = (
                 "The model, architecture and tokenizer of saved weights cannot change: pass "
                 "another --out for a new run."
-                if structural else
-                "Pass another --out for a new run, or --fine-tune to continue these weights "
+                if structural
+                else "Pass another --out for a new run, or --fine-tune to continue these weights "
                 "under the new settings on purpose (recorded in run.json)."
             )
             raise ConfigError(
                 f"{out} holds a different run (checkpoint at step {committed_step}); changed: "
-                + "; ".join(changes) + ". " + way
+                + "; ".join(changes)
+                + ". "
+                + way
             )
         say(f"fine-tuning from step {committed_step} with changed settings: " + "; ".join(changes))
         record["changes"] = list(record.get("changes", [])) + [
@@ -309,7 +333,11 @@ def reconcile_run(out: str, definition: dict, total_steps: int, committed_step: 
             f"learning-rate schedule now decays over {total_steps} steps."
         )
         record["changes"] = list(record.get("changes", [])) + [
-            {"step": committed_step, "kind": "steps", "changed": [f"steps: {saved.get('steps')} -> {total_steps}"]}
+            {
+                "step": committed_step,
+                "kind": "steps",
+                "changed": [f"steps: {saved.get('steps')} -> {total_steps}"],
+            }
         ]
         record["steps"] = total_steps
     if record != saved:
@@ -335,10 +363,16 @@ def make_codec(config: RunConfig, corpus: Corpus, out: str):
 def prepare_data(config: RunConfig, preset: TrainPreset, corpus: Corpus, codec, out: str):
     """Tokenizes (or reuses) the corpus; returns `(splits, (val_x, val_y))`."""
     splits = load_splits(
-        corpus.path, codec, os.path.join(out, "data"), preset.sequence_length,
-        config.val_fraction, fingerprint=corpus.fingerprint,
+        corpus.path,
+        codec,
+        os.path.join(out, "data"),
+        preset.sequence_length,
+        config.val_fraction,
+        fingerprint=corpus.fingerprint,
     )
-    val = validation_arrays(splits.val, preset.sequence_length, preset.eval_windows, splits.start_id)
+    val = validation_arrays(
+        splits.val, preset.sequence_length, preset.eval_windows, splits.start_id
+    )
     return splits, val
 
 
@@ -411,39 +445,55 @@ def save_model_atomic(lm, path: str) -> None:
             os.remove(tmp)
 
 
-def fit_segments(lm, config, preset, splits, val, dist, start, total_steps, interval,
-                 callbacks, recorder) -> None:
+def fit_segments(
+    lm, config, preset, splits, val, dist, start, total_steps, interval, callbacks, recorder
+) -> None:
     """Runs `fit()` from `start` to `total_steps`; the batches of step `s` are
     a function of `(seed, s)` alone, so a resumed run sees the same ones."""
     val_x, val_y = val
     for first, initial_epoch, epochs, per_epoch in plan_segments(start, total_steps, interval):
         dataset = WindowDataset(
-            splits.train, preset.sequence_length, preset.batch_size,
-            num_steps=(epochs - initial_epoch) * per_epoch, start_step=first,
-            seed=config.seed, start_id=splits.start_id, shard=dist.input_shard,
+            splits.train,
+            preset.sequence_length,
+            preset.batch_size,
+            num_steps=(epochs - initial_epoch) * per_epoch,
+            start_step=first,
+            seed=config.seed,
+            start_id=splits.start_id,
+            shard=dist.input_shard,
         )
         recorder.step = first
         # The batches are token ids already: bypass keras-hub's string
         # preprocessing (`PipelineModel.fit`) and call Keras' own `fit`.
         keras.Model.fit(
-            lm, dist.dataset(dataset), validation_data=(val_x, val_y),
+            lm,
+            dist.dataset(dataset),
+            validation_data=(val_x, val_y),
             validation_batch_size=dist.eval_batch_size(preset.batch_size),
-            initial_epoch=initial_epoch, epochs=epochs, steps_per_epoch=per_epoch,
+            initial_epoch=initial_epoch,
+            epochs=epochs,
+            steps_per_epoch=per_epoch,
             shuffle=False,  # batch i is the batch of step first + i
-            callbacks=callbacks, verbose=config.verbose,
+            callbacks=callbacks,
+            verbose=config.verbose,
         )
         if recorder.nan_step is not None:
             return
 
 
-def write_reports(config, preset, lm, dist, out, corpus, codec, splits, val, history, start,
-                  log, clock, outputs) -> dict:
+def write_reports(
+    config, preset, lm, dist, out, corpus, codec, splits, val, history, start, log, clock, outputs
+) -> dict:
     """Final evaluation, `model.keras`, samples, learning curve and `summary.json`."""
     val_x, val_y = val
     final_step = optimizer_step(lm)
     results = keras.Model.evaluate(
-        lm, val_x, val_y, batch_size=dist.eval_batch_size(preset.batch_size),
-        verbose=0, return_dict=True,
+        lm,
+        val_x,
+        val_y,
+        batch_size=dist.eval_batch_size(preset.batch_size),
+        verbose=0,
+        return_dict=True,
     )
     model_path = os.path.join(out, "model.keras")
     save_model_atomic(lm, model_path)
@@ -551,8 +601,13 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
         corpus = locate_corpus(config)
         definition = run_definition(config, preset, corpus)
         committed = store.steps()
-        reconcile_run(out, definition, total_steps, committed[-1] if committed else None,
-                      fine_tune=config.fine_tune)
+        reconcile_run(
+            out,
+            definition,
+            total_steps,
+            committed[-1] if committed else None,
+            fine_tune=config.fine_tune,
+        )
         codec = make_codec(config, corpus, out)
         splits, val = prepare_data(config, preset, corpus, codec, out)
         clock = Clock()
@@ -569,38 +624,78 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
                 state = read_state(lm)
                 if not all(np.isfinite(a).all() for a in state if a.dtype.kind == "f"):
                     return False  # never commit weights that diverged
-                store.commit(step, state, {"history": history, "wall_time": clock(),
-                                           "data_position": {"seed": config.seed, "step": step}})
+                store.commit(
+                    step,
+                    state,
+                    {
+                        "history": history,
+                        "wall_time": clock(),
+                        "data_position": {"seed": config.seed, "step": step},
+                    },
+                )
                 return True
 
-            log = TrainingLog(preset.batch_size * preset.sequence_length, clock,
-                              splits.val_tokens_per_char)
+            log = TrainingLog(
+                preset.batch_size * preset.sequence_length, clock, splits.val_tokens_per_char
+            )
             recorder = RunRecorder(
                 commit=commit,
                 write_history=lambda history: write_history_csv(history_path, history),
                 save_best=lambda: save_model_atomic(lm, os.path.join(out, "best.keras")),
-                rows=rows, start_step=start, total_steps=total_steps,
-                checkpoint_interval=checkpoint_interval, eval_interval=interval,
+                rows=rows,
+                start_step=start,
+                total_steps=total_steps,
+                checkpoint_interval=checkpoint_interval,
+                eval_interval=interval,
                 reseed=step_seeder(config.seed),
             )
             callbacks = [log, recorder]
             if outputs["tensorboard"]:
-                callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"),
-                                                             write_graph=False))
+                callbacks.append(
+                    keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"), write_graph=False)
+                )
             callbacks += list(extra_callbacks or [])
-            fit_segments(lm, config, preset, splits, val, dist, start, total_steps, interval,
-                         callbacks, recorder)
+            fit_segments(
+                lm,
+                config,
+                preset,
+                splits,
+                val,
+                dist,
+                start,
+                total_steps,
+                interval,
+                callbacks,
+                recorder,
+            )
             if recorder.nan_step is not None:
                 last = store.steps()
                 raise TrainingDiverged(
                     f"The loss became NaN or infinite at step {recorder.nan_step}; stopped. "
-                    + (f"The last good checkpoint (step {last[-1]}) is kept in {store.folder}. "
-                       if last else "No checkpoint was written before it. ")
+                    + (
+                        f"The last good checkpoint (step {last[-1]}) is kept in {store.folder}. "
+                        if last
+                        else "No checkpoint was written before it. "
+                    )
                     + "Lower --learning-rate (with --fine-tune to continue the checkpoint), "
                     "or check the data."
                 )
-            return write_reports(config, preset, lm, dist, out, corpus, codec, splits, val,
-                                 recorder.rows, start, log, clock, outputs)
+            return write_reports(
+                config,
+                preset,
+                lm,
+                dist,
+                out,
+                corpus,
+                codec,
+                splits,
+                val,
+                recorder.rows,
+                start,
+                log,
+                clock,
+                outputs,
+            )
 
 
 def _refuse_old_layout(out: str) -> None:

@@ -72,7 +72,8 @@ class AdamW(keras.optimizers.AdamW):
         # Squared norm of each summed gradient: dense ones need the summed
         # tensor, sparse ones only the sum of squared slice values.
         local = [
-            tf.reduce_sum(tf.square(grads[i].values)) if isinstance(grads[i], tf.IndexedSlices)
+            tf.reduce_sum(tf.square(grads[i].values))
+            if isinstance(grads[i], tf.IndexedSlices)
             else grads[i]
             for i in present
         ]

@@ -62,15 +62,17 @@ def generate_text(lm, prompt: str, num_tokens: int, window: int | None = None) -
     while produced < num_tokens:
         ids = tokenizer(text)
         ids = [int(i) for i in (ids.numpy() if hasattr(ids, "numpy") else ids)]
-        keep = ids[-(window // 2):] if len(ids) > window // 2 else ids
+        keep = ids[-(window // 2) :] if len(ids) > window // 2 else ids
         context = tokenizer.detokenize(keep)
-        context = context.numpy().decode("utf-8", "replace") if hasattr(context, "numpy") else context
+        context = (
+            context.numpy().decode("utf-8", "replace") if hasattr(context, "numpy") else context
+        )
         from keras_primer.training.distribution import generate
 
         out = generate(lm, context, max_length=window)
         if not isinstance(out, str):
             out = out.numpy().decode("utf-8", "replace") if hasattr(out, "numpy") else str(out)
-        new = out[len(context):] if out.startswith(context) else out
+        new = out[len(context) :] if out.startswith(context) else out
         if not new:
             break
         text += new

@@ -54,9 +54,9 @@ def fault_point(step: int, phase: str) -> None:
     wanted = os.environ.get(FAULT_ENV)
     if not wanted or not wanted.startswith(f"{step}:{phase}"):
         return
-    action = wanted[len(f"{step}:{phase}"):]
+    action = wanted[len(f"{step}:{phase}") :]
     if action.startswith(":wait="):
-        path = action[len(":wait="):]
+        path = action[len(":wait=") :]
         deadline = time.monotonic() + 600
         while not os.path.exists(path) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -144,7 +144,7 @@ class RunLock:
         self.path = os.path.join(folder, ".lock")
         self._fd = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         import fcntl
 
         os.makedirs(self.folder, exist_ok=True)
@@ -173,7 +173,7 @@ class RunLock:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -247,12 +247,19 @@ class CheckpointStore:
                 state = json.loads(bytes(data["state"]).decode("utf-8"))
                 count = sum(1 for k in data.files if k.startswith("v"))
                 arrays = [data[f"v{i:05d}"] for i in range(count)]
-        except (zipfile.BadZipFile, ValueError, KeyError, EOFError, OSError,
-                UnicodeDecodeError) as e:
+        except (
+            zipfile.BadZipFile,
+            ValueError,
+            KeyError,
+            EOFError,
+            OSError,
+            UnicodeDecodeError,
+        ) as e:
             older = [s for s in self.steps() if s < step]
             fix = (
                 f"move it away to resume from the previous checkpoint (step {older[-1]})"
-                if older else "delete it to start the run again"
+                if older
+                else "delete it to start the run again"
             )
             raise CheckpointError(
                 f"Checkpoint {path} is damaged or truncated ({type(e).__name__}: {e}); "
