@@ -26,8 +26,9 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+from test_training import TINY as TRAINING_TINY
 
-from keras_primer.training import RunConfig, TrainPreset, train
+from keras_primer.training import RunConfig, train
 from keras_primer.training.run_dir import FAULT_ENV, CheckpointStore, RunLock, RunLockedError
 
 BACKEND = keras.backend.backend()
@@ -35,22 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sonnets.txt")
 
 # Dropout on, so the RNG state must survive a resume too.
-TINY = TrainPreset(
-    num_layers=1,
-    num_heads=2,
-    hidden_dim=16,
-    intermediate_dim=32,
-    sequence_length=16,
-    dropout=0.1,
-    batch_size=4,
-    steps=10,
-    learning_rate=3e-3,
-    min_learning_rate=3e-4,
-    warmup_steps=2,
-    eval_interval=5,
-    eval_windows=8,
-    checkpoint_interval=3,
-)
+TINY = TRAINING_TINY.replace(dropout=0.1)
 # Columns that are the same in any run of the same definition (the training
 # loss is a running mean over the batches one process ran in the epoch, and
 # times differ).
@@ -110,7 +96,9 @@ def _assert_same_run(out, reference_out):
 
 _KILLED_RUN = textwrap.dedent("""
     import json, sys
-    from keras_primer.training import RunConfig, TrainPreset, train
+    from test_training import TINY as TRAINING_TINY
+
+from keras_primer.training import RunConfig, TrainPreset, train
     preset = TrainPreset(**json.loads(sys.argv[2]))
     train(RunConfig(out=sys.argv[1], data=sys.argv[3], preset=preset, sample_tokens=0,
                     verbose=0, tensorboard=False, jit_compile=False))
