@@ -2,47 +2,35 @@
 
 from __future__ import annotations
 
-import math
-
 import keras
-from keras import ops
 
 
-@keras.saving.register_keras_serializable(package="keras_primer")
-class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup to `peak`, then cosine decay to `minimum` at `decay_steps`.
+def learning_rate_schedule(
+    peak: float, minimum: float, warmup_steps: int, total_steps: int
+) -> keras.optimizers.schedules.CosineDecay:
+    """Linear warmup to `peak` over `warmup_steps`, then cosine decay to
+    `minimum` at `total_steps`, constant after (Keras' own `CosineDecay`).
 
-    Constant `minimum` after `decay_steps`.
+    >>> schedule = learning_rate_schedule(1.0, 0.1, warmup_steps=4, total_steps=14)
+    >>> [round(float(schedule(s)), 4) for s in (0, 4, 9, 14, 20)]
+    [0.25, 1.0, 0.55, 0.1, 0.1]
     """
-
-    def __init__(self, peak: float, minimum: float, warmup_steps: int, decay_steps: int):
-        if warmup_steps < 0 or decay_steps < 1:
-            raise ValueError(
-                f"Need warmup_steps >= 0 and decay_steps >= 1. Received: "
-                f"warmup_steps={warmup_steps}, decay_steps={decay_steps}."
-            )
-        self.peak = float(peak)
-        self.minimum = float(minimum)
-        self.warmup_steps = int(warmup_steps)
-        self.decay_steps = int(decay_steps)
-
-    def __call__(self, step):
-        step = ops.cast(step, "float32")
-        warmup = self.peak * (step + 1.0) / max(self.warmup_steps, 1)
-        span = max(self.decay_steps - self.warmup_steps, 1)
-        progress = ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
-        cosine = self.minimum + 0.5 * (self.peak - self.minimum) * (
-            1.0 + ops.cos(math.pi * progress)
+    if warmup_steps < 0 or total_steps <= warmup_steps:
+        raise ValueError(
+            f"Need 0 <= warmup_steps < total_steps. Received: warmup_steps={warmup_steps}, "
+            f"total_steps={total_steps}."
         )
-        return ops.where(step < self.warmup_steps, warmup, cosine)
-
-    def get_config(self):
-        return {
-            "peak": self.peak,
-            "minimum": self.minimum,
-            "warmup_steps": self.warmup_steps,
-            "decay_steps": self.decay_steps,
-        }
+    warmup = (
+        # Warm up from peak / warmup_steps, so the first step already learns.
+        dict(
+            initial_learning_rate=peak / warmup_steps, warmup_target=peak, warmup_steps=warmup_steps
+        )
+        if warmup_steps
+        else dict(initial_learning_rate=peak)
+    )
+    return keras.optimizers.schedules.CosineDecay(
+        decay_steps=total_steps - warmup_steps, alpha=minimum / peak, **warmup
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -103,11 +91,12 @@ def build_optimizer(preset, total_steps: int | None = None) -> keras.optimizers.
     Weight decay skips biases, layer norms, embeddings and convolution
     kernels of the attention (names containing those words).
     """
-    schedule = WarmupCosineDecay(
+    total_steps = total_steps or preset.steps
+    schedule = learning_rate_schedule(
         preset.learning_rate,
         preset.min_learning_rate,
-        min(preset.warmup_steps, max((total_steps or preset.steps) - 1, 0)),
-        total_steps or preset.steps,
+        min(preset.warmup_steps, max(total_steps - 1, 0)),
+        total_steps,
     )
     optimizer = AdamW(
         learning_rate=schedule,
