@@ -60,7 +60,10 @@ def test_help_needs_no_framework():
     [
         (["--learning-rate", "nan"], "--learning-rate must be a finite number. Received: nan."),
         (["--learning-rate", "0"], "--learning-rate must be in (0.0, inf)"),
-        (["--prompt", ""], "A sample prompt must be a non-empty string. Received: ''."),
+        (
+            ["--prompt", ""],
+            "Every prompt must be a non-empty string (a prompt is empty). Received: ''.",
+        ),
         (["--steps", "0"], "--steps must be at least 1. Received: 0."),
         (["--dropout", "1"], "--dropout must be in [0.0, 1.0)"),
         (["--val-fraction", "0.7"], "--val-fraction must be in (0.0, 0.5]"),

@@ -42,21 +42,18 @@ def _holds_known_values(x) -> bool:
 
 
 def check_model_inputs(inputs, vocabulary_size: int, max_sequence_length: int) -> None:
-    """Checks `{"token_ids", "padding_mask"}` (or bare ids) given to a model.
+    """Checks host data (NumPy arrays, lists) given to a model: dtype, rank,
+    length and every id value, before Keras converts and casts it.
 
-    Dtype, rank and length are always checked (static, free); id values only
-    when they sit on the host already, so no training step syncs with the
-    device to check them.
+    Tensors are left to the backbone's `call`, which checks dtype, rank and
+    length after the functional model's casts and never reads values, so no
+    training step syncs with the device. Symbolic passes (Keras' build under a
+    `tf.distribute` strategy feeds the mean of a batch) are tensors too.
     """
     token_ids = inputs["token_ids"] if isinstance(inputs, dict) else inputs
-    if token_ids is None:
+    if token_ids is None or not _holds_known_values(token_ids):
         return
-    check_token_ids(
-        token_ids,
-        vocabulary_size,
-        max_sequence_length,
-        check_values=_holds_known_values(token_ids),
-    )
+    check_token_ids(token_ids, vocabulary_size, max_sequence_length)
     if isinstance(inputs, dict):
         check_padding_mask(inputs.get("padding_mask"), token_ids)
 
@@ -116,21 +113,32 @@ class CheckedBackbone(Backbone):
             f.write(json.dumps(metadata, indent=4))
 
 
+def _tokenizer_size(preprocessor) -> int | None:
+    """The preprocessor's vocabulary size, or None while it is unknown: a
+    SentencePiece tokenizer loaded from a `.keras` file gets its proto from
+    the file's assets only after the model is constructed."""
+    tokenizer = getattr(preprocessor, "tokenizer", None)
+    if tokenizer is None or not hasattr(tokenizer, "vocabulary_size"):
+        return None
+    try:
+        return int(tokenizer.vocabulary_size())
+    except ValueError:  # keras-hub: "No vocabulary has been set"
+        return None
+
+
 class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
     """Causal LM whose logits come from the backbone's (reversible) token
     embedding, with input checks and perplexity among the default metrics."""
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
-        tokenizer = getattr(preprocessor, "tokenizer", None)
-        if tokenizer is not None and hasattr(tokenizer, "vocabulary_size"):
-            tokenizer_size = int(tokenizer.vocabulary_size())
-            if tokenizer_size > backbone.vocabulary_size:
-                raise ValueError(
-                    f"The preprocessor's tokenizer has {tokenizer_size} ids but the "
-                    f"backbone's vocabulary_size is {backbone.vocabulary_size}: some "
-                    "token ids would have no embedding. Build the backbone with "
-                    f"vocabulary_size >= {tokenizer_size}."
-                )
+        tokenizer_size = _tokenizer_size(preprocessor)
+        if tokenizer_size is not None and tokenizer_size > backbone.vocabulary_size:
+            raise ValueError(
+                f"The preprocessor's tokenizer has {tokenizer_size} ids but the "
+                f"backbone's vocabulary_size is {backbone.vocabulary_size}: some "
+                "token ids would have no embedding. Build the backbone with "
+                f"vocabulary_size >= {tokenizer_size}."
+            )
         # === Layers ===
         self.backbone = backbone
         self.preprocessor = preprocessor
