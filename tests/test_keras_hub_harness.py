@@ -209,6 +209,23 @@ class PreprocessorHarnessTest(TestCase):
                 expected_output=[[72, 105, 33], [97, 98]],
             )
 
+    def test_sentencepiece_tokenizer(self):
+        import sentencepiece as spm
+
+        from keras_primer.data.tokenizers import PrimerSentencePieceTokenizer, train_sentencepiece
+
+        sonnets = os.path.join(os.path.dirname(__file__), "data", "sonnets.txt")
+        proto = train_sentencepiece([sonnets], vocabulary_size=400).proto
+        texts = ["Shall I compare thee", "to a summer's day?"]
+        # The oracle: the sentencepiece library itself on the same proto.
+        expected = spm.SentencePieceProcessor(model_proto=proto).encode(texts)
+        self.run_preprocessing_layer_test(
+            cls=PrimerSentencePieceTokenizer,
+            init_kwargs={"proto": proto},
+            input_data=texts,
+            expected_output=expected,
+        )
+
 
 class LayerHarnessTest(KerasTestCase):
     """Keras' `run_layer_test`. The mixed-precision check is Keras' own; on
