@@ -96,9 +96,7 @@ def _assert_same_run(out, reference_out):
 
 _KILLED_RUN = textwrap.dedent("""
     import json, sys
-    from test_training import TINY as TRAINING_TINY
-
-from keras_primer.training import RunConfig, TrainPreset, train
+    from keras_primer.training import RunConfig, TrainPreset, train
     preset = TrainPreset(**json.loads(sys.argv[2]))
     train(RunConfig(out=sys.argv[1], data=sys.argv[3], preset=preset, sample_tokens=0,
                     verbose=0, tensorboard=False, jit_compile=False))
