@@ -1,10 +1,72 @@
-"""Causal depthwise convolution along the sequence axis of per-head tensors."""
+"""Causal depthwise convolution along the sequence axis of per-head tensors.
+
+Two formulations compute the same numbers, and the fastest one for the
+runtime is chosen when a function is traced (see `conv_formulation`):
+
+- `"shifted"`: a sum of `kernel_size` shifted, scaled copies of the input,
+  which XLA fuses into one pass (TensorFlow with `jit_compile=True`, JAX).
+- `"depthwise_op"`: the backend's depthwise convolution kernel
+  (`tf.nn.depthwise_conv2d`, `torch.nn.functional.conv2d` with groups) over
+  `[batch, time, channels]`. TensorFlow without XLA, what `model.fit` runs on
+  a CPU-only machine, executes the shifted sum as separate slice, pad and
+  multiply kernels forward and backward, about 10x slower; under XLA on CPU
+  the depthwise op is the slow one. Both are plain ops that TF Serving and
+  ONNX Runtime run.
+"""
+
+import math
 
 import keras
 from keras import ops
 
+FORMULATIONS = ("shifted", "depthwise_op")
 
-def causal_depthwise_conv(inputs, kernel, bias=None, state=None, state_index=None):
+
+def _in_tensorflow_xla_context() -> bool:
+    """Whether the TensorFlow graph being traced will be compiled by XLA."""
+    try:
+        from tensorflow.python.framework import ops as tf_ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - a TensorFlow without these internals
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph()))
+
+
+def conv_formulation() -> str:
+    """The faster formulation for the code being traced now.
+
+    XLA (JAX; TensorFlow under `jit_compile=True`) fuses the shifted sum;
+    TensorFlow's graph runtime and PyTorch run the depthwise op faster.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return "shifted" if _in_tensorflow_xla_context() else "depthwise_op"
+    if backend == "torch":
+        return "depthwise_op"
+    return "shifted"
+
+
+def _shifted_sum(padded, kernel, length):
+    outputs = padded[:, :length] * kernel[0]
+    for tap in range(1, kernel.shape[0]):
+        outputs = outputs + padded[:, tap : tap + length] * kernel[tap]
+    return outputs
+
+
+def _depthwise_op(padded, kernel, length):
+    """The same sum through the backend's depthwise convolution ("valid")."""
+    channel_shape = list(padded.shape[2:])
+    kernel = ops.broadcast_to(kernel, [kernel.shape[0]] + channel_shape)
+    channels = math.prod(channel_shape)
+    flat = ops.reshape(padded, [ops.shape(padded)[0], ops.shape(padded)[1], channels])
+    flat_kernel = ops.reshape(kernel, [kernel.shape[0], channels, 1])
+    outputs = ops.depthwise_conv(flat, flat_kernel, strides=1, padding="valid")
+    return ops.reshape(outputs, [ops.shape(padded)[0], length] + channel_shape)
+
+
+def causal_depthwise_conv(
+    inputs, kernel, bias=None, state=None, state_index=None, formulation=None
+):
     """Causal depthwise convolution along axis 1 of `[batch, time, ...]`.
 
     Args:
@@ -15,6 +77,8 @@ def causal_depthwise_conv(inputs, kernel, bias=None, state=None, state_index=Non
             before `inputs[:, 0]` (zeros when None).
         state_index: Optional int (tensor), relative to `inputs[:, 0]`: the
             returned state holds the rows just before it (default: `time`).
+        formulation: `"shifted"` or `"depthwise_op"` (same numbers up to
+            float rounding); None picks the faster one (`conv_formulation`).
 
     Returns:
         `(outputs, next_state)`; `next_state` is None when `kernel_size == 1`.
@@ -30,9 +94,13 @@ def causal_depthwise_conv(inputs, kernel, bias=None, state=None, state_index=Non
         padded = ops.pad(inputs, pad)
     else:
         padded = ops.concatenate([ops.cast(state, inputs.dtype), inputs], axis=1)
-    outputs = padded[:, :length] * kernel[0]
-    for tap in range(1, kernel_size):
-        outputs = outputs + padded[:, tap : tap + length] * kernel[tap]
+    formulation = formulation or conv_formulation()
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"`formulation` must be one of {FORMULATIONS}. Received: {formulation!r}")
+    if history == 0 or formulation == "shifted":
+        outputs = _shifted_sum(padded, kernel, length)
+    else:
+        outputs = _depthwise_op(padded, kernel, length)
     if bias is not None:
         outputs = outputs + ops.cast(bias, inputs.dtype)
     if history == 0:

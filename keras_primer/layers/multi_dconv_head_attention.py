@@ -187,17 +187,18 @@ class MultiDConvHeadAttention(keras.layers.Layer):
                 rows = ops.arange(length, dtype="int32") + ops.cast(start, "int32")
                 query_mask = ops.take(padding_mask, rows, axis=1)
 
-        # q, k and v side by side on axis 2, so the mask and the three
-        # convolutions are one elementwise pass each.
-        qkv = ops.stack(
-            [self.query_dense(inputs), self.key_dense(inputs), self.value_dense(inputs)],
-            axis=2,
-        )
-        if query_mask is not None:
-            qkv = qkv * ops.cast(query_mask, qkv.dtype)[:, :, None, None, None]
-
         next_conv_state = None
-        if self.convs:
+        if not self.convs:
+            query = self.query_dense(inputs)
+            key = self.key_dense(inputs)
+            value = self.value_dense(inputs)
+        else:
+            # q, k and v side by side on axis 2, so the mask and the three
+            # convolutions are one pass each. Padding rows are zeroed so they
+            # cannot leak into later positions through the convolutions.
+            qkv = self._project_qkv(inputs)
+            if query_mask is not None:
+                qkv = qkv * ops.cast(query_mask, qkv.dtype)[:, :, None, None, None]
             kernel = ops.stack([c.channel_kernel() for c in self.convs], axis=1)
             bias = None
             if self.conv_bias:
@@ -209,7 +210,7 @@ class MultiDConvHeadAttention(keras.layers.Layer):
             qkv, next_state = causal_depthwise_conv(qkv, kernel, bias, state, conv_state_index)
             if state is not None:
                 next_conv_state = ops.transpose(next_state, (0, 2, 1, 3, 4))
-        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
         if cache is None:
             attended = self._attend(
@@ -227,6 +228,21 @@ class MultiDConvHeadAttention(keras.layers.Layer):
         if next_conv_state is not None:
             next_cache["conv"] = next_conv_state
         return self.output_dense(attended), next_cache
+
+    def _project_qkv(self, inputs):
+        """`[batch, length, 3, heads, head_dim]`: q, k, v from one matmul.
+
+        The three projections keep their own weights (and LoRA, which their
+        `kernel` property includes); quantized projections run one by one.
+        """
+        denses = (self.query_dense, self.key_dense, self.value_dense)
+        if any(dense.quantization_mode for dense in denses):
+            return ops.stack([dense(inputs) for dense in denses], axis=2)
+        kernel = ops.stack([ops.cast(d.kernel, inputs.dtype) for d in denses], axis=1)
+        qkv = ops.einsum("btc,cshd->btshd", inputs, kernel)
+        if self.use_bias:
+            qkv = qkv + ops.stack([ops.cast(d.bias, inputs.dtype) for d in denses], axis=0)
+        return qkv
 
     def _attend(self, query, key, value, key_padding_mask, query_start, training):
         scale = 1.0 / math.sqrt(self.key_dim)
