@@ -31,7 +31,9 @@ def _say(title: str, start: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.gpu_run", description=__doc__)
-    parser.add_argument("--out", default="runs/gpu", help="output folder")
+    parser.add_argument(
+        "--out", default="runs/gpu", help="output folder (a new one: MFU times this run's steps)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--data", default=None, help="default: Tiny Shakespeare")
     parser.add_argument("--new-tokens", type=int, default=200, help="ONNX Runtime generation")
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             s["tokenizer"]["vocabulary_size"],
             p["sequence_length"],
         )
+        if s["tokens_per_second"] is None:  # a finished run resumed: no step was timed
+            print(f"{model}: no steps timed in this process (pass a new --out)")
+            continue
         achieved = s["tokens_per_second"] * per_token
         print(
             f"{model}: {s['tokens_per_second']:,.0f} tokens/s x {per_token / 1e6:.1f} MFLOP/token"
