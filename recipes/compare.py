@@ -2,12 +2,17 @@
 
     python -m recipes.compare --out runs/compare --quick          # minutes, CPU
     python -m recipes.compare --out runs/compare --preset shakespeare_char   # GPU
+    python -m recipes.compare --out runs/seeds --models primer_ez,transformer \
+        --seeds 0,1,2 --steps 600 --eval-interval 50                 # error bars
+    bash benchmarks/gpu_run.sh        # the whole GPU run on JAX (train, MFU, ONNX on CUDA)
 
 Takes every `keras-primer train` flag (the base run; `--model` is replaced
-by `--models`) plus the few below. Writes a table (comparison.md/.csv/.json),
-a plot of validation loss vs steps and vs wall-clock (comparison.png), and
-the ratio of steps Primer EZ needs to reach the baseline's final validation
-loss.
+by `--models`, `--seed` by `--seeds` when given) plus the few below. Writes a
+table (comparison.md/.csv/.json), a plot of validation loss vs steps and vs
+wall-clock (comparison.png), and the ratio of steps Primer EZ needs to reach
+the baseline's final validation loss. With `--seeds`, each model trains once
+per seed (<out>/<model>/seed-<s>/) and the report has every seed's ratio and
+their mean, std, min and max.
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         help="validation windows per evaluation (more: a less noisy curve)",
     )
     parser.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds (e.g. 0,1,2): each model trains once per seed, "
+        "in <out>/<model>/seed-<s>/, and the report gives the spread over seeds "
+        "(replaces --seed)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rebuild the table and plot from the finished runs in --out",
@@ -48,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         if base.backend:  # before anything imports Keras
             os.environ["KERAS_BACKEND"] = base.backend
         quiet_backend_logs(base.verbose >= 2)
-        from keras_primer.training.compare import compare, load_summaries, report
+        from keras_primer.training.compare import (
+            compare,
+            load_summaries,
+            report,
+            report_seeds,
+        )
         from keras_primer.training.presets import get_preset
 
         if args.eval_windows:
@@ -56,17 +73,36 @@ def main(argv: list[str] | None = None) -> int:
                 base, preset=get_preset(base.preset, eval_windows=args.eval_windows)
             )
         models = tuple(args.models.split(","))
+        seeds = _parse_seeds(args.seeds)
         out = os.path.abspath(base.out)
-        if args.report_only:
+        if args.report_only and seeds is not None:
+            report_seeds(load_summaries(out, models, seeds), out)
+        elif args.report_only:
             report(load_summaries(out, models), out)
         else:
-            compare(base, models)
+            compare(base, models, seeds=seeds)
     except ValueError as e:
         print(f"compare: error: {e}", file=sys.stderr)
         return 2
     with open(os.path.join(out, "comparison.md")) as f:
         print(f.read())
     return 0
+
+
+def _parse_seeds(text: str | None) -> tuple[int, ...] | None:
+    """`"0,1,2"` -> `(0, 1, 2)`; None stays None (one seed: `--seed`).
+
+    Raises:
+        ValueError: Not a comma-separated list of integers.
+    """
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--seeds must be comma-separated integers, e.g. 0,1,2. Received: {text!r}."
+        ) from None
 
 
 if __name__ == "__main__":

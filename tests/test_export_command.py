@@ -219,3 +219,28 @@ def test_export_model_api_raises_export_error(model_path, tmp_path):
 
     with pytest.raises(export_cli.ExportError, match="is not a TF Serving model name"):
         export_model(model_path, str(tmp_path / "out"), name="../up")
+
+
+def test_mixed_bfloat16_model_loads_as_float32(tmp_path):
+    """A model trained in mixed_bfloat16 exports as float32; its tokenizer keeps
+    its int32 policy (forcing that to float32 made the model unloadable)."""
+    import keras
+    import numpy as np
+    from export_helpers import make_model
+
+    from keras_primer.export.adapters import load_float32
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = make_model()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert model.preprocessor.tokenizer.dtype_policy.name == "int32"
+    path = str(tmp_path / "mixed.keras")
+    model.save(path)
+    clone = load_float32(path)
+    assert clone.dtype_policy.name == "float32"
+    assert clone.preprocessor.tokenizer.dtype_policy.name == "int32"
+    for saved, loaded in zip(model.get_weights(), clone.get_weights()):
+        assert loaded.dtype == np.float32
+        np.testing.assert_array_equal(loaded, saved.astype(np.float32))

@@ -187,15 +187,32 @@ def test_steps_to_reach_interpolates():
 
 @pytest.mark.tensorflow_only
 @pytest.mark.slow
-def test_comparison_writes_table_and_plot(tmp_path, sample_text_path):
+@pytest.mark.parametrize("seeds", [None, (0, 1)])
+def test_comparison_writes_table_and_plot(tmp_path, sample_text_path, seeds):
     from keras_primer.training.compare import compare
 
     data = sample_text_path
     base = _config(
         tmp_path / "cmp", data, preset=TINY.replace(steps=4, eval_interval=2), sample_tokens=0
     )
-    result = compare(base, ("primer_ez", "transformer"))
-    assert [row["model"] for row in result["rows"]] == ["primer_ez", "transformer"]
+    result = compare(base, ("primer_ez", "transformer"), seeds=seeds)
+    models = ["primer_ez", "transformer"]
+    if seeds is None:
+        assert [row["model"] for row in result["rows"]] == models
+    else:
+        assert [(r["seed"], r["model"]) for r in result["rows"]] == [
+            (s, m) for s in seeds for m in models
+        ]
+        for seed in seeds:
+            summary = json.loads(
+                (tmp_path / "cmp" / "transformer" / f"seed-{seed}" / "summary.json").read_text()
+            )
+            assert summary["config"]["seed"] == seed
+        # Different seeds: different weights and batches, so different losses.
+        losses = [r["val_loss"] for r in result["rows"] if r["model"] == "transformer"]
+        assert losses[0] != losses[1]
+        # The baseline reaches its own final loss at its last step in every seed.
+        assert result["spread"]["transformer"]["steps_to_baseline"]["mean"] == 1.0
     for name in ("comparison.md", "comparison.csv", "comparison.png", "comparison.json"):
         assert (tmp_path / "cmp" / name).exists(), name
     assert "primer_ez" in (tmp_path / "cmp" / "comparison.md").read_text()

@@ -93,7 +93,11 @@ def load_float32(path):
                     if isinstance(value, dict) and value.get("class_name", "").endswith(
                         "DTypePolicy"
                     ):
-                        node[key] = "float32"
+                        # Only float policies: the tokenizer's `int32` policy must stay
+                        # (an integer layer refuses a float dtype when it is rebuilt).
+                        name = str(value.get("config", {}).get("name", ""))
+                        if "float" in name:
+                            node[key] = "float32"
                     elif isinstance(value, str) and ("float16" in value or "bfloat16" in value):
                         node[key] = "float32"
                     else:
