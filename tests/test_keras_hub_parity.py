@@ -241,6 +241,14 @@ def test_default_loss_is_mean_over_real_tokens(family):
     texts = ["a", "to be or not to be", "hi", "the end"]
     history = lm.fit(texts, batch_size=4, epochs=1, verbose=0).history
     loss, perplexity = history["loss"][0], history["perplexity"][0]
+    # Oracle: per-token cross-entropy by hand, averaged over real tokens only.
+    x, y, weights = lm.preprocessor(texts)
+    logits = ops.convert_to_numpy(lm(x)).astype("float64")
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    y, weights = ops.convert_to_numpy(y), ops.convert_to_numpy(weights).astype("float64")
+    token_loss = -np.take_along_axis(log_probs, y[..., None], axis=-1)[..., 0]
+    expected = (token_loss * weights).sum() / weights.sum()
+    np.testing.assert_allclose(loss, expected, rtol=1e-4)
     np.testing.assert_allclose(np.exp(loss), perplexity, rtol=1e-4)
 
 

@@ -14,6 +14,7 @@ from keras_primer.layers import (
     MultiDConvHeadAttention,
     PrimerDecoderBlock,
 )
+from keras_primer.layers.causal_depthwise_conv import causal_depthwise_conv, conv_formulation
 
 
 def to_np(x):
@@ -96,6 +97,54 @@ def test_conv_stepping_with_state_equals_full_sequence():
     # state_index picks the rows before a chosen position.
     _, mid_state = conv(x, state=np.zeros((2, 3, 3, 2), "float32"), state_index=5)
     np.testing.assert_allclose(to_np(mid_state), x[:, 2:5], atol=0)
+
+
+def numpy_causal_conv(x, taps, history=None):
+    """Loop oracle: `out[t] = sum_j taps[j] * x[t - size + 1 + j]` (zeros before 0)."""
+    size = taps.shape[0]
+    if history is None:
+        history = np.zeros((x.shape[0], size - 1) + x.shape[2:], x.dtype)
+    full = np.concatenate([history, x], axis=1)
+    out = np.zeros(x.shape, "float64")
+    for t in range(x.shape[1]):
+        for j in range(size):
+            out[:, t] += taps[j] * full[:, t + j]
+    return out
+
+
+@pytest.mark.parametrize("formulation", ["shifted", "depthwise_op"])
+@pytest.mark.parametrize("length", [1, 2, 9])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_conv_formulations_match_loop_oracle(formulation, length, with_state):
+    """Both formulations (each backend picks the faster one per runtime) compute
+    the loop oracle's numbers, with and without a decoding state, for lengths
+    shorter than, equal to and longer than the kernel's history."""
+    rng = np.random.default_rng(length)
+    x = rng.standard_normal((2, length, 3, 4, 5)).astype("float32")
+    taps = rng.standard_normal((3, 3, 1, 5)).astype("float32")  # broadcast over heads
+    bias = rng.standard_normal((3, 4, 5)).astype("float32")
+    state = rng.standard_normal((2, 2, 3, 4, 5)).astype("float32") if with_state else None
+    out, next_state = causal_depthwise_conv(x, taps, bias, state=state, formulation=formulation)
+    expected = numpy_causal_conv(x, taps, state) + bias
+    np.testing.assert_allclose(to_np(out), expected, rtol=1e-5, atol=1e-5)
+    history = np.zeros((2, 2, 3, 4, 5), "float32") if state is None else state
+    np.testing.assert_array_equal(to_np(next_state), np.concatenate([history, x], 1)[:, -2:])
+
+
+def test_conv_formulation_choice_and_refusal():
+    backend = keras.backend.backend()
+    expected = {"tensorflow": "depthwise_op", "torch": "depthwise_op", "jax": "shifted"}
+    assert conv_formulation() == expected[backend]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(jit_compile=True)
+        def under_xla():
+            return tf.constant(conv_formulation() == "shifted")
+
+        assert bool(under_xla())
+    with pytest.raises(ValueError, match="formulation"):
+        causal_depthwise_conv(np.ones((1, 2, 3), "float32"), np.ones((3, 3)), formulation="fft")
 
 
 def test_conv_rejects_bad_kernel_size_and_rank():
