@@ -7,17 +7,20 @@ Writing rows into a preallocated cache has two forms:
   dynamic_update_slice` on JAX; `XlaDynamicUpdateSlice` on TensorFlow (runs in
   `tf.function` with or without `jit_compile` and eagerly; TF registers no
   gradient for it, so a custom one is attached here); `Tensor.index_copy` on
-  PyTorch (Keras' `slice_update` builds a full index grid there, ~8x slower).
+  PyTorch (Keras' `slice_update` builds a full index grid there; several
+  times slower in a CPU micro-benchmark).
 * the export-safe form: comparisons, `where` and a one-hot matmul over the
   whole cache. TF Serving without XLA and ONNX Runtime (tf2onnx has no
   handler) cannot run `XlaDynamicUpdateSlice`, so the exporters trace their
   functions inside `export_safe_cache_writes()`. That form reads and writes
   the full cache for every token, which is why it is not the default.
 
-Both forms give bitwise-equal results for rows that fit in the cache (the
-one-hot matmul adds exact zeros; only a `-0.0` row becomes `+0.0`). Rows that
-do not fit are undefined: XLA clamps the start, PyTorch raises, the one-hot
-form drops them.
+Both forms give bitwise-equal results for finite rows that fit in the cache
+(the multi-row one-hot matmul adds exact zeros; there a `-0.0` becomes
+`+0.0`, and an inf/NaN in one row turns the other written rows NaN). Rows
+that do not fit are undefined: XLA clamps the start, PyTorch raises, the
+one-hot form drops them. Out-of-place runtimes still copy the whole cache
+into the result; XLA updates in place where it can (loop-carried buffers).
 """
 
 import contextlib
