@@ -2,8 +2,8 @@
 
 Writing rows into a preallocated cache has two forms:
 
-* the fast form (default): `dynamic_update_slice`, which copies only the rows
-  written. Per backend the cheapest op that runs there: `jax.lax.
+* the fast form (default): `dynamic_update_slice`, which computes only the
+  rows written (at most one plain copy of the cache besides). Per backend the cheapest op that runs there: `jax.lax.
   dynamic_update_slice` on JAX; `XlaDynamicUpdateSlice` on TensorFlow (runs in
   `tf.function` with or without `jit_compile` and eagerly; TF registers no
   gradient for it, so a custom one is attached here); `Tensor.index_copy` on
