@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_primer.export.adapters import get_adapter
+from keras_primer.layers.cache_utils import export_safe_cache_writes
 
 OPSET = 17
 IR_VERSION = 8
@@ -140,8 +141,12 @@ def build_functions(model):
     adapter = get_adapter(model)
     tensors = state_tensors(adapter.state_specs)
 
+    # Both bodies enter `export_safe_cache_writes()`, so whoever traces them
+    # (tf2onnx here) gets cache writes without `XlaDynamicUpdateSlice`.
     def logits_fn(input_ids, attention_mask):
-        return {"logits": tf.cast(adapter.logits(input_ids, attention_mask), tf.float32)}
+        with export_safe_cache_writes():
+            logits = adapter.logits(input_ids, attention_mask)
+        return {"logits": tf.cast(logits, tf.float32)}
 
     logits_signature = [
         tf.TensorSpec([None, None], tf.int32, name="input_ids"),
@@ -153,7 +158,8 @@ def build_functions(model):
         for spec in adapter.state_specs:
             parts = [p for p, t in zip(pasts, tensors) if t["state"] == spec.name]
             state[spec.name] = _stack_state(spec, parts)
-        logits, next_state = adapter.step(input_ids, state, cache_position)
+        with export_safe_cache_writes():
+            logits, next_state = adapter.step(input_ids, state, cache_position)
         outputs = [tf.cast(logits[:, -1], tf.float32)]
         for spec in adapter.state_specs:
             outputs += [

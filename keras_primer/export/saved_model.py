@@ -10,7 +10,9 @@
       <name>/<version>/assets.extra/tf_serving_warmup_requests
       <name>/<version>/assets.extra/keras_primer.json (tokenizer, states)
 
-Signatures (all traced with `jit_compile=False`):
+Signatures (all traced with `jit_compile=False` and inside
+`export_safe_cache_writes()`, so the decoding cache is written without
+`XlaDynamicUpdateSlice`):
 
 * `serving_default`: `token_ids` int32 `[batch, length]`, `padding_mask`
   int32 `[batch, length]` -> `logits` float32 `[batch, length, vocab]`.
@@ -42,6 +44,7 @@ import tensorflow as tf
 
 from keras_primer.export.adapters import get_adapter
 from keras_primer.generation import filtered_probabilities
+from keras_primer.layers.cache_utils import export_safe_cache_writes
 from keras_primer_runtime import decoding
 
 FORBIDDEN_OPS = ("PyFunc", "EagerPyFunc", "PyFuncStateless", "_XlaCompile", "_XlaRun", "XlaLaunch")
@@ -273,7 +276,10 @@ def build_module(model, default_max_new_tokens=32):
         autograph=False,
     )
     def serving_default(token_ids, padding_mask):
-        return graph.logits(token_ids, padding_mask)
+        # Each body traces inside `export_safe_cache_writes()`: cache rows are
+        # written with core ops, not `XlaDynamicUpdateSlice` (see cache_utils).
+        with export_safe_cache_writes():
+            return graph.logits(token_ids, padding_mask)
 
     @tf.function(
         input_signature=[tf.TensorSpec([None], tf.string, name="prompts")],
@@ -281,7 +287,8 @@ def build_module(model, default_max_new_tokens=32):
         autograph=False,
     )
     def generate(prompts):
-        return graph.generate(prompts, tf.constant(graph.default_max_new_tokens))
+        with export_safe_cache_writes():
+            return graph.generate(prompts, tf.constant(graph.default_max_new_tokens))
 
     @tf.function(
         input_signature=[
@@ -296,7 +303,8 @@ def build_module(model, default_max_new_tokens=32):
         autograph=False,
     )
     def generate_with_options(prompts, max_new_tokens, temperature, top_k, top_p, seed):
-        return graph.generate(prompts, max_new_tokens, (temperature, top_k, top_p, seed))
+        with export_safe_cache_writes():
+            return graph.generate(prompts, max_new_tokens, (temperature, top_k, top_p, seed))
 
     module.serving_default = serving_default
     module.generate = generate

@@ -1,22 +1,117 @@
-"""Export-friendly helpers for fixed-shape decoding caches.
+"""Helpers for fixed-shape decoding caches.
 
-`keras.ops.slice_update` lowers to `XlaDynamicUpdateSlice` on TensorFlow, which
-TF Serving (XLA off) and ONNX Runtime cannot run. The helpers here write rows
-into a preallocated cache with comparisons, `where` and a matmul instead, which
-every backend and both runtimes support.
+Writing rows into a preallocated cache has two forms:
+
+* the fast form (default): `dynamic_update_slice`, which computes only the
+  rows written (at most one plain copy of the cache besides). Per backend the cheapest op that runs there: `jax.lax.
+  dynamic_update_slice` on JAX; `XlaDynamicUpdateSlice` on TensorFlow (runs in
+  `tf.function` with or without `jit_compile` and eagerly; TF registers no
+  gradient for it, so a custom one is attached here); `Tensor.index_copy` on
+  PyTorch (Keras' `slice_update` builds a full index grid there; several
+  times slower in a CPU micro-benchmark).
+* the export-safe form: comparisons, `where` and a one-hot matmul over the
+  whole cache. TF Serving without XLA and ONNX Runtime (tf2onnx has no
+  handler) cannot run `XlaDynamicUpdateSlice`, so the exporters trace their
+  functions inside `export_safe_cache_writes()`. That form reads and writes
+  the full cache for every token, which is why it is not the default.
+
+Both forms give bitwise-equal results for finite rows that fit in the cache
+(the multi-row one-hot matmul adds exact zeros; there a `-0.0` becomes
+`+0.0`, and an inf/NaN in one row turns the other written rows NaN). Rows
+that do not fit are undefined: XLA clamps the start, PyTorch raises, the
+one-hot form drops them. Out-of-place runtimes still copy the whole cache
+into the result; XLA updates in place where it can (loop-carried buffers).
 """
 
+import contextlib
+import threading
+
+import keras
 from keras import ops
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def export_safe_cache_writes():
+    """Makes `write_rows` use the export-safe form while the block runs.
+
+    Wrap the tracing of functions that go to TF Serving or ONNX (the flag is
+    read while tracing; a traced graph keeps the form it was traced with).
+    Nests; thread-local, as tracing happens on the calling thread.
+    """
+    depth = getattr(_state, "depth", 0)
+    _state.depth = depth + 1
+    try:
+        yield
+    finally:
+        _state.depth = depth
+
+
+def export_safe_cache_writes_active() -> bool:
+    """True inside `export_safe_cache_writes()` (on this thread)."""
+    return getattr(_state, "depth", 0) > 0
 
 
 def write_rows(cache, rows, start_index):
     """Returns `cache` with `rows` written at `start_index` along axis 1.
 
+    Uses the fast form, or the export-safe form inside
+    `export_safe_cache_writes()` (see the module docstring).
+
     Args:
         cache: `[batch, max_length, ...]` tensor.
-        rows: `[batch, num_rows, ...]` tensor, `num_rows <= max_length`.
+        rows: `[batch, num_rows, ...]` tensor; `start_index + num_rows <=
+            max_length`.
         start_index: Scalar int (tensor) where the first row goes.
     """
+    if export_safe_cache_writes_active():
+        return write_rows_export_safe(cache, rows, start_index)
+    return write_rows_fast(cache, rows, start_index)
+
+
+def write_rows_fast(cache, rows, start_index):
+    """`write_rows` with a dynamic update slice: copies only the written rows
+    (plus the output buffer where the runtime cannot update in place)."""
+    backend = keras.backend.backend()
+    cache = ops.convert_to_tensor(cache)
+    rows = ops.cast(rows, cache.dtype)
+    if backend == "tensorflow":
+        return _tf_write_rows(cache, rows, ops.cast(start_index, "int32"))
+    if backend == "torch":
+        import torch
+
+        start = torch.as_tensor(start_index, device=cache.device).to(torch.int64)
+        index = torch.arange(rows.shape[1], device=cache.device, dtype=torch.int64) + start
+        return cache.index_copy(1, index, rows)
+    start = ops.cast(start_index, "int32")
+    zero = ops.zeros((), "int32")
+    return ops.slice_update(cache, [zero, start] + [zero] * (len(cache.shape) - 2), rows)
+
+
+def _tf_write_rows(cache, rows, start):
+    import tensorflow as tf
+    from tensorflow.compiler.tf2xla.python import xla
+
+    @tf.custom_gradient
+    def write(cache, rows):
+        begin = tf.stack([0, start] + [0] * (len(cache.shape) - 2))
+        written = xla.dynamic_update_slice(cache, rows, begin)
+
+        def grad(upstream):
+            # The written rows shadow the cache there; the rows get their slice.
+            cache_grad = xla.dynamic_update_slice(upstream, tf.zeros_like(rows), begin)
+            return cache_grad, tf.slice(upstream, begin, tf.shape(rows))
+
+        return written, grad
+
+    return write(cache, rows)
+
+
+def write_rows_export_safe(cache, rows, start_index):
+    """`write_rows` with comparisons, `where` and a one-hot matmul only: core
+    TF ops that TF Serving (no XLA) and tf2onnx take, at the price of touching
+    every cache row."""
     max_length = ops.shape(cache)[1]
     rows = ops.cast(rows, cache.dtype)
     trailing = [1] * (len(cache.shape) - 2)
