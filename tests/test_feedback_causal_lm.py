@@ -134,6 +134,27 @@ def test_both_variants_train(shared_kv):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+@pytest.mark.skipif(keras.backend.backend() == "torch", reason="torch.compile: too slow here")
+def test_jit_compiled_training_step_equals_default():
+    """`jit_compile=True` (XLA on TensorFlow and JAX) trains the time loop and
+    gives the default compile's loss and weights after two steps."""
+    tokens = _tokens(batch=3, length=MAX_LEN + 1, seed=4)
+    x, y = _inputs(tokens[:, :-1]), tokens[:, 1:]
+    results = []
+    for jit_compile in (False, True):
+        keras.utils.set_random_seed(0)
+        lm = FeedbackCausalLM(_backbone(randomize=False))
+        lm.compile(
+            optimizer=keras.optimizers.SGD(0.1), weighted_metrics=[], jit_compile=jit_compile
+        )
+        losses = [float(lm.train_on_batch(x, y)) for _ in range(2)]
+        results.append((losses, [_np(w) for w in lm.trainable_weights]))
+    (loss_default, weights_default), (loss_jit, weights_jit) = results
+    np.testing.assert_allclose(loss_jit, loss_default, rtol=1e-4)
+    for a, b in zip(weights_jit, weights_default):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 def test_bad_inputs_raise_clear_errors():
     backbone = _backbone(randomize=False)
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -49,6 +49,23 @@ from keras_primer.layers.feedback_attention import FeedbackAttention
 from keras_primer.layers.residual import call_sublayer, pre_norm_residual
 
 
+def _fori_loop(num_steps, body, state, max_steps):
+    """`keras.ops.fori_loop(0, num_steps, body, state)`, with the loop's bound
+    (`max_steps`, the buffer length) told to TensorFlow: XLA (`jit_compile=True`)
+    cannot differentiate a `while_loop` without `maximum_iterations`, and Keras'
+    TensorFlow trainer traces with a dynamic sequence length."""
+    if keras.backend.backend() != "tensorflow":
+        return ops.fori_loop(0, num_steps, body, state)
+    import tensorflow as tf
+
+    return tf.while_loop(
+        lambda i, _: i < num_steps,
+        lambda i, s: (i + 1, body(i, s)),
+        (tf.constant(0), state),
+        maximum_iterations=max_steps,
+    )[1]
+
+
 @keras.saving.register_keras_serializable(package="keras_primer")
 class FeedbackStack(keras.layers.Layer):
     """All Feedback Transformer layers and the memory, run as one time loop.
@@ -390,8 +407,8 @@ class FeedbackStack(keras.layers.Layer):
             out, _, keys, values = self._step(x, start + i, keys, values, key_mask, masks, training)
             return keys, values, write_rows(outputs, out[:, None], i)
 
-        keys, values, outputs = ops.fori_loop(
-            0, num_steps, body, (keys, values, ops.zeros_like(inputs))
+        keys, values, outputs = _fori_loop(
+            num_steps, body, (keys, values, ops.zeros_like(inputs)), max_steps=ops.shape(keys)[1]
         )
         return outputs, (keys, values)
 

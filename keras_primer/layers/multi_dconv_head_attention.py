@@ -210,7 +210,9 @@ class MultiDConvHeadAttention(keras.layers.Layer):
             qkv, next_state = causal_depthwise_conv(qkv, kernel, bias, state, conv_state_index)
             if state is not None:
                 next_conv_state = ops.transpose(next_state, (0, 2, 1, 3, 4))
-            query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            # unstack, not three slices: TensorFlow's gradient of a slice is a
+            # zero-filled tensor of the full shape; of an unstack, one stack.
+            query, key, value = ops.unstack(qkv, num=3, axis=2)
 
         if cache is None:
             attended = self._attend(
