@@ -122,6 +122,7 @@ def test_context_switches_write_rows(monkeypatch):
         cache_utils, "write_rows_export_safe", lambda *a: calls.append("safe") or "safe"
     )
     monkeypatch.setattr(cache_utils, "write_rows_fast", lambda *a: calls.append("fast") or "fast")
+    monkeypatch.setattr(cache_utils, "_tensorflow_graph_without_xla", lambda: False)
     assert not export_safe_cache_writes_active()
     assert write_rows(None, None, 0) == "fast"
     with export_safe_cache_writes():
@@ -180,10 +181,12 @@ def test_exporters_trace_without_xla_dynamic_update_slice(family):
     from keras_primer.export import onnx_export, saved_model
 
     lm = make_lm(family)
-    # Control: the decoding step traced outside the exporters writes with
-    # XlaDynamicUpdateSlice, so the checks below can fail.
+    # Control: the decoding step traced for XLA outside the exporters writes
+    # with XlaDynamicUpdateSlice, so the checks below can fail.
     adapter, _, _, (step_fn, step_signature, _) = onnx_export.build_functions(lm)
-    plain = tf.function(lambda ids, state, i: adapter.step(ids, state, i), autograph=False)
+    plain = tf.function(
+        lambda ids, state, i: adapter.step(ids, state, i), autograph=False, jit_compile=True
+    )
     state = adapter.empty_state(1, 8)
     control = plain.get_concrete_function(
         tf.TensorSpec([1, 1], tf.int32), state, tf.TensorSpec([], tf.int32)
@@ -197,3 +200,20 @@ def test_exporters_trace_without_xla_dynamic_update_slice(family):
         assert not {t for t in types if t.startswith("Xla")}
     # The export-safe form did the writing: a select over the cache rows.
     assert {"SelectV2"} <= onnx_step and {"SelectV2"} <= generate
+
+
+@pytest.mark.tensorflow_only
+def test_tensorflow_uses_the_fast_form_only_under_xla():
+    """TensorFlow graphs that XLA will not compile (`fit` on a CPU, and what
+    `model.export` traces) get the export-safe form; XLA graphs the fast one."""
+    import tensorflow as tf
+
+    cache = np.zeros((2, 6, 3), "float32")
+    rows = np.ones((2, 1, 3), "float32")
+    spec = (tf.TensorSpec(cache.shape), tf.TensorSpec(rows.shape), tf.TensorSpec([], tf.int32))
+    for jit_compile, expected in ((False, "SelectV2"), (True, "XlaDynamicUpdateSlice")):
+        fn = tf.function(write_rows, jit_compile=jit_compile, autograph=False)
+        types = _graph_op_types(fn.get_concrete_function(*spec))
+        assert expected in types, (jit_compile, sorted(types))
+        assert ("XlaDynamicUpdateSlice" in types) == jit_compile
+        np.testing.assert_array_equal(_np(fn(cache, rows, tf.constant(4)))[:, 4], rows[:, 0])

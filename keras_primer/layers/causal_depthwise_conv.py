@@ -6,12 +6,12 @@ runtime is chosen when a function is traced (see `conv_formulation`):
 - `"shifted"`: a sum of `kernel_size` shifted, scaled copies of the input,
   which XLA fuses into one pass (TensorFlow with `jit_compile=True`, JAX).
 - `"depthwise_op"`: the backend's depthwise convolution kernel
-  (`tf.nn.depthwise_conv2d`, `torch.nn.functional.conv2d` with groups) over
-  `[batch, time, channels]`. TensorFlow without XLA, what `model.fit` runs on
-  a CPU-only machine, executes the shifted sum as separate slice, pad and
-  multiply kernels forward and backward, about 10x slower; under XLA on CPU
-  the depthwise op is the slow one. Both are plain ops that TF Serving and
-  ONNX Runtime run.
+  (`keras.ops.depthwise_conv`: `tf.nn.depthwise_conv2d` on TensorFlow, a
+  grouped convolution on PyTorch) over `[batch, time, channels]`.
+  TensorFlow without XLA, what `model.fit` runs on a CPU-only machine,
+  executes the shifted sum as separate slice, pad and multiply kernels
+  forward and backward, about 10x slower; under XLA on CPU the depthwise op
+  is the slow one. Both are plain ops that TF Serving and ONNX Runtime run.
 """
 
 import math
@@ -19,17 +19,9 @@ import math
 import keras
 from keras import ops
 
+from keras_primer.utils.tracing import in_tensorflow_xla_context
+
 FORMULATIONS = ("shifted", "depthwise_op")
-
-
-def _in_tensorflow_xla_context() -> bool:
-    """Whether the TensorFlow graph being traced will be compiled by XLA."""
-    try:
-        from tensorflow.python.framework import ops as tf_ops
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - a TensorFlow without these internals
-        return False
-    return bool(control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph()))
 
 
 def conv_formulation() -> str:
@@ -40,7 +32,7 @@ def conv_formulation() -> str:
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        return "shifted" if _in_tensorflow_xla_context() else "depthwise_op"
+        return "shifted" if in_tensorflow_xla_context() else "depthwise_op"
     if backend == "torch":
         return "depthwise_op"
     return "shifted"

@@ -1,0 +1,20 @@
+"""What kind of computation is being traced right now.
+
+Some ops have a fast form that only XLA (or only TensorFlow's graph runtime)
+runs well; layers ask here, at trace time, which one they are building for.
+"""
+
+import keras
+
+
+def in_tensorflow_xla_context() -> bool:
+    """True while tracing TensorFlow code that XLA will compile
+    (`jit_compile=True`); False on other backends and in plain TF graphs."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    try:
+        from tensorflow.python.framework import ops as tf_ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - a TensorFlow without these internals
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph()))
