@@ -252,6 +252,21 @@ def test_default_loss_is_mean_over_real_tokens(family):
     np.testing.assert_allclose(np.exp(loss), perplexity, rtol=1e-4)
 
 
+def test_perplexity_is_exp_loss_after_a_keras_file_round_trip(tmp_path):
+    lm = _lm("primer", sequence_length=20)
+    lm.compile(optimizer=keras.optimizers.SGD(0.0))
+    path = str(tmp_path / "lm.keras")
+    lm.save(path)
+    loaded = keras.saving.load_model(path)
+    texts = ["to be or not to be", "hi"]
+    for model in (lm, loaded):
+        result = model.evaluate(texts, batch_size=2, verbose=0, return_dict=True)
+        np.testing.assert_allclose(np.exp(result["loss"]), result["perplexity"], rtol=1e-5)
+    # With metrics of the user's choosing there is no implicit perplexity.
+    lm.compile(optimizer=keras.optimizers.SGD(0.0), weighted_metrics=[])
+    assert "perplexity" not in lm.evaluate(texts, batch_size=2, verbose=0, return_dict=True)
+
+
 # --- input checks off the training path -----------------------------------------
 
 

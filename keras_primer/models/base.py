@@ -166,8 +166,8 @@ class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
           position, padding included).
         * The default metrics are accuracy (weighted by the padding mask)
           and perplexity, reported as `exp(loss)` instead of a second
-          cross-entropy over the logits (keras-hub's `Perplexity` metric),
-          which cost about 5% of a training step at vocabulary 256.
+          cross-entropy over the logits (keras-hub's `Perplexity` metric
+          costs a second pass over them in every training step).
         """
         if isinstance(loss, str) and loss == "auto":
             loss = keras.losses.SparseCategoricalCrossentropy(
