@@ -12,6 +12,9 @@ from keras_primer.models.generation import GenerateInputChecks, finish_generatio
 from keras_primer.utils.validation import check_padding_mask, check_token_ids
 
 SCORING_MODES = ("logits", "loss")
+# Perplexity is reported as exp(min(loss, cap)): a diverged run logs a large
+# finite number instead of inf.
+PERPLEXITY_LOSS_CAP = 50.0
 
 
 def normal_initializer(stddev: float = 0.02):
@@ -188,7 +191,7 @@ class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
         """Keras' metrics, plus `perplexity = exp(loss)` with the default metrics."""
         result = super().get_metrics_result()
         if getattr(self, "_perplexity_from_loss", False) and "loss" in result:
-            result["perplexity"] = ops.exp(ops.minimum(result["loss"], 50.0))
+            result["perplexity"] = ops.exp(ops.minimum(result["loss"], PERPLEXITY_LOSS_CAP))
         return result
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):

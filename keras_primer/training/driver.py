@@ -45,6 +45,7 @@ from keras_primer.data import (
     train_sentencepiece,
     validation_arrays,
 )
+from keras_primer.models.base import PERPLEXITY_LOSS_CAP
 from keras_primer.training.callbacks import (
     Clock,
     RunRecorder,
@@ -534,7 +535,7 @@ def write_reports(
         "train_tokens": int(len(splits.train)),
         "val_tokens": int(len(splits.val)),
         "val_loss": val_loss,
-        "val_perplexity": math.exp(min(val_loss, 50.0)),
+        "val_perplexity": math.exp(min(val_loss, PERPLEXITY_LOSS_CAP)),
         "val_bits_per_char": val_loss * splits.val_tokens_per_char / math.log(2.0),
         "best_val_loss": min(losses or [val_loss]),
         "tokens_per_second": log.tokens_per_second,
