@@ -95,7 +95,7 @@ def _run(script, backend, extra_env=None):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1800,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -186,7 +186,7 @@ def _cli_train(out, data, *flags, backend="jax", env=None):
         env=env or _env(backend),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1800,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -212,7 +212,7 @@ def _free_ports(n):
     return ports
 
 
-def _run_together(commands_and_envs, timeout=300):
+def _run_together(commands_and_envs, timeout=1800):
     """Starts every process at once (they wait for each other) and checks all exit 0."""
     procs = [
         subprocess.Popen(
@@ -252,7 +252,7 @@ def test_cli_jax_data_and_model_parallel_match_one_device(tmp_path, small_corpus
         env=four_devices,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1800,
         cwd=ROOT,
     )
     assert result.returncode == 2
@@ -312,7 +312,7 @@ def test_cli_tensorflow_mirrored_matches_one_device(tmp_path, small_corpus):
         env=_env("tensorflow"),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1800,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-5000:]

@@ -313,7 +313,7 @@ def test_model_trained_on_other_backend(backend, where, exported, tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=600,
+        timeout=1800,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     if where == "export":

@@ -138,7 +138,7 @@ def fresh(exported):
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=1800,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((root / "fresh.json").read_text())
@@ -365,7 +365,7 @@ def test_rest_and_grpc_client_requests(exported, loaded):
 def _cli(*args):
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([cli, *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([cli, *args], capture_output=True, text=True, env=env, timeout=1800)
 
 
 def test_saved_model_cli_show_and_run(exported, tmp_path):

@@ -117,7 +117,7 @@ def _run_killed_at(out, preset, kill_at):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1800,
         cwd=ROOT,
     )
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
@@ -241,7 +241,7 @@ def test_second_writer_on_one_out_is_refused_naming_the_first(tmp_path):
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, b"pid %d: the other trainer" % os.getpid())
             print("locked", flush=True)
-            time.sleep(120)
+            time.sleep(1800)
         """),
         ],
         stdout=subprocess.PIPE,
@@ -307,14 +307,14 @@ def test_concurrent_trainers_one_wins_the_other_exits_2(tmp_path):
     try:
         import time
 
-        deadline = time.time() + 300
+        deadline = time.time() + 1800
         while not (out / "history.csv").exists() and time.time() < deadline:
             time.sleep(0.2)  # step 2's row is written just before its commit
         second = subprocess.run(
-            command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+            command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800
         )
         go.touch()
-        _, first_err = first.communicate(timeout=600)
+        _, first_err = first.communicate(timeout=1800)
     finally:
         first.kill()
     assert first.returncode == 0, first_err[-3000:]

@@ -100,7 +100,7 @@ def _fresh(script, cases, tmp_path, name):
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     args = json.dumps([cases, PROMPTS, NEW_TOKENS, SAMPLING, [b for b, _ in BAD], str(out)])
     result = subprocess.run(
-        [sys.executable, "-c", script, args], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-c", script, args], capture_output=True, text=True, env=env, timeout=1800
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())

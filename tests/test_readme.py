@@ -33,7 +33,7 @@ def test_python_snippet_runs(tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=600,
+        timeout=1800,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip(), "the snippet prints a generation"

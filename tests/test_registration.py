@@ -68,7 +68,7 @@ def _json_line(result):
 def test_package_import_registers_every_serializable():
     report = _json_line(
         subprocess.run(
-            [sys.executable, "-c", WALK], capture_output=True, text=True, env=_env(), timeout=300
+            [sys.executable, "-c", WALK], capture_output=True, text=True, env=_env(), timeout=1800
         )
     )
     assert report["missing"] == [], (
@@ -115,7 +115,7 @@ def test_trained_file_loads_compiled_in_fresh_process(tmp_path):
         capture_output=True,
         text=True,
         env=_env(),
-        timeout=600,
+        timeout=1800,
     )
     assert train.returncode == 0, train.stderr[-3000:]
     loaded = _json_line(
@@ -124,7 +124,7 @@ def test_trained_file_loads_compiled_in_fresh_process(tmp_path):
             capture_output=True,
             text=True,
             env=_env(),
-            timeout=300,
+            timeout=1800,
         )
     )
     assert loaded["compiled"] is True

@@ -41,7 +41,7 @@ def _framework_free(argv: list[str]) -> subprocess.CompletedProcess:
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=1800,
         cwd=ROOT,
     )
 
@@ -141,7 +141,7 @@ def test_backend_flag_takes_effect_without_a_second_interpreter(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1800,
         cwd=ROOT,
     )
     assert "too small" in result.stderr, result.stderr[-3000:]
