@@ -10,6 +10,11 @@ BACKENDS ?= tensorflow jax torch
 LINT_PATHS ?= .
 # Public docstring examples run as doctests in the TensorFlow pass.
 DOCTEST_PATHS ?= keras_primer keras_primer_runtime
+# pytest-xdist workers per backend pass: one per logical CPU, at most 4 (each
+# worker holds a framework, about 1 GB). PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= logical
+# Each pass ends with its slowest tests, to see where the time goes.
+PYTEST_DURATIONS ?= 25
 # Tests and the demo read Tiny Shakespeare from here when it exists (no download).
 export KERAS_PRIMER_SHAKESPEARE ?= $(wildcard $(CURDIR)/../shared/data/tinyshakespeare.txt)
 
@@ -40,9 +45,12 @@ check-install: setup
 
 test: lint check-install
 	@status=0; for backend in $(BACKENDS); do \
-	  echo "=== pytest, KERAS_BACKEND=$$backend ==="; \
+	  echo "=== pytest, KERAS_BACKEND=$$backend ==="; start=$$(date +%s); \
 	  extra=""; if [ $$backend = tensorflow ]; then extra="--doctest-modules $(DOCTEST_PATHS) tests"; fi; \
-	  KERAS_BACKEND=$$backend $(PY) -m pytest -q -p no:cacheprovider $$extra $(PYTEST_ARGS) || status=1; \
+	  KERAS_BACKEND=$$backend $(PY) -m pytest -q -p no:cacheprovider \
+	    -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadgroup --durations $(PYTEST_DURATIONS) \
+	    $$extra $(PYTEST_ARGS) || status=1; \
+	  echo "=== KERAS_BACKEND=$$backend: $$(( $$(date +%s) - start )) s ==="; \
 	done; exit $$status
 
 bench: setup

@@ -2,7 +2,20 @@
 
 import os
 
-import keras
+# Under pytest-xdist (`make test` runs one worker per core): one compute thread
+# per worker. The tiny test models gain nothing from intra-op thread pools, and
+# a pool per worker oversubscribes the cores. Set before the frameworks load;
+# the subprocesses the tests start inherit it. An explicit setting wins.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name, _value in {
+        "TF_NUM_INTRAOP_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    }.items():
+        os.environ.setdefault(_name, _value)
+
+import keras  # noqa: E402
 import numpy as np
 import pytest
 
@@ -10,6 +23,13 @@ BACKEND = keras.backend.backend()
 
 
 def pytest_collection_modifyitems(config, items):
+    # Long tests first (end-to-end ones and whole xdist groups), so that
+    # parallel workers do not end the run waiting on one long test.
+    items.sort(
+        key=lambda item: (
+            not (item.get_closest_marker("slow") or item.get_closest_marker("xdist_group"))
+        )
+    )
     if BACKEND == "tensorflow":
         return
     skip = pytest.mark.skip(reason="runs once, in the TensorFlow-backend pass")
