@@ -116,6 +116,7 @@ def test_fast_write_gradients_equal_export_safe_gradients(num_rows, start):
         np.testing.assert_array_equal(f, s)
 
 
+@pytest.mark.tensorflow_only  # backend-independent: runs once
 def test_context_switches_write_rows(monkeypatch):
     calls = []
     monkeypatch.setattr(

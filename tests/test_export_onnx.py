@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from export_helpers import NEW_TOKENS, PROMPTS, keras_greedy, make_model, sample_ids
 
-pytestmark = pytest.mark.tensorflow_only
+pytestmark = [pytest.mark.tensorflow_only, pytest.mark.xdist_group("export_onnx")]
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 

@@ -53,6 +53,7 @@ def test_filtered_distribution_numpy_port_matches_keras_ops(options):
     np.testing.assert_allclose(expected.sum(-1), 1.0, atol=1e-5)
 
 
+@pytest.mark.tensorflow_only  # backend-independent: runs once
 def test_filtered_distribution_oracle():
     """Hand-computed: softmax([2, 1, 0, -1] / 1) keeps ranks whose preceding mass < 0.7."""
     logits = np.array([[2.0, 1.0, 0.0, -1.0]], "float32")
@@ -182,6 +183,7 @@ def test_tokenizer_spec_round_trip_and_refusals():
         tokenizer_spec(lm)
 
 
+@pytest.mark.tensorflow_only  # backend-independent: runs once
 def test_length_and_prompt_checks():
     assert decoding.check_max_new_tokens(2**31 - 1) == 2**31 - 1
     with pytest.raises(ValueError, match="max_sequence_length=32"):

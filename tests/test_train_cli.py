@@ -149,6 +149,7 @@ def test_backend_flag_takes_effect_without_a_second_interpreter(tmp_path):
     assert "oneDNN custom operations" not in result.stderr  # backend logs quiet
 
 
+@pytest.mark.tensorflow_only  # backend-independent: runs once
 def test_expected_failures_are_one_line_and_debug_shows_the_traceback(
     tmp_path, capsys, monkeypatch
 ):
@@ -176,6 +177,7 @@ def test_expected_failures_are_one_line_and_debug_shows_the_traceback(
         main(argv + ["--debug"])
 
 
+@pytest.mark.tensorflow_only  # backend-independent: runs once
 def test_damaged_checkpoint_is_one_line_with_the_fix(tmp_path, capsys):
     from keras_primer.training import driver
     from keras_primer.training.run_dir import CheckpointStore, write_json_atomic
