@@ -14,8 +14,20 @@ Runtime generator (`keras_primer_runtime.ort_generator`) derive from it:
   tokens (start token included) + `max_new_tokens` <= max_sequence_length,
   computed in Python integers (never a wrapping int32).
 * **Prompts** (`check_prompts`): a non-empty list of non-empty strings.
+* **The Unicode rule** (`check_text`, `UNICODE_ERROR`): a prompt must be valid
+  Unicode text: `bytes` must be valid UTF-8, a `str` must hold no lone
+  surrogate (U+D800 to U+DFFF). Anything else is refused with `ValueError`
+  (the SavedModel: `InvalidArgumentError`) carrying `UNICODE_ERROR`, in every
+  runtime and for both tokenizers; nothing is replaced or dropped silently.
+  Generated ids that do not form valid UTF-8 (a byte model may emit any
+  byte) are shown as U+FFFD.
 * **The tokenizer description** (`TokenizerSpec`) that travels with an export
-  and the framework-free codecs built from it (`text_codec`).
+  and the one codec per kind built from it (`ByteCodec`,
+  `SentencePieceCodec`, `make_codec`), which corpus encoding uses as well.
+* **The decoding loop** (`loop_bounds`, `decode_position`, `shown_tokens`):
+  prompt packing, forced prompt tokens, the stop at the end id and the
+  post-processing, written once against an array namespace (NumPy in ONNX
+  Runtime, `tf.experimental.numpy` in the SavedModel).
 * **The decoding-state description** (`StateSpec`), as a model reports it.
 
 Every check raises `ValueError` with the texts built here, so a bad option
@@ -31,9 +43,11 @@ ValueError: `top_p` must be a number in (0, 1] (1 = off). Received: 1.5
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
+import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -50,6 +64,10 @@ LENGTH_ERROR = (
 )
 PROMPTS_ERROR = "`prompts` must be a non-empty string or a non-empty list of strings."
 EMPTY_PROMPT_ERROR = "Every prompt must be a non-empty string (a prompt is empty)."
+UNICODE_ERROR = (
+    "Every prompt must be valid Unicode text: UTF-8 bytes, or a str without lone "
+    "surrogates (U+D800 to U+DFFF); nothing is replaced silently."
+)
 INT32_MAX = 2**31 - 1
 
 
@@ -118,8 +136,35 @@ def check_max_new_tokens(max_new_tokens, longest_prompt=None, max_sequence_lengt
     return int(max_new_tokens)
 
 
+def check_text(text, index: int | None = None) -> str:
+    r"""`text` as a `str` under the Unicode rule: `bytes` must be valid UTF-8,
+    a `str` must hold no lone surrogate; else `ValueError(UNICODE_ERROR ...)`.
+
+    >>> check_text(b"caf\xc3\xa9")
+    'café'
+    >>> check_text(b"\xff\xfeA")
+    Traceback (most recent call last):
+    ...
+    ValueError: Every prompt must be valid Unicode text: UTF-8 bytes, or a str without lone surrogates (U+D800 to U+DFFF); nothing is replaced silently. Received: b'\xff\xfeA' (invalid UTF-8 at byte 0)
+    """
+    where = "" if index is None else f"prompt {index}: "
+    try:
+        if isinstance(text, bytes):
+            return text.decode("utf-8")
+        if isinstance(text, str):
+            text.encode("utf-8")  # only lone surrogates fail
+    except UnicodeDecodeError as e:
+        detail = f"{where}{text!r} (invalid UTF-8 at byte {e.start})"
+        raise ValueError(f"{UNICODE_ERROR} Received: {detail}") from None
+    except UnicodeEncodeError as e:
+        detail = f"{where}{text!r} (lone surrogate at character {e.start})"
+        raise ValueError(f"{UNICODE_ERROR} Received: {detail}") from None
+    return text
+
+
 def check_prompts(prompts) -> list[str]:
-    """A list of non-empty `str` prompts (bytes are decoded as UTF-8).
+    """A list of non-empty `str` prompts under the Unicode rule (`check_text`;
+    bytes are decoded as UTF-8).
 
     >>> check_prompts("Hi")
     ['Hi']
@@ -129,14 +174,12 @@ def check_prompts(prompts) -> list[str]:
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(_received(PROMPTS_ERROR, prompts))
     out = []
-    for prompt in prompts:
-        if isinstance(prompt, bytes):
-            prompt = prompt.decode("utf-8")
-        if not isinstance(prompt, str):
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, (str, bytes)):
             raise ValueError(_received(PROMPTS_ERROR, prompts))
         if not prompt:
             raise ValueError(EMPTY_PROMPT_ERROR)
-        out.append(prompt)
+        out.append(check_text(prompt, index if len(prompts) > 1 else None))
     return out
 
 
@@ -234,8 +277,6 @@ class TokenizerSpec:
 
     def save(self, directory: str, proto: bytes | None = None) -> None:
         """Writes `tokenizer.json` (and `tokenizer.model` for SentencePiece)."""
-        import os
-
         if (self.kind == "sentencepiece") != (proto is not None):
             raise ValueError("A SentencePiece spec needs its model proto; a byte spec has none.")
         with open(os.path.join(directory, TOKENIZER_FILE), "w") as f:
@@ -245,55 +286,206 @@ class TokenizerSpec:
                 f.write(proto)
 
 
+#: The ids every keras-primer tokenizer uses (SentencePiece also has unk 1).
+PAD_ID, UNK_ID, START_ID, END_ID = 0, 1, 2, 3
+
+
+def byte_spec(add_start_token: bool = True) -> TokenizerSpec:
+    """The description of the byte tokenizer (UTF-8 bytes are ids 0-255).
+
+    >>> byte_spec().special_ids
+    [0, 2, 3]
+    """
+    return TokenizerSpec("bytes", 256, START_ID, END_ID, PAD_ID, add_start_token)
+
+
 class ByteCodec:
-    """UTF-8 bytes as ids (invalid UTF-8 decodes to U+FFFD)."""
+    """UTF-8 bytes as ids (vocabulary 256): the one byte codec.
 
-    def __init__(self, spec: TokenizerSpec):
+    Corpus encoding (`keras_primer.data`), the ONNX Runtime generator and the
+    tests all use this class; the Keras tokenizer (`keras_primer.tokenizers.
+    PrimerTokenizer`) describes itself with the same `TokenizerSpec`.
+
+    >>> codec = ByteCodec()
+    >>> codec.encode("Hi").tolist(), codec.decode([2, 72, 105, 3])
+    ([72, 105], 'Hi')
+    """
+
+    kind = "bytes"
+    vocabulary_size = 256
+    start_id, end_id, pad_id = START_ID, END_ID, PAD_ID
+    token_dtype = np.uint8
+
+    def __init__(self, spec: TokenizerSpec | None = None):
+        spec = spec or byte_spec()
+        if spec.kind != "bytes" or spec.vocabulary_size != 256:
+            raise ValueError(f"A byte codec needs a byte spec of 256 ids. Received: {spec}")
         self.spec = spec
+        self.start_id, self.end_id, self.pad_id = spec.start_id, spec.end_id, spec.pad_id
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, text: str) -> np.ndarray:
+        """`text` as a 1-D array of byte ids (no start/end ids added).
+
+        Lone surrogates raise `ValueError` (the Unicode rule, `check_text`).
+        """
+        return np.frombuffer(check_text(text).encode("utf-8"), dtype=np.uint8)
 
     def decode(self, ids) -> str:
+        """Text of `ids`, special ids removed (invalid UTF-8 becomes U+FFFD)."""
         special = set(self.spec.special_ids)
-        return bytes(int(i) for i in ids if int(i) not in special).decode("utf-8", "replace")
+        kept = bytes(int(i) for i in np.asarray(ids).reshape(-1) if int(i) not in special)
+        return kept.decode("utf-8", "replace")
+
+    def describe(self) -> dict:
+        """What must match when a run resumes or a token cache is reused."""
+        return {"kind": self.kind, "vocabulary_size": self.vocabulary_size}
 
 
 class SentencePieceCodec:
-    """A SentencePiece proto through the `sentencepiece` library."""
+    """A SentencePiece model proto as a codec: the one SentencePiece codec.
 
-    def __init__(self, spec: TokenizerSpec, proto: bytes):
+    Args:
+        proto: The model proto bytes, or the path of a `.model` file.
+        spec: Its description, as exported (default: the keras-primer ids
+            pad 0, unk 1, start 2, end 3, which the model must use).
+    """
+
+    kind = "sentencepiece"
+
+    def __init__(self, proto: bytes | str, spec: TokenizerSpec | None = None):
         import sentencepiece
 
-        self.spec = spec
-        self.processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
-        if self.processor.vocab_size() != spec.vocabulary_size:
+        if isinstance(proto, str):
+            if not os.path.isfile(proto):
+                raise ValueError(f"SentencePiece model not found: {proto}.")
+            with open(proto, "rb") as f:
+                proto = f.read()
+        self.proto = bytes(proto)
+        self.processor = sentencepiece.SentencePieceProcessor(model_proto=self.proto)
+        self.vocabulary_size = int(self.processor.vocab_size())
+        if spec is None:
+            expected = {"<pad>": PAD_ID, "<s>": START_ID, "</s>": END_ID}
+            for piece, wanted in expected.items():
+                got = self.processor.piece_to_id(piece)
+                if got != wanted:
+                    raise ValueError(
+                        f"The SentencePiece model must map {piece!r} to id {wanted} "
+                        f"(it maps it to {got}). Train it with `train_sentencepiece`, "
+                        "or with pad_id=0, unk_id=1, bos_id=2, eos_id=3 and pieces "
+                        "<pad>, <unk>, <s>, </s>."
+                    )
+            spec = TokenizerSpec("sentencepiece", self.vocabulary_size, START_ID, END_ID, PAD_ID)
+        elif spec.kind != "sentencepiece" or spec.vocabulary_size != self.vocabulary_size:
             raise ValueError(
-                f"The SentencePiece model has {self.processor.vocab_size()} pieces; the tokenizer "
-                f"description says {spec.vocabulary_size}."
+                f"The SentencePiece model has {self.vocabulary_size} pieces; the tokenizer "
+                f"description says {spec.kind} with {spec.vocabulary_size}."
             )
+        self.spec = spec
+        self.start_id, self.end_id, self.pad_id = spec.start_id, spec.end_id, spec.pad_id
+        self.token_dtype = np.uint16 if self.vocabulary_size <= 65536 else np.int32
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.processor.encode(text))
+    def encode(self, text: str) -> np.ndarray:
+        """`text` as a 1-D array of piece ids (no start/end ids added).
+
+        Lone surrogates raise `ValueError` (the Unicode rule, `check_text`).
+        """
+        ids = self.processor.encode(check_text(text))
+        return np.asarray(ids, dtype=self.token_dtype)
 
     def decode(self, ids) -> str:
+        """Text of `ids`, special ids removed."""
         special = set(self.spec.special_ids)
-        return self.processor.decode([int(i) for i in ids if int(i) not in special])
+        return self.processor.decode(
+            [int(i) for i in np.asarray(ids).reshape(-1) if int(i) not in special]
+        )
+
+    def describe(self) -> dict:
+        """What must match when a run resumes (vocabulary size and a hash of the model)."""
+        return {
+            "kind": self.kind,
+            "vocabulary_size": self.vocabulary_size,
+            "sha256": hashlib.sha256(self.proto).hexdigest()[:16],
+        }
+
+
+def make_codec(spec: TokenizerSpec, proto: bytes | None = None):
+    """The codec that `spec` (and, for SentencePiece, its proto) describes."""
+    if spec.kind == "bytes":
+        return ByteCodec(spec)
+    if proto is None:
+        raise ValueError("A SentencePiece tokenizer description needs its model proto.")
+    return SentencePieceCodec(proto, spec)
 
 
 def load_tokenizer(directory: str):
     """`(spec, codec)` from the `tokenizer.json` (+ proto) in `directory`."""
-    import os
-
     path = os.path.join(directory, TOKENIZER_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No {TOKENIZER_FILE} in {directory}: re-export the model.")
     with open(path) as f:
         spec = TokenizerSpec.from_json(json.load(f))
-    if spec.kind == "bytes":
-        return spec, ByteCodec(spec)
-    with open(os.path.join(directory, SENTENCEPIECE_FILE), "rb") as f:
-        return spec, SentencePieceCodec(spec, f.read())
+    proto = None
+    if spec.kind == "sentencepiece":
+        with open(os.path.join(directory, SENTENCEPIECE_FILE), "rb") as f:
+            proto = f.read()
+    return spec, make_codec(spec, proto)
+
+
+def prompt_ids(spec: TokenizerSpec, codec, prompt: str) -> list[int]:
+    """A prompt's ids as every runtime packs them: start id (when the model
+    adds one) and the codec's ids."""
+    ids = [int(i) for i in codec.encode(prompt)]
+    return [spec.start_id] + ids if spec.add_start_token else ids
+
+
+# === The decoding loop ===
+# One description of the loop, written against an array namespace `xp`:
+# NumPy in the ONNX Runtime generator, `tf.experimental.numpy` inside the
+# SavedModel's `tf.while_loop`. Each prompt row is right-padded with the pad
+# id to `max(lengths) + max_new_tokens`; the model runs the shortest prompt
+# in one step, then one position at a time; at a position still inside a
+# row's prompt the prompt's own token is kept (forced), after it the sampled
+# one; a row is done at its first generated end id or at its limit
+# (`length + max_new_tokens`); the loop stops when every row is done.
+
+
+def loop_bounds(xp, lengths, max_new_tokens):
+    """`(limits, total, start)`: each row's last position + 1, the padded
+    width and the first position the loop decodes."""
+    limits = lengths + max_new_tokens
+    return limits, xp.max(lengths) + max_new_tokens, xp.min(lengths)
+
+
+def decode_position(xp, position, chosen, tokens, positions, lengths, limits, done, end_id):
+    """Writes position `position` of every row; returns `(token, tokens, done)`.
+
+    `chosen` are the sampled ids `[batch]`, `positions` is `arange(total)[None]`.
+    """
+    in_prompt = position < lengths
+    token = xp.where(in_prompt, xp.take(tokens, position, axis=1), chosen)
+    tokens = xp.where(positions == position, token[:, None], tokens)
+    ended = xp.logical_and(xp.logical_not(in_prompt), token == end_id)
+    done = xp.logical_or(xp.logical_or(done, ended), position + 1 >= limits)
+    return token, tokens, done
+
+
+def shown_tokens(xp, tokens, positions, lengths, limits, spec: TokenizerSpec):
+    """Post-processing: `(visible, shown, generated)` masks `[batch, total]`.
+
+    `visible`: each row's prompt and new tokens up to (and with) its first
+    generated end id, a prefix of the row (the token ids a runtime returns);
+    `shown`: `visible` without special ids (the text's ids); `generated`:
+    positions after the prompt (`shown & generated` is the completion).
+    """
+    valid = positions < limits[:, None]
+    generated = positions >= lengths[:, None]
+    ends = xp.where(xp.logical_and(xp.logical_and(generated, valid), tokens == spec.end_id), 1, 0)
+    after_end = (xp.cumsum(ends, axis=1) - ends) > 0
+    visible = xp.logical_and(valid, xp.logical_not(after_end))
+    shown = visible
+    for special in spec.special_ids:
+        shown = xp.logical_and(shown, tokens != special)
+    return visible, shown, generated
 
 
 # === Decoding-state description ===

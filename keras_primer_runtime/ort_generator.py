@@ -200,10 +200,7 @@ class OrtGenerator:
 
     def tokenize(self, prompt):
         """Prompt ids, start token included when the model adds one."""
-        ids = self.codec.encode(prompt)
-        if self.tokenizer.add_start_token:
-            ids = [self.tokenizer.start_id] + ids
-        return ids
+        return decoding.prompt_ids(self.tokenizer, self.codec, prompt)
 
     def detokenize(self, ids):
         """Text of `ids` without special tokens."""
@@ -223,45 +220,41 @@ class OrtGenerator:
 
         Each prompt gets at most `max_new_tokens` new tokens and stops at the
         end token. Options as in `keras_primer_runtime.decoding` (temperature
-        0 = greedy, top_k 0 and top_p 1 = off).
+        0 = greedy, top_k 0 and top_p 1 = off); prompts follow its Unicode
+        rule (invalid UTF-8 bytes or lone surrogates raise `ValueError`).
+        The loop is the contract's (`decoding.loop_bounds`,
+        `decode_position`, `shown_tokens`), as in the SavedModel.
         """
         single = isinstance(prompts, (str, bytes))
         prompts = decoding.check_prompts(prompts)
         options = decoding.check_sampling(temperature, top_k, top_p, seed)
         decoding.check_max_new_tokens(max_new_tokens)
         ids = [self.tokenize(p) for p in prompts]
-        lengths = np.array([len(x) for x in ids])
+        lengths = np.array([len(x) for x in ids], np.int32)
         max_new_tokens = decoding.check_max_new_tokens(
             max_new_tokens, int(lengths.max()), self.max_sequence_length
         )
         rng = np.random.default_rng(options.seed)
-        batch, total = len(ids), int(lengths.max()) + max_new_tokens
-        pad, end = self.tokenizer.pad_id, self.tokenizer.end_id
-        tokens = np.full((batch, total), pad, np.int32)
+        limits, total, start = decoding.loop_bounds(np, lengths, max_new_tokens)
+        tokens = np.full((len(ids), total), self.tokenizer.pad_id, np.int32)
         for row, x in enumerate(ids):
             tokens[row, : len(x)] = x
-        limits = lengths + max_new_tokens
-        start = int(lengths.min())
-        state = self.empty_state(batch, total)
+        positions = np.arange(total)[None, :]
+        state = self.empty_state(len(ids), total)
         logits, state = self.step(tokens[:, :start], 0, state)
-        done = np.zeros(batch, bool)
-        ended = np.full(batch, total)
+        done = np.zeros(len(ids), bool)
         for p in range(start, total):
             chosen = decoding.choose_next(logits, options, rng).astype(np.int32)
-            in_prompt = p < lengths
-            chosen = np.where(in_prompt, tokens[:, p], chosen)
-            tokens[:, p] = chosen
-            new_end = ~in_prompt & (chosen == end) & (ended == total)
-            ended = np.where(new_end, p, ended)
-            done |= new_end | (p + 1 >= limits)
+            token, tokens, done = decoding.decode_position(
+                np, p, chosen, tokens, positions, lengths, limits, done, self.tokenizer.end_id
+            )
             if done.all():
                 break
-            logits, state = self.step(tokens[:, p : p + 1], p, state)
-        results = []
-        for row in range(batch):
-            stop = min(int(limits[row]), int(ended[row]) + 1)
-            results.append(tokens[row, :stop].tolist())
+            logits, state = self.step(token[:, None], p, state)
+        visible, shown, _ = decoding.shown_tokens(
+            np, tokens, positions, lengths, limits, self.tokenizer
+        )
         if return_token_ids:
-            return results
-        texts = [self.detokenize(x) for x in results]
+            return [row[keep].tolist() for row, keep in zip(tokens, visible)]
+        texts = [self.detokenize(row[keep]) for row, keep in zip(tokens, shown)]
         return texts[0] if single else texts

@@ -101,7 +101,7 @@ def test_tf_dataset_matches_py_dataset():
 
 @pytest.mark.tensorflow_only
 def test_sentencepiece_round_trip_and_model_tokenizer(tmp_path, sample_text_path):
-    from keras_primer.data import SentencePieceCodec, train_sentencepiece
+    from keras_primer.data import SentencePieceCodec, keras_tokenizer, train_sentencepiece
 
     text = open(sample_text_path, encoding="utf-8").read()
     # A comma in the path used to split it in two (`input="a,b"`).
@@ -112,7 +112,7 @@ def test_sentencepiece_round_trip_and_model_tokenizer(tmp_path, sample_text_path
     ids = codec.encode(sample)
     assert codec.decode(ids) == sample
     assert len(codec.encode(text)) < len(text) * 0.75  # merges, not characters
-    tokenizer = codec.keras_tokenizer()
+    tokenizer = keras_tokenizer(codec)
     assert tokenizer.start_token_id == 2 and tokenizer.end_token_id == 3
     assert tokenizer.pad_token_id == 0
     np.testing.assert_array_equal(np.asarray(tokenizer("ROMEO: What")), codec.encode("ROMEO: What"))

@@ -245,3 +245,131 @@ def test_export_refuses_unknown_tokenizer_before_writing(tmp_path):
     with pytest.raises(ValueError, match="no preprocessor"):
         export_onnx(lm, str(tmp_path / "onnx"))
     assert list(tmp_path.iterdir()) == []
+
+
+# === One tokenizer module, one codec per kind ===
+def test_tokenizer_classes_live_in_one_module_and_keep_their_names():
+    import keras_primer
+    from keras_primer import tokenizers
+    from keras_primer.data import tokenizers as data_tokenizers
+    from keras_primer.models.feedback import FeedbackBackbone, FeedbackTokenizer
+    from keras_primer.models.primer import PrimerBackbone, PrimerTokenizer
+
+    assert PrimerTokenizer is tokenizers.PrimerTokenizer is keras_primer.PrimerTokenizer
+    assert FeedbackTokenizer is tokenizers.FeedbackTokenizer
+    assert data_tokenizers.PrimerSentencePieceTokenizer is tokenizers.PrimerSentencePieceTokenizer
+    for cls in (PrimerTokenizer, FeedbackTokenizer, tokenizers.PrimerSentencePieceTokenizer):
+        assert cls.__module__ == "keras_primer.tokenizers"
+        assert keras.saving.get_registered_name(cls) == f"keras_primer>{cls.__name__}"
+    # keras-hub finds a preset's tokenizer class by `backbone_cls`.
+    assert PrimerTokenizer.backbone_cls is PrimerBackbone
+    assert FeedbackTokenizer.backbone_cls is FeedbackBackbone
+
+
+def test_one_codec_per_kind_for_corpus_keras_and_ort(tmp_path):
+    """Corpus encoding, the exported runtimes and the Keras tokenizers share
+    the runtime's codec classes, and agree on ids."""
+    from keras_primer import data
+    from keras_primer.tokenizers import PrimerSentencePieceTokenizer, PrimerTokenizer
+
+    assert data.ByteCodec is decoding.ByteCodec
+    assert data.SentencePieceCodec is decoding.SentencePieceCodec
+    text = "ROMEO: é 你 😀\nthe end"
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(text, encoding="utf-8")
+    meta = data.encode_corpus(str(corpus), decoding.ByteCodec(), str(tmp_path / "cache"))
+    assert meta["codec"] == {"kind": "bytes", "vocabulary_size": 256}
+    cached = np.fromfile(str(tmp_path / "cache" / "tokens.bin"), dtype=np.uint8)
+    keras_ids = np.asarray(PrimerTokenizer()(text))
+    np.testing.assert_array_equal(cached[: len(keras_ids)], keras_ids)
+
+    from export_helpers import sentencepiece_proto
+
+    sp = PrimerSentencePieceTokenizer(proto=sentencepiece_proto())
+    for tokenizer in (PrimerTokenizer(), sp):
+        spec = tokenizer.tokenizer_spec()
+        # What an export writes, read back as the ONNX Runtime generator does.
+        export_dir = tmp_path / spec.kind
+        export_dir.mkdir()
+        spec.save(str(export_dir), None if spec.kind == "bytes" else bytes(tokenizer.proto))
+        loaded_spec, codec = decoding.load_tokenizer(str(export_dir))
+        assert loaded_spec == spec
+        assert type(codec) is type(tokenizer.codec())
+        assert type(codec) in (decoding.ByteCodec, decoding.SentencePieceCodec)
+        sample = "To be, or not é"
+        np.testing.assert_array_equal(codec.encode(sample), np.asarray(tokenizer(sample)))
+        assert codec.decode([spec.start_id, *codec.encode(sample), spec.end_id]) == sample
+
+
+def test_tokenizer_that_changes_tokenize_cannot_describe_itself():
+    from keras_primer.tokenizers import PrimerTokenizer
+
+    class Shouting(PrimerTokenizer):
+        def tokenize(self, inputs):
+            return super().tokenize(inputs)
+
+    with pytest.raises(ValueError, match="overrides `tokenize`"):
+        Shouting().tokenizer_spec()
+    with pytest.raises(ValueError, match="lowercase"):
+        PrimerTokenizer(lowercase=True).tokenizer_spec()
+
+
+# === Samplers given to `compile` ===
+def test_compile_defaults_to_the_contract_sampler():
+    from keras_primer.generation import ContractSampler
+
+    lm = make_lm("primer", "bytes")
+    lm.compile()
+    assert isinstance(lm.sampler, ContractSampler) and lm.sampler.options.greedy
+    default = lm.generate(["Hello", "Hi"], max_length=12)
+    lm.compile(sampler="greedy")
+    assert default == lm.generate(["Hello", "Hi"], max_length=12)
+
+
+@pytest.mark.parametrize(
+    "make_sampler,text",
+    [
+        (lambda s: s.TopKSampler(k=0), "`k` of a keras-hub TopKSampler must be an integer >= 1"),
+        (lambda s: s.TopPSampler(p=0.5, k=0), "`k` of a keras-hub TopPSampler must be"),
+        (lambda s: s.TopKSampler(temperature=0), "`temperature` of a keras-hub TopKSampler"),
+        (lambda s: s.RandomSampler(temperature=0.0), "`temperature` of a keras-hub RandomSampler"),
+    ],
+)
+def test_keras_hub_sampler_checked_before_first_token(make_sampler, text):
+    """Regression (issue 20 item 5): a raw InvalidArgumentError (or NaN
+    logits) from inside the generation loop before."""
+    import keras_hub
+
+    lm = make_lm("primer", "bytes")
+    lm.compile(sampler=make_sampler(keras_hub.samplers))
+    with pytest.raises(ValueError, match="^" + text.replace("(", r"\(")) as error:
+        lm.generate("Hi", max_length=8)
+    assert "ContractSampler" in str(error.value)
+
+
+# === The Unicode rule ===
+BAD_UNICODE = [b"\xff\xfeA", "a\udcff", [b"ok", b"a\xed\xb3\xbf"]]
+
+
+@pytest.mark.parametrize("prompt", BAD_UNICODE)
+def test_unicode_rule_in_the_contract_and_codecs(prompt):
+    with pytest.raises(ValueError) as error:
+        decoding.check_prompts(prompt)
+    assert str(error.value).startswith(decoding.UNICODE_ERROR)
+    assert decoding.check_prompts([b"caf\xc3\xa9", "ok \ufffd"]) == ["café", "ok \ufffd"]
+    if isinstance(prompt, str):
+        with pytest.raises(ValueError, match="lone surrogate"):
+            decoding.ByteCodec().encode(prompt)
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "sentencepiece"])
+def test_unicode_rule_in_keras_generate(tokenizer):
+    """Regression (issue 20 item 6): UnicodeDecodeError, a TypeError, a
+    RuntimeError with terminal colour codes, or generated text, before."""
+    lm = make_lm("primer", tokenizer)
+    lm.compile(sampler="greedy")
+    for prompt in BAD_UNICODE:
+        with pytest.raises(ValueError) as error:
+            lm.generate(prompt, max_length=12)
+        message = str(error.value)
+        assert message.startswith(decoding.UNICODE_ERROR) and "\x1b[" not in message

@@ -6,7 +6,8 @@ of the SavedModel `generate` signature in a fresh process that can import
 only TensorFlow and tensorflow-text, and of `OrtGenerator` in a fresh process
 that can import no framework at all, must be identical, for a batch of
 prompts of different lengths. In each runtime a fixed seed repeats, and bad
-options fail with the contract's error text.
+options and prompts that are not valid Unicode (the contract's Unicode rule)
+fail with the contract's error text.
 """
 
 import json
@@ -32,6 +33,14 @@ BAD = [  # (options, expected text)
     (dict(temperature=1.0, top_p=0.0), decoding.TOP_P_ERROR),
     (dict(temperature=1.0, top_k=-1), decoding.TOP_K_ERROR),
 ]
+# Not valid Unicode: invalid UTF-8, and a lone surrogate (a str; a client that
+# sends it to TF Serving can only send its "surrogatepass" bytes).
+BAD_UNICODE = [b"\xff\xfeA", "a\udcff"]
+
+
+def _as_bytes(prompt):
+    return prompt if isinstance(prompt, bytes) else prompt.encode("utf-8", "surrogatepass")
+
 
 SAVED_MODEL_SCRIPT = (
     BLOCK_IMPORTS
@@ -43,7 +52,7 @@ import tensorflow as tf
 # (its package imports tf.keras layers), which this process cannot.
 text_dir = importlib.util.find_spec("tensorflow_text").submodule_search_locations[0]
 tf.load_op_library(os.path.join(text_dir, "python", "ops", "_sentencepiece_tokenizer.so"))
-cases, prompts, new_tokens, sampling, bad, out_path = json.loads(sys.argv[1])
+cases, prompts, new_tokens, sampling, bad, bad_unicode, out_path = json.loads(sys.argv[1])
 result = {}
 for name, sm_dir in cases.items():
     loaded = tf.saved_model.load(sm_dir)
@@ -58,6 +67,12 @@ for name, sm_dir in cases.items():
     for options_ in bad:
         try:
             run(**options_)
+            errors.append(None)
+        except tf.errors.InvalidArgumentError as e:
+            errors.append(e.message)
+    for _, prompt in bad_unicode:  # the bytes a client sends, as hex
+        try:
+            loaded.signatures["generate"](prompts=tf.constant([bytes.fromhex(prompt)]))
             errors.append(None)
         except tf.errors.InvalidArgumentError as e:
             errors.append(e.message)
@@ -77,7 +92,7 @@ block_imports(*{FRAMEWORKS!r})
     + r"""
 import json
 from keras_primer_runtime.ort_generator import OrtGenerator
-cases, prompts, new_tokens, sampling, bad, out_path = json.loads(sys.argv[1])
+cases, prompts, new_tokens, sampling, bad, bad_unicode, out_path = json.loads(sys.argv[1])
 result = {}
 for name, onnx_dir in cases.items():
     gen = OrtGenerator(onnx_dir, providers=["CPUExecutionProvider"])
@@ -85,6 +100,12 @@ for name, onnx_dir in cases.items():
     for options in bad:
         try:
             gen.generate(prompts, new_tokens, **options)
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+    for kind, prompt in bad_unicode:  # the prompt itself: bytes (as hex) or a str
+        try:
+            gen.generate(bytes.fromhex(prompt) if kind == "hex" else prompt, new_tokens)
             errors.append(None)
         except ValueError as e:
             errors.append(str(e))
@@ -98,7 +119,15 @@ json.dump(result, open(out_path, "w"))
 def _fresh(script, cases, tmp_path, name):
     out = tmp_path / f"{name}.json"
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    args = json.dumps([cases, PROMPTS, NEW_TOKENS, SAMPLING, [b for b, _ in BAD], str(out)])
+    if name == "ort":  # the prompts as given
+        bad_unicode = [
+            ["hex", p.hex()] if isinstance(p, bytes) else ["str", p] for p in BAD_UNICODE
+        ]
+    else:
+        bad_unicode = [["hex", _as_bytes(p).hex()] for p in BAD_UNICODE]
+    args = json.dumps(
+        [cases, PROMPTS, NEW_TOKENS, SAMPLING, [b for b, _ in BAD], bad_unicode, str(out)]
+    )
     result = subprocess.run(
         [sys.executable, "-c", script, args], capture_output=True, text=True, env=env, timeout=1800
     )
@@ -136,6 +165,11 @@ def test_same_text_in_keras_savedmodel_and_ort(tmp_path):
                 ValueError, match="^" + text.replace("(", r"\(").replace(")", r"\)")
             ):
                 lm.generate("Hi", max_length=8)
+        lm.compile(sampler="greedy")
+        for prompt in BAD_UNICODE:
+            with pytest.raises(ValueError) as error:
+                lm.generate(prompt, max_length=8)
+            assert str(error.value).startswith(decoding.UNICODE_ERROR), name
 
     served = _fresh(SAVED_MODEL_SCRIPT, saved_models, tmp_path, "saved_model")
     ort = _fresh(ORT_SCRIPT, onnx_dirs, tmp_path, "ort")
@@ -149,5 +183,7 @@ def test_same_text_in_keras_savedmodel_and_ort(tmp_path):
         for runtime in (served, ort):
             first, second = runtime[name]["sampled"]
             assert first == second and all(t.startswith(p) for t, p in zip(first, PROMPTS))
-            for (options, text), message in zip(BAD, runtime[name]["errors"]):
-                assert message is not None and text in message, (name, options, message)
+            expected = [text for _, text in BAD] + [decoding.UNICODE_ERROR] * len(BAD_UNICODE)
+            assert len(runtime[name]["errors"]) == len(expected)
+            for text, message in zip(expected, runtime[name]["errors"]):
+                assert message is not None and text in message, (name, text, message)

@@ -24,5 +24,6 @@ from keras_primer.data.tokenizers import (
     ByteCodec,
     PrimerSentencePieceTokenizer,
     SentencePieceCodec,
+    keras_tokenizer,
     train_sentencepiece,
 )

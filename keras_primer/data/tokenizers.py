@@ -1,123 +1,42 @@
-"""Text codecs: byte-level and SentencePiece, with the ids the causal LM needs.
+"""Corpus tokenization: the codecs, and SentencePiece training on a corpus.
 
-A codec turns corpus text into NumPy token ids (fast, no TensorFlow) and
-builds the matching keras-hub tokenizer for the model's preprocessor
-(`generate()` on strings). Both codecs use the same special ids:
-pad 0, start 2, end 3 (SentencePiece also has unk 1).
+The codecs are the runtime's (`keras_primer_runtime.decoding.ByteCodec` and
+`SentencePieceCodec`, one per kind): they turn corpus text into NumPy token
+ids (fast, no TensorFlow), and the ONNX Runtime generator uses the same
+classes. The keras-hub tokenizers live in `keras_primer.tokenizers`
+(`keras_tokenizer(codec)` gives a codec's); both use the same special ids:
+pad 0, start 2, end 3 (SentencePiece also has unk 1). This module adds
+`train_sentencepiece`, and keeps the old names importable from here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
 
-import keras
-import numpy as np
-from keras_hub.tokenizers import SentencePieceTokenizer
-
+from keras_primer.tokenizers import PrimerSentencePieceTokenizer, keras_tokenizer
+from keras_primer_runtime.decoding import (
+    END_ID,
+    PAD_ID,
+    START_ID,
+    UNK_ID,
+    ByteCodec,
+    SentencePieceCodec,
+)
 from keras_primer_runtime.run_config import MIN_SENTENCEPIECE_VOCABULARY
 
-PAD_ID, UNK_ID, START_ID, END_ID = 0, 1, 2, 3
-
-
-@keras.saving.register_keras_serializable(package="keras_primer")
-class PrimerSentencePieceTokenizer(SentencePieceTokenizer):
-    """A keras-hub `SentencePieceTokenizer` with start/end/pad tokens.
-
-    Works with a model trained by `train_sentencepiece` (pieces `<pad>` = 0,
-    `<unk>` = 1, `<s>` = 2, `</s>` = 3), so `PrimerCausalLMPreprocessor` can
-    use it in place of the byte tokenizer. The proto is saved with the model
-    (`.keras` assets). Import `keras_primer.data` before loading such a model.
-    """
-
-    def __init__(self, proto=None, **kwargs):
-        self._add_special_token("<s>", "start_token")
-        self._add_special_token("</s>", "end_token")
-        self._add_special_token("<pad>", "pad_token")
-        super().__init__(proto=proto, **kwargs)
-
-
-class ByteCodec:
-    """UTF-8 bytes as ids (vocabulary 256), like `PrimerTokenizer`."""
-
-    kind = "bytes"
-    vocabulary_size = 256
-    start_id, end_id, pad_id = START_ID, END_ID, PAD_ID
-    token_dtype = np.uint8
-
-    def encode(self, text: str) -> np.ndarray:
-        """`text` as a 1-D array of byte ids."""
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-
-    def decode(self, ids) -> str:
-        """Byte ids back to text (invalid UTF-8 becomes U+FFFD)."""
-        return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", "replace")
-
-    def keras_tokenizer(self):
-        """The model-side tokenizer (`PrimerTokenizer`)."""
-        from keras_primer.models.primer import PrimerTokenizer
-
-        return PrimerTokenizer()
-
-    def describe(self) -> dict:
-        """What must match when a run resumes."""
-        return {"kind": self.kind, "vocabulary_size": self.vocabulary_size}
-
-
-class SentencePieceCodec:
-    """A SentencePiece model (a serialized proto) as a codec.
-
-    Args:
-        proto: The model proto bytes, or the path of a `.model` file.
-    """
-
-    kind = "sentencepiece"
-    start_id, end_id, pad_id = START_ID, END_ID, PAD_ID
-
-    def __init__(self, proto: bytes | str):
-        import sentencepiece as spm
-
-        if isinstance(proto, str):
-            if not os.path.isfile(proto):
-                raise ValueError(f"SentencePiece model not found: {proto}.")
-            with open(proto, "rb") as f:
-                proto = f.read()
-        self.proto = bytes(proto)
-        self.processor = spm.SentencePieceProcessor(model_proto=self.proto)
-        self.vocabulary_size = int(self.processor.vocab_size())
-        expected = {"<pad>": PAD_ID, "<s>": START_ID, "</s>": END_ID}
-        for piece, wanted in expected.items():
-            got = self.processor.piece_to_id(piece)
-            if got != wanted:
-                raise ValueError(
-                    f"The SentencePiece model must map {piece!r} to id {wanted} "
-                    f"(it maps it to {got}). Train it with `train_sentencepiece`, "
-                    "or with pad_id=0, unk_id=1, bos_id=2, eos_id=3 and pieces "
-                    "<pad>, <unk>, <s>, </s>."
-                )
-        self.token_dtype = np.uint16 if self.vocabulary_size <= 65536 else np.int32
-
-    def encode(self, text: str) -> np.ndarray:
-        """`text` as a 1-D array of piece ids (no start/end ids added)."""
-        return np.asarray(self.processor.encode(text), dtype=self.token_dtype)
-
-    def decode(self, ids) -> str:
-        """Piece ids back to text."""
-        return self.processor.decode([int(i) for i in np.asarray(ids).reshape(-1)])
-
-    def keras_tokenizer(self) -> PrimerSentencePieceTokenizer:
-        """The model-side tokenizer (needs tensorflow-text)."""
-        return PrimerSentencePieceTokenizer(proto=self.proto)
-
-    def describe(self) -> dict:
-        """What must match when a run resumes (vocabulary size and a hash of the model)."""
-        return {
-            "kind": self.kind,
-            "vocabulary_size": self.vocabulary_size,
-            "sha256": hashlib.sha256(self.proto).hexdigest()[:16],
-        }
+__all__ = [
+    "END_ID",
+    "PAD_ID",
+    "START_ID",
+    "UNK_ID",
+    "ByteCodec",
+    "PrimerSentencePieceTokenizer",
+    "SentencePieceCodec",
+    "keras_tokenizer",
+    "train_sentencepiece",
+]
 
 
 def _iter_lines(files: list[str]):

@@ -1,17 +1,23 @@
-"""The Keras / TensorFlow side of the decoding contract.
+"""The Keras / TensorFlow side of the decoding contract: the samplers.
 
 `keras_primer_runtime.decoding` states the contract (sampling semantics,
 checks and error texts, the tokenizer description, the state description);
-this package applies it with `keras.ops`, on every backend:
+this package applies it with `keras.ops`, on every backend. It sits beside
+the models and tokenizers (it imports neither the models nor the data
+pipeline; `keras_primer.models` imports it):
 
 * `filtered_probabilities(logits, temperature, top_k, top_p)`: the
   next-token distribution, used by Keras `generate` (`ContractSampler`) and
   by the SavedModel decoding loop (`keras_primer.export.saved_model`).
 * `ContractSampler`: a keras-hub sampler with the contract's semantics.
 * `check_sampler(sampler)`: validates any keras-hub sampler with the
-  contract's checks (same error texts as the SavedModel and ONNX Runtime).
-* `tokenizer_spec(model)`: the `TokenizerSpec` (+ SentencePiece proto) of a
-  causal LM; refuses tokenizers the exporters do not know.
+  contract's checks (same error texts as the SavedModel and ONNX Runtime),
+  plus what a keras-hub sampler cannot do (`TopKSampler(k=0)` keeps no
+  token, `temperature=0` divides by zero); the causal LMs call it in
+  `generate`, before the first token.
+* `get_sampler(sampler)`: `compile`'s sampler argument as a sampler; `None`
+  (the default of `compile`) is `ContractSampler()`, greedy.
+* `tokenizer_spec(model)`: re-exported from `keras_primer.tokenizers`.
 
 >>> import numpy as np
 >>> p = filtered_probabilities(np.array([[2.0, 1.0, 0.0]], "float32"), 1.0, 2, 1.0)
@@ -20,21 +26,30 @@ this package applies it with `keras.ops`, on every backend:
 """
 
 import keras
+import keras_hub
 from keras import ops
 from keras_hub.samplers import GreedySampler, Sampler, TopKSampler, TopPSampler
 
-from keras_primer_runtime.decoding import (
-    SamplingOptions,
-    TokenizerSpec,
-    check_sampling,
-)
+from keras_primer.tokenizers import tokenizer_spec
+from keras_primer_runtime.decoding import SamplingOptions, check_sampling
 
 __all__ = [
     "ContractSampler",
     "check_sampler",
     "filtered_probabilities",
+    "get_sampler",
     "tokenizer_spec",
 ]
+
+KERAS_HUB_TEMPERATURE_ERROR = (
+    "`temperature` of a keras-hub {name} must be > 0: it divides the logits. For the "
+    "contract's temperature 0 (greedy) compile with sampler=ContractSampler(temperature=0) "
+    "or sampler='greedy'."
+)
+KERAS_HUB_K_ERROR = (
+    "`k` of a keras-hub {name} must be an integer >= 1 (it keeps the k most likely tokens). "
+    "For the contract's top_k=0 (no limit) compile with sampler=ContractSampler(top_k=0, ...)."
+)
 
 
 def filtered_probabilities(logits, temperature, top_k, top_p):
@@ -115,67 +130,51 @@ def check_sampler(sampler) -> SamplingOptions:
 
     Returns the equivalent `SamplingOptions` where there is one (greedy,
     top-k, top-p, `ContractSampler`), else only checks the temperature.
+    Raises `ValueError` with the contract's texts, or, for what only a
+    keras-hub sampler gets wrong (`k=0`, `temperature=0`), a text naming the
+    contract's equivalent.
 
     >>> check_sampler(TopPSampler(p=0.9)).top_p
     0.9
+    >>> check_sampler(TopKSampler(k=0))
+    Traceback (most recent call last):
+    ...
+    ValueError: `k` of a keras-hub TopKSampler must be an integer >= 1 (it keeps the k most likely tokens). For the contract's top_k=0 (no limit) compile with sampler=ContractSampler(top_k=0, ...). Received: 0
     """
     if isinstance(sampler, ContractSampler):
         return sampler.options
-    temperature = getattr(sampler, "temperature", 1.0)
     if isinstance(sampler, GreedySampler):
         return check_sampling(0.0)
+    name = type(sampler).__name__
+    temperature = getattr(sampler, "temperature", 1.0)
     seed = getattr(sampler, "seed", None)
     seed = seed if isinstance(seed, int) else 0
+    k = getattr(sampler, "k", None)
     if isinstance(sampler, TopPSampler):
-        return check_sampling(temperature, sampler.k or 0, sampler.p, seed)
-    if isinstance(sampler, TopKSampler):
-        return check_sampling(temperature, sampler.k, 1.0, seed)
-    return check_sampling(temperature, 0, 1.0, seed)
+        options = check_sampling(temperature, k or 0, sampler.p, seed)
+    elif isinstance(sampler, TopKSampler):
+        options = check_sampling(temperature, k, 1.0, seed)
+    else:
+        options = check_sampling(temperature, 0, 1.0, seed)
+    if isinstance(sampler, (TopKSampler, TopPSampler)) and k is not None and k < 1:
+        raise ValueError(f"{KERAS_HUB_K_ERROR.format(name=name)} Received: {k!r}")
+    if options.greedy:
+        raise ValueError(
+            f"{KERAS_HUB_TEMPERATURE_ERROR.format(name=name)} Received: {temperature!r}"
+        )
+    return options
 
 
-def tokenizer_spec(model):
-    """`(TokenizerSpec, proto_or_None)` of a causal LM's tokenizer.
+def get_sampler(sampler=None) -> Sampler:
+    """`compile`'s `sampler` argument as a sampler instance.
 
-    Raises `ValueError` for a model without a tokenizer, or with a tokenizer
-    the exporters do not know how to run outside Keras.
+    `None` is the contract's default, `ContractSampler()` (greedy, as the
+    SavedModel `generate` signature and `OrtGenerator.generate` default to);
+    names and configs go through `keras_hub.samplers.get`. Its options are
+    checked by `generate` (`check_sampler`), not here: a `.keras` file
+    compiled with a bad sampler still loads.
+
+    >>> type(get_sampler()).__name__, type(get_sampler("greedy")).__name__
+    ('ContractSampler', 'GreedySampler')
     """
-    from keras_primer.data.tokenizers import PrimerSentencePieceTokenizer
-    from keras_primer.models.primer.primer_tokenizer import PrimerTokenizer
-
-    preprocessor = getattr(model, "preprocessor", None)
-    tokenizer = getattr(preprocessor, "tokenizer", None)
-    known = "PrimerTokenizer (bytes), FeedbackTokenizer (bytes), PrimerSentencePieceTokenizer"
-    if tokenizer is None:
-        raise ValueError(
-            f"Cannot export {type(model).__name__}: it has no preprocessor/tokenizer, so the "
-            f"exported text signatures would have to guess one. Attach one of: {known}."
-        )
-    if type(tokenizer).__name__ not in (
-        "PrimerTokenizer",
-        "FeedbackTokenizer",
-        "PrimerSentencePieceTokenizer",
-    ) or not isinstance(tokenizer, (PrimerTokenizer, PrimerSentencePieceTokenizer)):
-        raise ValueError(
-            f"Cannot export a model whose tokenizer is a {type(tokenizer).__name__}: the "
-            f"exporters only know {known}."
-        )
-    ids = {int(tokenizer.start_token_id), int(tokenizer.end_token_id), int(tokenizer.pad_token_id)}
-    common = dict(
-        start_id=int(tokenizer.start_token_id),
-        end_id=int(tokenizer.end_token_id),
-        pad_id=int(tokenizer.pad_token_id),
-        add_start_token=bool(getattr(preprocessor, "add_start_token", True)),
-        # Keras strips the tokenizer's special ids from generated text.
-        extra_special_ids=tuple(sorted(set(map(int, tokenizer.special_token_ids)) - ids)),
-    )
-    if isinstance(tokenizer, PrimerTokenizer):
-        if tokenizer.lowercase or tokenizer.normalization_form is not None:
-            raise ValueError(
-                "Cannot export a byte tokenizer with lowercase=True or a normalization_form: "
-                "the exported runtimes tokenize raw UTF-8 bytes only."
-            )
-        return TokenizerSpec("bytes", int(tokenizer.vocabulary_size()), **common), None
-    proto = tokenizer.proto
-    if proto is None:
-        raise ValueError("Cannot export: the SentencePiece tokenizer has no model proto set.")
-    return TokenizerSpec("sentencepiece", int(tokenizer.vocabulary_size()), **common), bytes(proto)
+    return ContractSampler() if sampler is None else keras_hub.samplers.get(sampler)

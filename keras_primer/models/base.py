@@ -8,6 +8,7 @@ import numpy as np
 from keras import ops
 from keras_hub.models import Backbone, CausalLM, Task
 
+from keras_primer.generation import get_sampler
 from keras_primer.models.generation import GenerateInputChecks, finish_generation
 from keras_primer.utils.validation import check_padding_mask, check_token_ids
 
@@ -158,9 +159,9 @@ class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
         return super().__call__(inputs, *args, **kwargs)
 
     def compile(
-        self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="top_k", **kwargs
+        self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler=None, **kwargs
     ):
-        """keras-hub defaults, with two changes.
+        """keras-hub defaults, with three changes.
 
         * `loss="auto"` is the cross-entropy averaged over real tokens
           (`reduction="mean_with_sample_weight"`), so the logged loss does not
@@ -171,7 +172,13 @@ class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
           and perplexity, reported as `exp(loss)` instead of a second
           cross-entropy over the logits (keras-hub's `Perplexity` metric
           costs a second pass over them in every training step).
+        * `sampler` defaults to the decoding contract's `ContractSampler()`
+          (greedy; `ContractSampler(temperature=..., top_k=..., top_p=...,
+          seed=...)` samples by the rules of the SavedModel and ONNX
+          Runtime); `generate` checks any sampler against the contract
+          before the first token (`keras_primer.generation.check_sampler`).
         """
+        sampler = get_sampler(sampler)
         if isinstance(loss, str) and loss == "auto":
             loss = keras.losses.SparseCategoricalCrossentropy(
                 from_logits=True, reduction="mean_with_sample_weight"

@@ -4,6 +4,7 @@ import numpy as np
 from keras import ops
 from keras_hub.src.utils.tensor_utils import any_equal
 
+from keras_primer.generation import check_sampler
 from keras_primer.utils.validation import check_token_ids
 from keras_primer_runtime.decoding import check_prompts
 
@@ -33,7 +34,8 @@ def _as_prompt_list(inputs):
 class GenerateInputChecks:
     """Mixin for `CausalLM` subclasses: clear errors before `generate`/`fit`.
 
-    Checks that prompts are non-empty strings that fit in `max_length`, that
+    Checks that prompts are non-empty, valid Unicode strings (the decoding
+    contract's `check_prompts`) that fit in `max_length`, that
     `max_length` fits the backbone, and that token-id inputs (NumPy or eager
     tensors) hold ids inside the vocabulary.
     """
@@ -60,9 +62,8 @@ class GenerateInputChecks:
     def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
         """keras-hub `generate`, after the decoding contract's checks: the
         sampler's options (`keras_primer.generation.check_sampler`, same
-        error texts as the SavedModel and ONNX Runtime), prompts and lengths."""
-        from keras_primer.generation import check_sampler
-
+        error texts as the SavedModel and ONNX Runtime), prompts (the
+        contract's Unicode rule among them) and lengths."""
         if getattr(self, "sampler", None) is not None:
             check_sampler(self.sampler)
         backbone = self.backbone

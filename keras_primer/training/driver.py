@@ -39,6 +39,7 @@ from keras_primer.data import (
     SentencePieceCodec,
     WindowDataset,
     content_fingerprint,
+    keras_tokenizer,
     list_text_files,
     load_splits,
     shakespeare_path,
@@ -380,7 +381,7 @@ def prepare_data(config: RunConfig, preset: TrainPreset, corpus: Corpus, codec, 
 def build_model(config: RunConfig, preset: TrainPreset, codec, total_steps: int):
     """The compiled causal LM with its optimizer built (variables exist)."""
     keras.utils.set_random_seed(config.seed)
-    lm = build_causal_lm(config.model, preset, codec.keras_tokenizer())
+    lm = build_causal_lm(config.model, preset, keras_tokenizer(codec))
     lm.compile(
         optimizer=build_optimizer(preset, total_steps),
         jit_compile=config.jit_compile,
