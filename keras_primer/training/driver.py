@@ -213,11 +213,14 @@ class Run:
 
 def open_run(config: RunConfig, say=None) -> Run:
     """Checks `config` and this process; decides the preset, the tokenizer and
-    the folder. Writes nothing (except, once, a note of skipped outputs)."""
+    the folder (joining a multi-host run first). Writes nothing (except, once,
+    a note of skipped outputs)."""
     config.validate()
     check_runtime(config)
     tokenizer = choose_tokenizer(config)
     preset = resolve_preset(config)
+    if config.multi_host:
+        initialize_multi_host()  # before any JAX call, `run_folder`'s included
     return Run(
         config=config,
         preset=preset,
@@ -915,8 +918,6 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
     """
     run = open_run(config)
     check_folder_owned(run.out)
-    if config.multi_host:
-        initialize_multi_host()
     with RunLock(run.out):
         claim_folder(run)
         run.corpus = locate_corpus(config)
