@@ -34,6 +34,11 @@ BACKENDS = ("tensorflow", "jax", "torch")
 DEFAULT_PROMPT = "ROMEO:"
 # SentencePiece needs 4 special pieces, 256 byte fallbacks and some merges.
 MIN_SENTENCEPIECE_VOCABULARY = 300
+TRAIN_PROG = "keras-primer train"
+# Failures `keras-primer train` reports in one line (exit 2): ValueError covers
+# bad settings, data and checkpoint errors (their classes derive from it);
+# the others are I/O and missing optional packages.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError, RuntimeError)
 
 
 class ConfigError(ValueError):
@@ -354,7 +359,73 @@ class RunConfig:
         batch = self.batch_size or preset.batch_size
         if batch < 1:
             raise ConfigError(f"--batch-size must be at least 1. Received: {batch}.")
+        check_fits_memory(self.resolved_preset(), self.precision)
         return self
+
+    def resolved_preset(self) -> TrainPreset:
+        """The run's `TrainPreset`: `preset` with this config's overrides."""
+        return get_preset(
+            self.preset,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            sequence_length=self.sequence_length,
+            learning_rate=self.learning_rate,
+            dropout=self.dropout,
+            eval_interval=self.eval_interval,
+            checkpoint_interval=self.checkpoint_interval,
+        )
+
+
+def attention_score_bytes(preset: TrainPreset, precision: str = "float32") -> int:
+    """A lower bound of one training step's memory: the causal attention scores
+    of every layer, which the backward pass keeps (`L (L + 1) / 2` per head).
+
+    >>> attention_score_bytes(PRESETS["tiny"].replace(sequence_length=100_000, batch_size=1))
+    80000800000
+    """
+    itemsize = 4 if precision == "float32" else 2
+    pairs = preset.sequence_length * (preset.sequence_length + 1) // 2
+    return preset.num_layers * preset.batch_size * preset.num_heads * pairs * itemsize
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_fits_memory(preset: TrainPreset, precision: str = "float32") -> None:
+    """Refuses a run whose attention scores alone exceed this machine's memory,
+    before anything is built (rather than an out-of-memory error mid-run).
+
+    Raises:
+        ConfigError: With the numbers, the limit and the flags to change.
+    """
+    need, have = attention_score_bytes(preset, precision), physical_memory_bytes()
+    if have is None or need <= have:
+        return
+    p = preset
+    gib = 2**30
+    raise ConfigError(
+        f"--sequence-length {p.sequence_length} with --batch-size {p.batch_size} needs at least "
+        f"{need / gib:,.0f} GiB for one step's attention scores ({p.num_layers} layers x "
+        f"{p.batch_size} windows x {p.num_heads} heads x {p.sequence_length}^2/2 x "
+        f"{4 if precision == 'float32' else 2} bytes), more than this machine's "
+        f"{have / gib:,.0f} GiB. Use a shorter --sequence-length or a smaller --batch-size."
+    )
+
+
+def error_line(error: BaseException, prog: str = TRAIN_PROG) -> str:
+    """The one line a command prints for an expected failure.
+
+    >>> error_line(ConfigError("--steps must be at least 1."))
+    'keras-primer train: error: --steps must be at least 1.'
+    """
+    message = " ".join(str(error).split()) or type(error).__name__
+    hint = "" if isinstance(error, ValueError) else " (--debug shows the traceback)"
+    return f"{prog}: error: {message}{hint}"
 
 
 def _flag_name(name: str) -> str:

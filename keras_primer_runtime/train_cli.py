@@ -7,6 +7,9 @@ Expected failures (bad settings, missing or corrupt files, a missing
 optional package, a locked `--out`, a NaN loss) print one line and exit 2;
 `--debug` shows the traceback instead.
 
+The library is imported once, late: `keras_primer.training.command.run`,
+the entry function. Nothing else here imports `keras_primer`.
+
     python -m keras_primer_runtime.train_cli --out runs/x --steps 20
 """
 
@@ -16,9 +19,15 @@ import os
 import sys
 
 from keras_primer_runtime.logging_setup import quiet_backend_logs
-from keras_primer_runtime.run_config import build_train_parser, config_from_args
+from keras_primer_runtime.run_config import (
+    EXPECTED_ERRORS,
+    TRAIN_PROG,
+    build_train_parser,
+    config_from_args,
+    error_line,
+)
 
-PROG = "keras-primer train"
+PROG = TRAIN_PROG
 
 
 def _use_backend(backend: str | None) -> None:
@@ -39,12 +48,6 @@ def _use_backend(backend: str | None) -> None:
     os.environ["KERAS_BACKEND"] = backend
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    # ValueError covers bad settings, data and checkpoint errors (their classes
-    # derive from it); the others are I/O and missing optional packages.
-    return (ValueError, OSError, ImportError, RuntimeError)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs `keras-primer train` with `argv`; returns the exit status.
 
@@ -53,38 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_train_parser(PROG)
-    args = parser.parse_args(argv)
-    config = config_from_args(args)
+    config = config_from_args(parser.parse_args(argv))
     try:
         config.validate()
         _use_backend(config.backend)
         quiet_backend_logs(verbose=config.verbose >= 2)
-        from keras_primer.training.driver import train
-
-        summary = train(config)
-    except KeyboardInterrupt:
-        print(
-            f"{PROG}: interrupted; rerun the same command to resume from the last checkpoint.",
-            file=sys.stderr,
-        )
-        return 130
-    except _expected_errors() as e:
+        # The one import of the library (the entry function): Keras starts here.
+        from keras_primer.training.command import run
+    except EXPECTED_ERRORS as error:
         if config.debug:
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
-        hint = "" if isinstance(e, ValueError) else " (--debug shows the traceback)"
-        print(f"{PROG}: error: {message}{hint}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         return 2
-    print(
-        f"\n{summary['model']}: {summary['steps']} steps, val loss "
-        f"{summary['val_loss']:.4f}, val bits/char {summary['val_bits_per_char']:.3f}, "
-        f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.1f} s\n"
-        f"Outputs in {os.path.abspath(config.out)} (summary.json, model.keras, best.keras, "
-        "history.csv, samples.txt)."
-    )
-    for prompt, text in summary["samples"].items():
-        print(f"\n--- {prompt!r} ---\n{text}")
-    return 0
+    return run(config)
 
 
 if __name__ == "__main__":

@@ -68,11 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
     model_path = summary["files"]["model"]
+    speed = summary["tokens_per_second"]  # None if never measured
     print(
         f"\nPrimer EZ, {summary['parameters']:,} parameters, {summary['steps']} steps "
         f"in {time.perf_counter() - start:.0f} s on {summary['backend']}: val loss "
         f"{summary['val_loss']:.3f}, {summary['val_bits_per_char']:.2f} bits/char, "
-        f"{summary['tokens_per_second']:.0f} tokens/s.\nSaved {model_path} "
+        + (f"{speed:.0f} tokens/s" if speed is not None else "tokens/s not measured")
+        + f".\nSaved {model_path} "
         f"(best: {summary['files']['best_model']}); curve: "
         f"{summary['files']['learning_curve']}.\n"
     )

@@ -152,3 +152,47 @@ def test_token_cache_is_keyed_on_content_not_size_and_mtime(tmp_path):
     assert first["files"][0][2] != second["files"][0][2]
     tokens = np.fromfile(str(tmp_path / "cache" / "tokens.bin"), dtype=np.uint8)
     assert bytes(tokens[:4]).decode() == "wxyz"
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "no recorded hash"])
+def test_damaged_token_cache_is_rebuilt_and_said_never_trained_on(tmp_path, damage):
+    # Issue 20: random bytes of the same size were trained on (rc 0); a truncated
+    # cache failed every rerun with "mmap length is greater than file size".
+    import json
+
+    path = _write(str(tmp_path / "c.txt"), "To be, or not to be: that is the question.\n" * 20)
+    cache = tmp_path / "cache"
+    notes = []
+    good = np.array(load_splits(path, ByteCodec(), str(cache), 16, say=notes.append).train)
+    assert notes == []
+    bin_path = cache / "tokens.bin"
+    if damage == "random bytes":
+        bin_path.write_bytes(np.random.default_rng(0).bytes(bin_path.stat().st_size))
+    elif damage == "truncated":
+        bin_path.write_bytes(bin_path.read_bytes()[:100])
+    else:  # a cache written before hashes were recorded
+        meta = json.loads((cache / "tokens.json").read_text())
+        del meta["sha256"]
+        (cache / "tokens.json").write_text(json.dumps(meta))
+    splits = load_splits(path, ByteCodec(), str(cache), 16, say=notes.append)
+    np.testing.assert_array_equal(np.array(splits.train), good)
+    (note,) = notes
+    assert f"the token cache {bin_path}" in note and "rebuilding it from the corpus" in note
+    # Rebuilt and recorded: the next reuse is silent.
+    load_splits(path, ByteCodec(), str(cache), 16, say=notes.append)
+    assert len(notes) == 1
+
+
+@pytest.mark.tensorflow_only
+def test_binary_file_is_not_a_corpus(tmp_path):
+    from keras_primer.data import content_fingerprint
+
+    text = _write(str(tmp_path / "ok.txt"), "plain text, caf\u00e9\n")
+    stray = tmp_path / "latin1.txt"
+    stray.write_bytes(("a few latin-1 bytes: caf\xe9 " * 20).encode("latin-1") + b"x" * 2000)
+    assert len(content_fingerprint([text, str(stray)], text=True)) == 2  # a stray byte is text
+    binary = tmp_path / "model.txt"
+    binary.write_bytes(np.random.default_rng(0).bytes(4096).replace(b"\x00", b"\x01"))
+    with pytest.raises(DataFileError, match=r"model\.txt is not text \(\d+ of its \d+ characters"):
+        content_fingerprint([str(binary)], text=True)

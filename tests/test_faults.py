@@ -16,6 +16,7 @@ machine). The in-process cases run on every backend.
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -33,6 +34,9 @@ from keras_primer.training.run_dir import FAULT_ENV, CheckpointStore, RunLock, R
 
 BACKEND = keras.backend.backend()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A hang guard only (many times a loaded 2-core machine's time): a test fails
+# for a wrong result, never for a slow box (issue 20).
+HANG_GUARD_S = 1800
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sonnets.txt")
 
 # Dropout on, so the RNG state must survive a resume too.
@@ -117,7 +121,7 @@ def _run_killed_at(out, preset, kill_at):
         env=env,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=HANG_GUARD_S,
         cwd=ROOT,
     )
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
@@ -204,11 +208,15 @@ def test_fine_tune_accepts_a_changed_definition_but_not_another_model(tmp_path, 
     out = _copy(reference, tmp_path)
     with pytest.raises(ValueError, match=r"model: 'primer_ez' -> 'transformer'.*cannot change"):
         train(_config(out, model="transformer", fine_tune=True))
-    summary = train(_config(out, seed=1, fine_tune=True))
-    assert summary["resumed_from_step"] == 10
+    # Steps to train under the new settings (issue 20: none is refused).
+    summary = train(_config(out, seed=1, fine_tune=True, preset=TINY.replace(steps=12)))
+    assert summary["resumed_from_step"] == 10 and summary["steps"] == 12
     record = json.loads((out / "run.json").read_text())
     assert record["definition"]["seed"] == 1
-    assert record["changes"] == [{"step": 10, "kind": "fine_tune", "changed": ["seed: 0 -> 1"]}]
+    assert record["changes"] == [
+        {"step": 10, "kind": "fine_tune", "changed": ["seed: 0 -> 1"]},
+        {"step": 10, "kind": "steps", "changed": ["steps: 10 -> 12"]},
+    ]
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, reference):
@@ -241,7 +249,7 @@ def test_second_writer_on_one_out_is_refused_naming_the_first(tmp_path):
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, b"pid %d: the other trainer" % os.getpid())
             print("locked", flush=True)
-            time.sleep(1800)
+            time.sleep(120)
         """),
         ],
         stdout=subprocess.PIPE,
@@ -307,14 +315,14 @@ def test_concurrent_trainers_one_wins_the_other_exits_2(tmp_path):
     try:
         import time
 
-        deadline = time.time() + 1800
+        deadline = time.time() + HANG_GUARD_S
         while not (out / "history.csv").exists() and time.time() < deadline:
             time.sleep(0.2)  # step 2's row is written just before its commit
         second = subprocess.run(
-            command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800
+            command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S
         )
         go.touch()
-        _, first_err = first.communicate(timeout=1800)
+        _, first_err = first.communicate(timeout=HANG_GUARD_S)
     finally:
         first.kill()
     assert first.returncode == 0, first_err[-3000:]
@@ -356,3 +364,98 @@ def test_empty_history_file_does_not_block_a_resume(tmp_path, reference):
     summary = train(_config(out))
     assert [r["step"] for r in summary["history"]] == [5, 10]
     assert (out / "history.csv").read_text().count("\n") == 3
+
+
+# ----- issue 20: a run folder's own files, damaged or left behind
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("[1, 2]", "a JSON list, not an object"),
+        ('{"definition": 5}', "without a `definition` object"),
+        ("", "not JSON"),
+        ("not json {", "not JSON"),
+    ],
+)
+def test_damaged_run_json_is_one_line_naming_the_file(
+    tmp_path, reference, capsys, content, problem
+):
+    # Issue 20: TypeError / AttributeError / "Expecting value" without the file or the fix.
+    from keras_primer_runtime.train_cli import main
+
+    out = _copy(reference, tmp_path)
+    (out / "run.json").write_text(content)
+    argv = ["--out", str(out), "--data", SAMPLE, "--sample-tokens", "0", "--steps", "10"]
+    assert main(argv + ["--sequence-length", "16", "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{out / 'run.json'} is not a keras-primer run record: {problem}" in err
+    assert "another --out" in err
+    assert (out / "run.json").read_text() == content
+
+
+def test_rerun_of_a_finished_run_reports_the_measured_throughput(tmp_path, reference):
+    # Issue 20: a rerun that trains nothing printed "nan tokens/s" and wrote null.
+    out = _copy(reference, tmp_path)
+    summary = train(_config(out))
+    assert summary["resumed_from_step"] == 10 and summary["steps"] == 10
+    measured = summary["history"][-1]["tokens_per_second"]
+    assert summary["tokens_per_second"] == measured and math.isfinite(measured)
+    assert json.loads((out / "summary.json").read_text())["tokens_per_second"] == measured
+
+
+def test_fine_tune_that_trains_no_step_is_refused_and_not_recorded(tmp_path, reference):
+    # Issue 20: `--fine-tune` with an unchanged --steps recorded a change and trained nothing.
+    out = _copy(reference, tmp_path)
+    before = (out / "run.json").read_text()
+    with pytest.raises(ValueError, match=r"--steps 10 leaves no step to train.*larger than 10"):
+        train(_config(out, preset=TINY.replace(learning_rate=1e-3), fine_tune=True))
+    assert (out / "run.json").read_text() == before
+
+
+def test_leftover_temporary_models_of_a_killed_run_are_removed(tmp_path, reference):
+    # Issue 20: a resumed run left `.best.keras.tmp-*.keras` behind.
+    out = _copy(reference, tmp_path)
+    for name in (".best.keras.tmp-99999.keras", ".model.keras.tmp-99999.keras"):
+        (out / name).write_bytes(b"half a zip")
+    train(_config(out))
+    assert not [n for n in os.listdir(out) if ".tmp-" in n]
+
+
+def test_checkpoints_path_that_is_a_file_is_refused_before_training(tmp_path, reference):
+    # Issue 20: found only at the first checkpoint, after training had started.
+    out = _copy(reference, tmp_path)
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").write_text("not a folder")
+    history = (out / "history.csv").read_text()
+    with pytest.raises(ValueError, match=r"checkpoints is a file, but the run keeps"):
+        train(_config(out, preset=TINY.replace(steps=12)))
+    assert (out / "history.csv").read_text() == history  # nothing trained
+
+
+def test_checkpoint_of_another_backend_resumes(tmp_path, reference):
+    # Issue 20: switching --backend failed with "adam_w/iteration: () int32 vs
+    # () int64": the backends keep their integer counters at different widths.
+    out = _copy(reference, tmp_path)
+    store = CheckpointStore(str(out / "checkpoints"))
+    latest = store.load_latest()
+    other = {np.dtype("int32"): np.int64, np.dtype("int64"): np.int32}
+    arrays = [a.astype(other[a.dtype]) if a.dtype in other else a for a in latest["arrays"]]
+    assert any(a.dtype != b.dtype for a, b in zip(arrays, latest["arrays"]))
+    state = dict(latest["state"], backend="another")
+    store.commit(10, arrays, state)
+    summary = train(_config(out, preset=TINY.replace(steps=12)))
+    assert summary["resumed_from_step"] == 10 and summary["steps"] == 12
+
+
+def test_failed_resume_leaves_run_json_without_the_change(tmp_path, reference):
+    # Issue 20: a resume that failed (another backend) left run.json recording
+    # an extension that never happened.
+    out = _copy(reference, tmp_path)
+    before = (out / "run.json").read_text()
+    path = out / "checkpoints" / "step-00000010.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="damaged or truncated"):
+        train(_config(out, preset=TINY.replace(steps=12)))
+    assert (out / "run.json").read_text() == before

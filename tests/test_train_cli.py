@@ -18,6 +18,9 @@ from keras_primer_runtime.run_config import (
 from keras_primer_runtime.train_cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A hang guard only (many times a loaded 2-core machine's time): a test fails
+# for a wrong result, never for a slow box (issue 20).
+HANG_GUARD_S = 1800
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sonnets.txt")
 HEAVY = ("keras", "tensorflow", "jax", "torch", "keras_primer")
 
@@ -41,7 +44,7 @@ def _framework_free(argv: list[str]) -> subprocess.CompletedProcess:
         env=env,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=HANG_GUARD_S,
         cwd=ROOT,
     )
 
@@ -141,7 +144,7 @@ def test_backend_flag_takes_effect_without_a_second_interpreter(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=HANG_GUARD_S,
         cwd=ROOT,
     )
     assert "too small" in result.stderr, result.stderr[-3000:]
@@ -149,7 +152,6 @@ def test_backend_flag_takes_effect_without_a_second_interpreter(tmp_path):
     assert "oneDNN custom operations" not in result.stderr  # backend logs quiet
 
 
-@pytest.mark.tensorflow_only  # backend-independent: runs once
 def test_expected_failures_are_one_line_and_debug_shows_the_traceback(
     tmp_path, capsys, monkeypatch
 ):
@@ -177,7 +179,6 @@ def test_expected_failures_are_one_line_and_debug_shows_the_traceback(
         main(argv + ["--debug"])
 
 
-@pytest.mark.tensorflow_only  # backend-independent: runs once
 def test_damaged_checkpoint_is_one_line_with_the_fix(tmp_path, capsys):
     from keras_primer.training import driver
     from keras_primer.training.run_dir import CheckpointStore, write_json_atomic
@@ -210,3 +211,114 @@ def test_damaged_checkpoint_is_one_line_with_the_fix(tmp_path, capsys):
     assert status == 2, err
     assert len(err.splitlines()) == 1
     assert "step-00000004.npz is damaged or truncated" in err and "delete it" in err
+
+
+@pytest.mark.tensorflow_only
+def test_sequence_length_beyond_memory_is_refused_with_the_numbers(tmp_path):
+    # Issue 20: `--sequence-length 100000` ran into an out-of-memory traceback.
+    out = tmp_path / "run"
+    result = _framework_free(["--out", str(out), "--sequence-length", "100000"])
+    assert "STATUS 2 HEAVY []" in result.stderr, result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if not x.startswith("STATUS")]
+    assert line.startswith("keras-primer train: error: --sequence-length 100000 with --batch-size")
+    assert "GiB for one step's attention scores" in line and "more than this machine's" in line
+    assert not out.exists()
+
+
+@pytest.mark.tensorflow_only
+def test_train_cli_imports_the_library_once_and_the_library_not_the_cli():
+    # Issue 21: training/command.py -> train_cli -> training.driver was a cycle.
+    import ast
+
+    def library_imports(relative):
+        tree = ast.parse(open(os.path.join(ROOT, relative)).read())
+        names = [
+            node.module if isinstance(node, ast.ImportFrom) else alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            for alias in node.names
+        ]
+        return [
+            n for n in names if n and n.split(".")[0] in ("keras_primer", "keras_primer_runtime")
+        ]
+
+    assert [
+        n for n in library_imports("keras_primer_runtime/train_cli.py") if "keras_primer." in n
+    ] == ["keras_primer.training.command"]
+    assert not any(
+        "keras_primer." in n for n in library_imports("keras_primer_runtime/run_config.py")
+    )
+    assert "keras_primer_runtime.train_cli" not in library_imports(
+        "keras_primer/training/command.py"
+    )
+
+
+@pytest.mark.tensorflow_only
+def test_import_keras_primer_leaves_out_the_driver_run_folder_and_pipeline():
+    # Issue 21: `import keras_primer` loaded the training driver and the data pipeline.
+    script = textwrap.dedent("""
+        import sys
+        import keras_primer
+        heavy = ("keras_primer.training.driver", "keras_primer.training.run_dir",
+                 "keras_primer.data.pipeline", "keras_primer.training.callbacks")
+        print("LOADED", sorted(m for m in heavy if m in sys.modules))
+        from keras_primer.training import train, plan_segments, RunConfig  # old paths still work
+        from keras_primer.data import load_splits, WindowDataset
+        from keras_primer.training.command import main, build_parser, config_from_args
+        print("OLD PATHS OK", train.__module__, load_splits.__module__)
+    """)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        cwd=ROOT,
+    )
+    assert "LOADED []" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert "OLD PATHS OK keras_primer.training.driver keras_primer.data.pipeline" in result.stdout
+
+
+def test_out_that_is_not_a_run_folder_is_refused_naming_what_it_would_overwrite(tmp_path, capsys):
+    # Issue 20: a folder of the user's own history.csv, model.keras and summary.json
+    # (no run.json) was overwritten with rc 0.
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in ("history.csv", "model.keras", "summary.json"):
+        (out / name).write_text("the user's own")
+    argv = ["--out", str(out), "--data", SAMPLE, "--sample-tokens", "0", "--steps", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "not a keras-primer run folder (no run.json)" in err
+    assert "would overwrite history.csv, model.keras, summary.json" in err
+    assert sorted(os.listdir(out)) == ["history.csv", "model.keras", "summary.json"]
+    assert all((out / n).read_text() == "the user's own" for n in os.listdir(out))
+
+
+def test_spm_model_that_is_not_a_model_names_the_file(tmp_path, capsys):
+    # Issue 20: a SentencePiece INTERNAL message without the file.
+    pytest.importorskip("sentencepiece")
+    fake = tmp_path / "fake.model"
+    fake.write_text("not a sentencepiece model\n")
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--data", SAMPLE, "--sample-tokens", "0"]
+    assert main(argv + ["--tokenizer", "sentencepiece", "--spm-model", str(fake)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"--spm-model {fake} is not a usable SentencePiece model" in err
+    assert not out.exists()
+
+
+def test_binary_data_is_refused_as_not_text(tmp_path, capsys):
+    # Issue 20: `--data` accepted a binary file as text.
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(bytes(range(256)) * 64)
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--data", str(binary), "--sample-tokens", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"--data file {binary} is not text (it holds NUL bytes)" in err
+    assert not (out / "data").exists() and not (out / "checkpoints").exists()

@@ -13,10 +13,12 @@ for a window of `L = sequence_length` ids at offset `o`.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import keras
@@ -50,36 +52,81 @@ class TokenSplits:
         return len(self.val) / max(self.val_chars, 1)
 
 
-def content_fingerprint(files: list[str]) -> list:
+# A text file holds no NUL byte, and at most this share of its characters
+# are bytes that are not UTF-8 (read as U+FFFD); anything else is binary.
+MAX_NON_UTF8_SHARE = 0.01
+
+
+def content_fingerprint(files: list[str], text: bool = False) -> list:
     """`[path, bytes, sha256]` per file: what the token cache is keyed on.
 
     Content, not modification times: a file rewritten within the same second
     with the same size still gets a new key.
+
+    Args:
+        files: The files.
+        text: Also check, in the same pass, that each file is text (no NUL
+            byte, at most `MAX_NON_UTF8_SHARE` of it not UTF-8).
+
+    Raises:
+        DataFileError: `text` and a file is binary; the message names it.
     """
     out = []
     for name in files:
         digest = hashlib.sha256()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        chars = bad = 0
+        nul = False
         with open(name, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
+                if text:
+                    nul = nul or b"\x00" in block
+                    decoded = decoder.decode(block)
+                    chars += len(decoded)
+                    bad += decoded.count("\ufffd")
+        if text:
+            decoded = decoder.decode(b"", final=True)
+            chars += len(decoded)
+            bad += decoded.count("\ufffd")
+            if nul or bad > MAX_NON_UTF8_SHARE * max(chars, 1):
+                why = (
+                    "it holds NUL bytes"
+                    if nul
+                    else f"{bad} of its {chars} characters are not UTF-8"
+                )
+                raise DataFileError(
+                    f"--data file {name} is not text ({why}); it looks binary. Pass UTF-8 "
+                    "text files (a file, or a folder of .txt/.text/.md files) with --data."
+                )
         out.append([name, os.path.getsize(name), digest.hexdigest()])
     return out
 
 
 def encode_corpus(
-    path: str, codec, cache_dir: str, chunk_chars: int = 1 << 20, fingerprint: list | None = None
+    path: str,
+    codec,
+    cache_dir: str,
+    chunk_chars: int = 1 << 20,
+    fingerprint: list | None = None,
+    say=None,
 ) -> dict:
     """Tokenizes the corpus at `path` into `cache_dir/tokens.bin`, streaming.
 
     Documents (files) are separated by the codec's end id. Reuses an existing
     `tokens.bin` when the files' contents and the codec are unchanged
-    (`fingerprint`: `content_fingerprint(files)` when the caller has it).
+    (`fingerprint`: `content_fingerprint(files)` when the caller has it) and
+    the file itself is intact: its length and SHA-256, recorded when it was
+    written, are checked on every reuse (`check_token_cache`). A cache that
+    fails the check is rebuilt, and `say` says so.
 
     Returns:
         The metadata dict written to `cache_dir/tokens.json`: `num_tokens`,
-        `dtype`, cumulative `chunks` `[tokens, chars]` (to count the
-        characters of any split), `codec` and `files`.
+        `dtype`, `sha256` (of `tokens.bin`), cumulative `chunks`
+        `[tokens, chars]` (to count the characters of any split), `codec`
+        and `files`.
     """
+    say = say or _note
     files = list_text_files(path)
     os.makedirs(cache_dir, exist_ok=True)
     bin_path = os.path.join(cache_dir, "tokens.bin")
@@ -90,22 +137,30 @@ def encode_corpus(
         else (content_fingerprint(files))
     )
     if os.path.exists(meta_path) and os.path.exists(bin_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("files") == fingerprint and meta.get("codec") == codec.describe():
-            return meta
+        meta = _read_json(meta_path)
+        if meta is None:
+            say(f"the token cache's record {meta_path} is unreadable; rebuilding {bin_path}.")
+        elif meta.get("files") == fingerprint and meta.get("codec") == codec.describe():
+            problem = check_token_cache(bin_path, meta)
+            if problem is None:
+                return meta
+            say(f"the token cache {bin_path} {problem}; rebuilding it from the corpus.")
     dtype = np.dtype(codec.token_dtype)
     num_tokens, num_chars = 0, 0
     chunks = [[0, 0]]
     previous_file = 0
+    digest = hashlib.sha256()
     with open(bin_path + ".tmp", "wb") as out:
         for file_index, text in iter_text_chunks(files, chunk_chars):
             if file_index != previous_file:
-                np.asarray([codec.end_id], dtype).tofile(out)
+                ids = np.asarray([codec.end_id], dtype)
+                ids.tofile(out)
+                digest.update(ids.tobytes())
                 num_tokens += 1
                 previous_file = file_index
             ids = codec.encode(text).astype(dtype, copy=False)
             ids.tofile(out)
+            digest.update(ids.tobytes())
             num_tokens += len(ids)
             num_chars += len(text)
             chunks.append([num_tokens, num_chars])
@@ -113,6 +168,7 @@ def encode_corpus(
     meta = {
         "num_tokens": num_tokens,
         "dtype": dtype.name,
+        "sha256": digest.hexdigest(),
         "chunks": chunks,
         "codec": codec.describe(),
         "files": fingerprint,
@@ -121,6 +177,39 @@ def encode_corpus(
         json.dump(meta, f)
     os.replace(meta_path + ".tmp", meta_path)
     return meta
+
+
+def check_token_cache(bin_path: str, meta: dict) -> str | None:
+    """None if `bin_path` holds exactly the ids `meta` (its `tokens.json`)
+    records, by length and SHA-256; else what is wrong (for a message)."""
+    try:
+        expected = int(meta["num_tokens"]) * np.dtype(meta["dtype"]).itemsize
+        recorded = meta["sha256"]
+    except (KeyError, TypeError, ValueError):
+        return "has no recorded length and hash (written by an older keras-primer)"
+    size = os.path.getsize(bin_path)
+    if size != expected:
+        return f"holds {size} bytes, not the {expected} recorded with it (truncated or replaced)"
+    digest = hashlib.sha256()
+    with open(bin_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != recorded:
+        return "does not match the SHA-256 recorded with it (changed since it was written)"
+    return None
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _note(message: str) -> None:
+    print(f"keras-primer: note: {message}", file=sys.stderr)
 
 
 def _chars_before(chunks: list, token_index: int) -> float:
@@ -137,6 +226,7 @@ def load_splits(
     sequence_length: int,
     val_fraction: float = 0.1,
     fingerprint: list | None = None,
+    say=None,
 ) -> TokenSplits:
     """Tokenizes (or reuses) the corpus and splits it into train and validation.
 
@@ -147,6 +237,7 @@ def load_splits(
         sequence_length: Ids per training window.
         val_fraction: Share of the corpus (its end) held out, in (0, 0.5].
         fingerprint: The files' content fingerprint, if already computed.
+        say: Where a rebuilt token cache is said (default: stderr).
 
     Raises:
         DataFileError: The corpus is missing or empty, or either split holds
@@ -157,7 +248,7 @@ def load_splits(
         raise ValueError(f"`val_fraction` must be in (0, 0.5]. Received: {val_fraction}.")
     if sequence_length < 2:
         raise ValueError(f"`sequence_length` must be at least 2. Received: {sequence_length}.")
-    meta = encode_corpus(path, codec, cache_dir, fingerprint=fingerprint)
+    meta = encode_corpus(path, codec, cache_dir, fingerprint=fingerprint, say=say)
     n = meta["num_tokens"]
     if n == 0:
         raise DataFileError(f"The corpus at {path} encodes to no tokens.")

@@ -1,10 +1,42 @@
 """Presets, optimizer, callbacks, the training driver, comparison and distribution.
 
-Importing this package does not import TensorFlow (only the `mirrored`
-distribution and `to_tf_dataset` do).
+Importing this package (which `import keras_primer` does, for the optimizer
+that compiled `.keras` files name) loads only the light modules: presets,
+the model factory and the optimizer. The driver (`train`, `plan_segments`)
+loads on first use of those names, so the run folder and the data pipeline
+stay out of a program that only builds or loads models. No module here
+imports TensorFlow (only the `mirrored` distribution and `to_tf_dataset` do).
 """
 
-from keras_primer.training.driver import RunConfig, plan_segments, train
+import importlib
+
 from keras_primer.training.models import MODELS, build_backbone, build_causal_lm
 from keras_primer.training.optimizer import build_optimizer, learning_rate_schedule
 from keras_primer.training.presets import PRESETS, TrainPreset, get_preset
+from keras_primer_runtime.run_config import RunConfig
+
+# Names of the driver, loaded when first used (PEP 562).
+_DRIVER_NAMES = ("plan_segments", "train")
+
+__all__ = [
+    "MODELS",
+    "PRESETS",
+    "RunConfig",
+    "TrainPreset",
+    "build_backbone",
+    "build_causal_lm",
+    "build_optimizer",
+    "get_preset",
+    "learning_rate_schedule",
+    *_DRIVER_NAMES,
+]
+
+
+def __getattr__(name: str):
+    if name in _DRIVER_NAMES:
+        return getattr(importlib.import_module("keras_primer.training.driver"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -54,17 +54,32 @@ def read_state(model) -> list[np.ndarray]:
     return [np.asarray(keras.ops.convert_to_numpy(v)) for v in model_state(model)]
 
 
-def write_state(model, arrays: list[np.ndarray], source: str) -> None:
+def write_state(
+    model, arrays: list[np.ndarray], source: str, written_on: str | None = None
+) -> None:
     """Assigns `arrays` (from `read_state`) back to `model_state(model)`.
+
+    Integer counters (the optimizer's step, seed states) are cast to the
+    variable's integer dtype when their values fit, so a checkpoint written
+    on one backend resumes on another (their counters' widths differ).
+
+    Args:
+        model: The compiled model.
+        arrays: The values, in `model_state` order.
+        source: The checkpoint file (for messages).
+        written_on: The backend the checkpoint was written on, if recorded.
 
     Raises:
         ValueError: The arrays do not fit the variables (another model or
-            optimizer); `source` names the file in the message.
+            optimizer); the message names `source` and both backends.
     """
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
     variables = model_state(model)
-    mismatch = len(variables) != len(arrays) or next(
+    count = len(arrays)
+    count_differs = len(variables) != count
+    arrays = [_fit_integers(a, np.dtype(v.dtype)) for v, a in zip(variables, arrays)]
+    mismatch = count_differs or next(
         (
             f"{v.path}: {tuple(v.shape)} {v.dtype} vs {a.shape} {a.dtype}"
             for v, a in zip(variables, arrays)
@@ -76,14 +91,28 @@ def write_state(model, arrays: list[np.ndarray], source: str) -> None:
         detail = (
             mismatch
             if isinstance(mismatch, str)
-            else f"{len(arrays)} arrays for {len(variables)} variables"
+            else f"{count} arrays for {len(variables)} variables"
+        )
+        running = keras.backend.backend()
+        where = (
+            f"; it was written on the {written_on} backend, this process runs {running}"
+            if written_on and written_on != running
+            else ""
         )
         raise ValueError(
-            f"Checkpoint {source} does not fit this model and optimizer ({detail}). "
-            "Use the settings it was written with, or another --out."
+            f"Checkpoint {source} does not fit this model and optimizer ({detail}{where}). "
+            "Use the settings (and backend) it was written with, or another --out."
         )
     for variable, array in zip(variables, arrays):
         variable.assign(array)
+
+
+def _fit_integers(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`array` as `dtype` if both are integers and every value fits, else unchanged."""
+    if array.dtype == dtype or array.dtype.kind not in "iu" or dtype.kind not in "iu":
+        return array
+    cast = array.astype(dtype)
+    return cast if np.array_equal(cast, array) else array
 
 
 def step_seeder(seed: int):

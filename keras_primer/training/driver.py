@@ -1,24 +1,32 @@
 """The training driver: `train(config)` as a pipeline of named stages.
 
-Each stage is a function with one job that can be called (and tested) alone:
+Each stage is a function with one job that can be called (and tested) alone.
+The stages share one small `Run` (the run's settings, folder and what the
+earlier stages found) instead of long argument lists:
 
-1. `check_runtime`      the backend, precision and hosts can run this config
-2. `resolve_preset`     the `TrainPreset` with the config's overrides
-3. `optional_outputs`   which optional outputs this install can write (said once)
-4. `run_folder`         the run's folder (process 0's, or a worker's)
-5. `locate_corpus`      the corpus files and their content hashes
-6. `run_definition`     everything that defines the run (compared on resume)
-7. `reconcile_run`      accept a fresh run, a resume, an extension or a
+1. `open_run`           check the config and this process (backend,
+                        precision, packages, memory); decide the tokenizer
+                        (`choose_tokenizer`, the one place that does) and
+                        the run's folder; nothing is written yet
+2. `claim_folder`       `--out` is new, empty or a run folder (its
+                        `run.json`); refuse anything else before any work;
+                        clean what a killed run left
+3. `locate_corpus`      the corpus files and their content hashes
+4. `run_definition`     everything that defines the run (compared on resume)
+5. `reconcile_run`      accept a fresh run, a resume, an extension or a
                         `--fine-tune`; refuse any other change (with a diff)
-8. `make_codec`         bytes, a given SentencePiece model, or one trained here
-9. `prepare_data`       token cache, splits and validation windows
-10. `build_model`       the compiled causal LM
-11. `restore_checkpoint` the last committed step, its history and clock
-12. `fit_segments`      `fit()` from that step to the last, committing checkpoints
-13. `write_reports`     model.keras, samples, learning curve, summary.json
+6. `prepare_data`       the codec, the (verified) token cache, splits and
+                        validation windows
+7. `build_model`        the compiled causal LM
+8. `restore_checkpoint` the last committed step, its history and clock
+9. `make_callbacks`     checkpoint commits, history, `best.keras`, the log
+10. `fit_segments`      `fit()` from that step to the last
+11. `write_reports`     model.keras, samples, learning curve, summary.json
 
 The run folder holds one writer (`RunLock`); checkpoints, `model.keras`,
 `best.keras`, `history.csv` and `run.json` are all written atomically.
+`run.json` records a change (an extension, a `--fine-tune`) only once the
+checkpoint it continues has been restored.
 """
 
 from __future__ import annotations
@@ -26,10 +34,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import keras
 import numpy as np
@@ -37,6 +46,7 @@ import numpy as np
 from keras_primer.data import (
     ByteCodec,
     SentencePieceCodec,
+    TokenSplits,
     WindowDataset,
     content_fingerprint,
     keras_tokenizer,
@@ -57,9 +67,14 @@ from keras_primer.training.callbacks import (
     sync_state,
     write_state,
 )
+from keras_primer.training.distribution import (
+    distribution_scope,
+    initialize_multi_host,
+    worker_position,
+)
 from keras_primer.training.models import build_causal_lm
 from keras_primer.training.optimizer import build_optimizer
-from keras_primer.training.presets import TrainPreset, get_preset
+from keras_primer.training.presets import TrainPreset
 from keras_primer.training.reporting import (
     generate_text,
     plot_learning_curve,
@@ -68,6 +83,7 @@ from keras_primer.training.reporting import (
 from keras_primer.training.run_dir import (
     CheckpointStore,
     RunLock,
+    atomic_write,
     commit_file,
     write_history_csv,
     write_json_atomic,
@@ -76,33 +92,153 @@ from keras_primer_runtime.run_config import PRECISIONS, TOKENIZERS, ConfigError,
 
 __all__ = ["RunConfig", "train", "plan_segments", "PRECISIONS", "TOKENIZERS"]
 
+# What a run writes into its folder (`--out`): a folder holding any other
+# file is not refused only if it is this run's (it has `run.json`).
+RUN_OUTPUTS = (
+    "run.json",
+    "checkpoints",
+    "data",
+    "tokenizer.model",
+    "history.csv",
+    "best.keras",
+    "model.keras",
+    "samples.txt",
+    "learning_curve.png",
+    "summary.json",
+    "tensorboard",
+)
+# Folders a run writes into: each must be a folder (or not exist yet).
+RUN_FOLDERS = ("checkpoints", "data", "tensorboard")
+
 
 class TrainingDiverged(ValueError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+# ----------------------------------------------------------------- the run
+
+
+@dataclass
+class Corpus:
+    """The corpus of a run: its path, files and `[name, bytes, sha256]` per file."""
+
+    path: str
+    files: list
+    fingerprint: list
+
+
+@dataclass
+class TokenizerChoice:
+    """The run's tokenizer, decided once by `choose_tokenizer`.
+
+    Attributes:
+        kind: `"bytes"` or `"sentencepiece"`.
+        spm_model: The given SentencePiece model file (absolute), or None.
+        spm_sha256: Its content hash (part of the run's definition).
+        vocabulary_size: Pieces of a SentencePiece model trained by the run.
+    """
+
+    kind: str
+    spm_model: str | None = None
+    spm_sha256: str | None = None
+    vocabulary_size: int | None = None
+
+    def definition(self) -> dict:
+        """What of the tokenizer defines the run (compared on resume)."""
+        if self.kind != "sentencepiece":
+            return {"kind": self.kind}
+        if self.spm_model:
+            return {"kind": self.kind, "model_sha256": self.spm_sha256}
+        return {"kind": self.kind, "vocabulary_size": self.vocabulary_size}
+
+    def make_codec(self, corpus: Corpus, out: str, seed: int = 0):
+        """Bytes, the given model, the run's saved `tokenizer.model`, or a new
+        model trained on the corpus (saved as `out/tokenizer.model`)."""
+        if self.kind == "bytes":
+            return ByteCodec()
+        if self.spm_model:
+            return SentencePieceCodec(self.spm_model)
+        saved = os.path.join(out, "tokenizer.model")
+        if os.path.exists(saved):
+            codec = SentencePieceCodec(saved)
+            if codec.vocabulary_size == self.vocabulary_size:
+                return codec
+        return train_sentencepiece(corpus.files, self.vocabulary_size, saved, seed=seed)
+
+
+@dataclass
+class Run:
+    """What the stages of one `train()` call share, filled in stage by stage.
+
+    `open_run` sets the settings and the folder; `locate_corpus` the corpus;
+    `prepare_data` the codec, splits and validation windows;
+    `restore_checkpoint` the start step, history rows and clock.
+    """
+
+    config: RunConfig
+    preset: TrainPreset
+    tokenizer: TokenizerChoice
+    out: str
+    outputs: dict
+    corpus: Corpus | None = None
+    codec: object = None
+    splits: TokenSplits | None = None
+    val: tuple | None = None
+    start: int = 0
+    rows: list = field(default_factory=list)
+    clock: Clock = field(default_factory=Clock)
+
+    @property
+    def total_steps(self) -> int:
+        return self.preset.steps
+
+    @property
+    def eval_interval(self) -> int:
+        return max(1, min(self.preset.eval_interval, self.total_steps))
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return max(1, self.preset.checkpoint_interval)
+
+    @property
+    def store(self) -> CheckpointStore:
+        return CheckpointStore(self.path("checkpoints"))
+
+    def path(self, name: str) -> str:
+        """The path of `name` in the run's folder."""
+        return os.path.join(self.out, name)
+
+
 # ----------------------------------------------------------------- stages
+
+
+def open_run(config: RunConfig, say=None) -> Run:
+    """Checks `config` and this process; decides the preset, the tokenizer and
+    the folder (joining a multi-host run first). Writes nothing (except, once,
+    a note of skipped outputs)."""
+    config.validate()
+    check_runtime(config)
+    tokenizer = choose_tokenizer(config)
+    preset = resolve_preset(config)
+    if config.multi_host:
+        initialize_multi_host()  # before any JAX call, `run_folder`'s included
+    return Run(
+        config=config,
+        preset=preset,
+        tokenizer=tokenizer,
+        out=run_folder(config),
+        outputs=optional_outputs(config, say),
+    )
 
 
 def check_runtime(config: RunConfig) -> None:
     """Checks that this process can run `config` (call after `config.validate()`).
 
     Raises:
-        ConfigError: A package the tokenizer needs is missing, Keras runs
-            another backend than `config.backend`, or
+        ConfigError: Keras runs another backend than `config.backend`, or
             `mixed_float16` on JAX's CPU backend (no float16 matmul with
             float32 accumulation in XLA's CPU backend).
     """
-    if config.tokenizer == "sentencepiece":
-        for package, pip in (
-            ("sentencepiece", "sentencepiece"),
-            ("tensorflow_text", "tensorflow-text"),
-        ):
-            if not _installed(package):
-                raise ConfigError(
-                    f"--tokenizer sentencepiece needs the `{package}` package, which is not "
-                    f"installed: `pip install {pip}` (or keras-primer[text]), or use --tokenizer bytes."
-                )
     running = keras.backend.backend()
     if config.backend and config.backend != running:
         raise ConfigError(
@@ -121,18 +257,44 @@ def check_runtime(config: RunConfig) -> None:
             )
 
 
+def choose_tokenizer(config: RunConfig) -> TokenizerChoice:
+    """The run's tokenizer: the one place that decides it.
+
+    Raises:
+        ConfigError: SentencePiece is asked for but a package it needs is
+            missing, or `--spm-model` is not a SentencePiece model file.
+    """
+    if config.tokenizer != "sentencepiece":
+        return TokenizerChoice(kind=config.tokenizer)
+    for package, pip in (
+        ("sentencepiece", "sentencepiece"),
+        ("tensorflow_text", "tensorflow-text"),
+    ):
+        if not _installed(package):
+            raise ConfigError(
+                f"--tokenizer sentencepiece needs the `{package}` package, which is not "
+                f"installed: `pip install {pip}`, or use --tokenizer bytes."
+            )
+    if not config.spm_model:
+        return TokenizerChoice(kind="sentencepiece", vocabulary_size=config.vocabulary_size)
+    path = os.path.abspath(os.path.expanduser(config.spm_model))
+    try:
+        SentencePieceCodec(path)
+    except (RuntimeError, ValueError, OSError) as error:
+        # SentencePiece's own message is about protobuf internals, not the file.
+        detail = " ".join(str(error).split())[:200]
+        raise ConfigError(
+            f"--spm-model {path} is not a usable SentencePiece model ({detail}). Pass a "
+            "`.model` file written by SentencePiece (`train_sentencepiece`), or leave "
+            "--spm-model out to train one on the corpus."
+        ) from None
+    sha = content_fingerprint([path])[0][2]
+    return TokenizerChoice(kind="sentencepiece", spm_model=path, spm_sha256=sha)
+
+
 def resolve_preset(config: RunConfig) -> TrainPreset:
     """The run's `TrainPreset`: `config.preset` with the config's overrides."""
-    return get_preset(
-        config.preset,
-        steps=config.steps,
-        batch_size=config.batch_size,
-        sequence_length=config.sequence_length,
-        learning_rate=config.learning_rate,
-        dropout=config.dropout,
-        eval_interval=config.eval_interval,
-        checkpoint_interval=config.checkpoint_interval,
-    )
+    return config.resolved_preset()
 
 
 def optional_outputs(config: RunConfig, say=None) -> dict:
@@ -163,46 +325,103 @@ def _installed(package: str) -> bool:
 def run_folder(config: RunConfig) -> str:
     """The absolute folder this process writes: `config.out`, or
     `config.out/worker-<i>` for process `i > 0` of a multi-host run."""
-    from keras_primer.training.distribution import worker_position
-
     out = os.path.abspath(os.path.expanduser(config.out))
     worker, _ = worker_position(config.distribution)
     return os.path.join(out, f"worker-{worker}") if worker else out
 
 
-@dataclass
-class Corpus:
-    """The corpus of a run: its path, files and `[name, bytes, sha256]` per file."""
+def check_folder_owned(out: str) -> None:
+    """Refuses an `--out` that is not new, empty or a run folder (`run.json`).
 
-    path: str
-    files: list
-    fingerprint: list
+    Call before anything is written to `out`. What a killed start of a run
+    leaves before its `run.json` (the lock, temporary files, the folders of
+    other processes of a multi-host run) does not count.
+
+    Raises:
+        ConfigError: `out` holds other files; the message names those a run
+            would overwrite.
+    """
+    if not os.path.isdir(out) or os.path.exists(os.path.join(out, "run.json")):
+        return
+    foreign = sorted(
+        name
+        for name in os.listdir(out)
+        if name != ".lock" and ".tmp-" not in name and not name.startswith("worker-")
+    )
+    if not foreign:
+        return
+    clashes = [name for name in foreign if name in RUN_OUTPUTS]
+    what = (
+        f"a run would overwrite {', '.join(clashes)}"
+        if clashes
+        else f"it holds {len(foreign)} other file(s) ({', '.join(foreign[:5])})"
+    )
+    raise ConfigError(
+        f"--out {out} is not a keras-primer run folder (no run.json) and is not empty: "
+        f"{what}. Pass a new or empty folder as --out."
+    )
+
+
+def claim_folder(run: Run) -> None:
+    """Checks, under the run's lock, that every folder the run writes into is
+    a folder, and removes temporary files that a killed run left."""
+    refuse_old_layout(run.out)
+    for name in RUN_FOLDERS:
+        path = run.path(name)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(
+                f"{path} is a file, but the run keeps its {name} in a folder of that name. "
+                "Move the file away, or pass another --out."
+            )
+    run.store.remove_leftovers()
+    for name in os.listdir(run.out):
+        # `.<name>.tmp-<pid>...`: our atomic writes (`best.keras`, `model.keras`,
+        # `history.csv`, ...) that a kill interrupted; this process holds the lock.
+        if name.startswith(".") and ".tmp-" in name:
+            with contextlib.suppress(OSError):
+                os.remove(run.path(name))
+
+
+def refuse_old_layout(out: str) -> None:
+    """Refuses a folder written by keras-primer before checkpoints/ existed."""
+    if os.path.isdir(os.path.join(out, "backup")) and not os.path.isdir(
+        os.path.join(out, "checkpoints")
+    ):
+        raise ConfigError(
+            f"{out} was written by an older keras-primer (a backup/ folder, no checkpoints/), "
+            "which this version cannot resume safely. Pass another --out."
+        )
 
 
 def locate_corpus(config: RunConfig) -> Corpus:
-    """The corpus files and their content hashes (Tiny Shakespeare by default)."""
+    """The corpus files and their content hashes (Tiny Shakespeare by default).
+
+    Raises:
+        DataFileError: A file is missing, empty or not UTF-8 text.
+    """
     data = config.data if config.data else shakespeare_path(None, download=config.download)
     path = os.path.abspath(os.path.expanduser(data))
     files = list_text_files(path)
     root = path if os.path.isdir(path) else os.path.dirname(path)
     fingerprint = [
-        [os.path.relpath(f, root), size, sha] for f, size, sha in content_fingerprint(files)
+        [os.path.relpath(f, root), size, sha]
+        for f, size, sha in content_fingerprint(files, text=True)
     ]
     return Corpus(path, files, fingerprint)
 
 
-def run_definition(config: RunConfig, preset: TrainPreset, corpus: Corpus) -> dict:
+def run_definition(
+    config: RunConfig,
+    preset: TrainPreset,
+    corpus: Corpus,
+    tokenizer: TokenizerChoice | None = None,
+) -> dict:
     """Everything that makes two runs the same run (`--steps` aside).
 
     Compared on resume: data (content hashes, not names or dates), tokenizer,
     model, architecture, seed, batch size, schedule, evaluation and precision.
     """
-    tokenizer = {"kind": config.tokenizer}
-    if config.tokenizer == "sentencepiece":
-        if config.spm_model:
-            tokenizer["model_sha256"] = content_fingerprint([config.spm_model])[0][2]
-        else:
-            tokenizer["vocabulary_size"] = config.vocabulary_size
+    tokenizer = tokenizer or choose_tokenizer(config)
     p = preset
     return {
         "model": config.model,
@@ -213,7 +432,7 @@ def run_definition(config: RunConfig, preset: TrainPreset, corpus: Corpus) -> di
             "intermediate_dim": p.intermediate_dim,
             "sequence_length": p.sequence_length,
         },
-        "tokenizer": tokenizer,
+        "tokenizer": tokenizer.definition(),
         "data": {
             "files": [[name, sha] for name, _, sha in corpus.fingerprint],
             "val_fraction": config.val_fraction,
@@ -262,6 +481,36 @@ def definition_diff(old: dict, new: dict) -> list[str]:
     ]
 
 
+def read_run_record(path: str) -> dict:
+    """The run record in `path` (`run.json`), checked to be one.
+
+    Raises:
+        ConfigError: The file is empty, not JSON, or not a run record; the
+            message names the file and the ways forward.
+    """
+    problem = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        problem = f"not JSON ({error})"
+    else:
+        if not isinstance(record, dict):
+            problem = f"a JSON {type(record).__name__}, not an object"
+        elif not isinstance(record.get("definition"), dict):
+            problem = "without a `definition` object"
+        elif not isinstance(record.get("steps"), int) or isinstance(record.get("steps"), bool):
+            problem = "without an integer `steps`"
+        elif not isinstance(record.get("changes", []), list):
+            problem = "with `changes` that is not a list"
+    if problem:
+        raise ConfigError(
+            f"{path} is not a keras-primer run record: {problem}. Restore it from a backup, "
+            "or pass another --out (deleting run.json and checkpoints/ starts the run afresh)."
+        )
+    return record
+
+
 def reconcile_run(
     out: str,
     definition: dict,
@@ -269,37 +518,36 @@ def reconcile_run(
     committed_step: int | None,
     fine_tune: bool = False,
     say=None,
+    write: bool = True,
 ) -> dict:
-    """Decides whether this run may write `out`; writes `run.json` (atomically).
+    """Decides whether this run may write `out`; returns its `run.json` record.
 
     A folder without a checkpoint starts afresh. With one, the definition
     must match, except with `fine_tune` (recorded with its step), and only
     if the model, architecture and tokenizer are unchanged. A larger
-    `total_steps` extends the run (said); one below the checkpoint is refused.
+    `total_steps` extends the run (said); one below the checkpoint is refused,
+    and so is a `fine_tune` that would train no step.
 
-    Returns:
-        The run record written to `run.json`.
+    Args:
+        write: Write the record to `run.json` (atomically). `train` writes a
+            changed record itself, once the checkpoint is restored.
 
     Raises:
-        ConfigError: The change is refused; the message has the diff and
-            the two ways forward.
+        ConfigError: The change is refused (the message has the diff and
+            the ways forward), or `run.json` is not a run record.
     """
     say = say or _note
     path = os.path.join(out, "run.json")
-    saved = None
-    if committed_step is not None and os.path.exists(path):
-        import json
-
-        with open(path) as f:
-            saved = json.load(f)
-    if saved is None:
+    saved = read_run_record(path) if os.path.exists(path) else None
+    if saved is None or committed_step is None:
         if committed_step is not None:
             raise ConfigError(
                 f"{out} holds checkpoints but no run.json, so what they continue is unknown. "
                 "Pass another --out, or move the checkpoints/ folder away to start afresh."
             )
         record = {"definition": definition, "steps": total_steps, "changes": []}
-        write_json_atomic(path, record)
+        if write:
+            write_json_atomic(path, record)
         return record
     record = dict(saved)
     changes = definition_diff(saved["definition"], definition)
@@ -318,6 +566,12 @@ def reconcile_run(
                 + "; ".join(changes)
                 + ". "
                 + way
+            )
+        if committed_step >= total_steps:
+            raise ConfigError(
+                f"--fine-tune continues the weights of step {committed_step} of {out}, but "
+                f"--steps {total_steps} leaves no step to train under the new settings. Pass "
+                f"--steps larger than {committed_step} (the run's total, not the steps to add)."
             )
         say(f"fine-tuning from step {committed_step} with changed settings: " + "; ".join(changes))
         record["changes"] = list(record.get("changes", [])) + [
@@ -342,70 +596,61 @@ def reconcile_run(
             }
         ]
         record["steps"] = total_steps
-    if record != saved:
+    if write and record != saved:
         write_json_atomic(path, record)
     return record
 
 
-def make_codec(config: RunConfig, corpus: Corpus, out: str):
-    """The run's codec: bytes, `config.spm_model`, the run's saved SentencePiece
-    model, or a new one trained on the corpus (saved as `tokenizer.model`)."""
-    if config.tokenizer == "bytes":
-        return ByteCodec()
-    if config.spm_model:
-        return SentencePieceCodec(config.spm_model)
-    saved = os.path.join(out, "tokenizer.model")
-    if os.path.exists(saved):
-        codec = SentencePieceCodec(saved)
-        if codec.vocabulary_size == config.vocabulary_size:
-            return codec
-    return train_sentencepiece(corpus.files, config.vocabulary_size, saved, seed=config.seed)
-
-
-def prepare_data(config: RunConfig, preset: TrainPreset, corpus: Corpus, codec, out: str):
-    """Tokenizes (or reuses) the corpus; returns `(splits, (val_x, val_y))`."""
-    splits = load_splits(
-        corpus.path,
-        codec,
-        os.path.join(out, "data"),
-        preset.sequence_length,
-        config.val_fraction,
-        fingerprint=corpus.fingerprint,
+def prepare_data(run: Run) -> None:
+    """Sets `run.codec`, `run.splits` and `run.val`: tokenizes the corpus (or
+    reuses its verified token cache) and cuts the validation windows."""
+    run.codec = run.tokenizer.make_codec(run.corpus, run.out, seed=run.config.seed)
+    run.splits = load_splits(
+        run.corpus.path,
+        run.codec,
+        run.path("data"),
+        run.preset.sequence_length,
+        run.config.val_fraction,
+        fingerprint=run.corpus.fingerprint,
+        say=_note,
     )
-    val = validation_arrays(
-        splits.val, preset.sequence_length, preset.eval_windows, splits.start_id
+    run.val = validation_arrays(
+        run.splits.val, run.preset.sequence_length, run.preset.eval_windows, run.splits.start_id
     )
-    return splits, val
 
 
-def build_model(config: RunConfig, preset: TrainPreset, codec, total_steps: int):
+def build_model(run: Run):
     """The compiled causal LM with its optimizer built (variables exist)."""
-    keras.utils.set_random_seed(config.seed)
-    lm = build_causal_lm(config.model, preset, keras_tokenizer(codec))
+    keras.utils.set_random_seed(run.config.seed)
+    lm = build_causal_lm(run.config.model, run.preset, keras_tokenizer(run.codec))
     lm.compile(
-        optimizer=build_optimizer(preset, total_steps),
-        jit_compile=config.jit_compile,
+        optimizer=build_optimizer(run.preset, run.total_steps),
+        jit_compile=run.config.jit_compile,
         sampler=keras_hub_sampler(),
     )
     lm.optimizer.build(lm.trainable_variables)
     return lm
 
 
-def restore_checkpoint(store: CheckpointStore, lm) -> tuple[int, list, float]:
-    """Loads the newest checkpoint into `lm`; returns `(step, history rows, wall time)`
-    (`(0, [], 0.0)` without one)."""
+def restore_checkpoint(run: Run, lm) -> None:
+    """Loads the newest checkpoint into `lm`; sets `run.start`, `run.rows` and
+    the clock's offset (step 0, no rows, 0 s without one)."""
+    store = run.store
     checkpoint = store.load_latest()
     if checkpoint is None:
-        return 0, [], 0.0
+        run.start, run.rows, run.clock.offset = 0, [], 0.0
+        return
     step = checkpoint["step"]
-    write_state(lm, checkpoint["arrays"], store.path(step))
+    state = checkpoint["state"]
+    write_state(lm, checkpoint["arrays"], store.path(step), written_on=state.get("backend"))
     if optimizer_step(lm) != step:
         raise ConfigError(
             f"Checkpoint {store.path(step)} is inconsistent: named step {step}, its optimizer "
             f"is at step {optimizer_step(lm)}. Move it away, or pass another --out."
         )
-    state = checkpoint["state"]
-    return step, list(state.get("history", [])), float(state.get("wall_time", 0.0))
+    run.start = step
+    run.rows = list(state.get("history", []))
+    run.clock.offset = float(state.get("wall_time", 0.0))
 
 
 def plan_segments(start: int, total: int, interval: int) -> list[tuple[int, int, int, int]]:
@@ -447,24 +692,80 @@ def save_model_atomic(lm, path: str) -> None:
             os.remove(tmp)
 
 
-def fit_segments(
-    lm, config, preset, splits, val, dist, start, total_steps, interval, callbacks, recorder
-) -> None:
-    """Runs `fit()` from `start` to `total_steps`; the batches of step `s` are
-    a function of `(seed, s)` alone, so a resumed run sees the same ones."""
-    val_x, val_y = val
-    for first, initial_epoch, epochs, per_epoch in plan_segments(start, total_steps, interval):
+@dataclass
+class Callbacks:
+    """The run's callbacks: `log` (throughput), `recorder` (checkpoints,
+    history, `best.keras`, NaN stop) and `all` (what `fit()` gets)."""
+
+    log: TrainingLog
+    recorder: RunRecorder
+    all: list
+
+
+def make_callbacks(run: Run, lm, extra: list | None = None) -> Callbacks:
+    """The callbacks of a run that starts at `run.start` (after `restore_checkpoint`)."""
+    store = run.store
+    history_path = run.path("history.csv")
+    write_history_csv(history_path, run.rows)
+    config = run.config
+
+    def commit(step, history) -> bool:
+        state = read_state(lm)
+        if not all(np.isfinite(a).all() for a in state if a.dtype.kind == "f"):
+            return False  # never commit weights that diverged
+        store.commit(
+            step,
+            state,
+            {
+                "history": history,
+                "wall_time": run.clock(),
+                "data_position": {"seed": config.seed, "step": step},
+                "backend": keras.backend.backend(),
+            },
+        )
+        return True
+
+    log = TrainingLog(
+        run.preset.batch_size * run.preset.sequence_length,
+        run.clock,
+        run.splits.val_tokens_per_char,
+    )
+    recorder = RunRecorder(
+        commit=commit,
+        write_history=lambda history: write_history_csv(history_path, history),
+        save_best=lambda: save_model_atomic(lm, run.path("best.keras")),
+        rows=run.rows,
+        start_step=run.start,
+        total_steps=run.total_steps,
+        checkpoint_interval=run.checkpoint_interval,
+        eval_interval=run.eval_interval,
+        reseed=step_seeder(config.seed),
+    )
+    callbacks = [log, recorder]
+    if run.outputs["tensorboard"]:
+        callbacks.append(keras.callbacks.TensorBoard(run.path("tensorboard"), write_graph=False))
+    return Callbacks(log, recorder, callbacks + list(extra or []))
+
+
+def fit_segments(run: Run, lm, dist, callbacks: Callbacks) -> None:
+    """Runs `fit()` from `run.start` to the last step; the batches of step `s`
+    are a function of `(seed, s)` alone, so a resumed run sees the same ones."""
+    val_x, val_y = run.val
+    preset = run.preset
+    for first, initial_epoch, epochs, per_epoch in plan_segments(
+        run.start, run.total_steps, run.eval_interval
+    ):
         dataset = WindowDataset(
-            splits.train,
+            run.splits.train,
             preset.sequence_length,
             preset.batch_size,
             num_steps=(epochs - initial_epoch) * per_epoch,
             start_step=first,
-            seed=config.seed,
-            start_id=splits.start_id,
+            seed=run.config.seed,
+            start_id=run.splits.start_id,
             shard=dist.input_shard,
         )
-        recorder.step = first
+        callbacks.recorder.step = first
         # The batches are token ids already: bypass keras-hub's string
         # preprocessing (`PipelineModel.fit`) and call Keras' own `fit`.
         keras.Model.fit(
@@ -476,18 +777,50 @@ def fit_segments(
             epochs=epochs,
             steps_per_epoch=per_epoch,
             shuffle=False,  # batch i is the batch of step first + i
-            callbacks=callbacks,
-            verbose=config.verbose,
+            callbacks=callbacks.all,
+            verbose=run.config.verbose,
         )
-        if recorder.nan_step is not None:
+        if callbacks.recorder.nan_step is not None:
             return
 
 
-def write_reports(
-    config, preset, lm, dist, out, corpus, codec, splits, val, history, start, log, clock, outputs
-) -> dict:
+def check_finite(run: Run, callbacks: Callbacks) -> None:
+    """Raises `TrainingDiverged` if the loss became NaN (the last good checkpoint stays)."""
+    nan_step = callbacks.recorder.nan_step
+    if nan_step is None:
+        return
+    last = run.store.steps()
+    raise TrainingDiverged(
+        f"The loss became NaN or infinite at step {nan_step}; stopped. "
+        + (
+            f"The last good checkpoint (step {last[-1]}) is kept in {run.store.folder}. "
+            if last
+            else "No checkpoint was written before it. "
+        )
+        + "Lower --learning-rate (with --fine-tune to continue the checkpoint), "
+        "or check the data."
+    )
+
+
+def tokens_per_second(log: TrainingLog, history: list) -> float | None:
+    """This call's measured throughput, else the last measured in the run's
+    history (a rerun of a finished run trains nothing), else None."""
+    if math.isfinite(log.tokens_per_second):
+        return log.tokens_per_second
+    measured = [
+        r["tokens_per_second"]
+        for r in history
+        if isinstance(r.get("tokens_per_second"), (int, float))
+        and math.isfinite(r["tokens_per_second"])
+    ]
+    return float(measured[-1]) if measured else None
+
+
+def write_reports(run: Run, lm, dist, callbacks: Callbacks) -> dict:
     """Final evaluation, `model.keras`, samples, learning curve and `summary.json`."""
-    val_x, val_y = val
+    config, preset, splits = run.config, run.preset, run.splits
+    history = callbacks.recorder.rows
+    val_x, val_y = run.val
     final_step = optimizer_step(lm)
     results = keras.Model.evaluate(
         lm,
@@ -497,7 +830,7 @@ def write_reports(
         verbose=0,
         return_dict=True,
     )
-    model_path = os.path.join(out, "model.keras")
+    model_path = run.path("model.keras")
     save_model_atomic(lm, model_path)
     samples = {}
     if config.sample_tokens > 0 and dist.input_shard[1] > 1:
@@ -508,15 +841,13 @@ def write_reports(
         for prompt in config.prompts:
             samples[prompt] = generate_text(lm, prompt, config.sample_tokens)
         text = "".join(f"=== {p!r} ===\n{t}\n\n" for p, t in samples.items())
-        from keras_primer.training.run_dir import atomic_write
-
-        with atomic_write(os.path.join(out, "samples.txt"), "w") as f:
+        with atomic_write(run.path("samples.txt"), "w") as f:
             f.write(text)
     preset_name = config.preset if isinstance(config.preset, str) else "custom"
     curve = None
-    if outputs["learning_curve"]:
+    if run.outputs["learning_curve"]:
         curve = plot_learning_curve(
-            history, os.path.join(out, "learning_curve.png"), f"{config.model} ({preset_name})"
+            history, run.path("learning_curve.png"), f"{config.model} ({preset_name})"
         )
     val_loss = float(results["loss"])
     losses = [r["val_loss"] for r in history if "val_loss" in r]
@@ -526,11 +857,11 @@ def write_reports(
         "backend": keras.backend.backend(),
         "precision": config.precision,
         "distribution": config.distribution,
-        "tokenizer": codec.describe(),
-        "data": corpus.path,
+        "tokenizer": run.codec.describe(),
+        "data": run.corpus.path,
         "parameters": int(lm.backbone.count_params()),
         "steps": final_step,
-        "resumed_from_step": start,
+        "resumed_from_step": run.start,
         "batch_size": preset.batch_size,
         "sequence_length": preset.sequence_length,
         "train_tokens": int(len(splits.train)),
@@ -539,22 +870,22 @@ def write_reports(
         "val_perplexity": math.exp(min(val_loss, PERPLEXITY_LOSS_CAP)),
         "val_bits_per_char": val_loss * splits.val_tokens_per_char / math.log(2.0),
         "best_val_loss": min(losses or [val_loss]),
-        "tokens_per_second": log.tokens_per_second,
-        "wall_time_s": clock(),
+        "tokens_per_second": tokens_per_second(callbacks.log, history),
+        "wall_time_s": run.clock(),
         "history": history,
         "samples": samples,
         "files": {
             "model": model_path,
-            "best_model": os.path.join(out, "best.keras"),
-            "history": os.path.join(out, "history.csv"),
+            "best_model": run.path("best.keras"),
+            "history": run.path("history.csv"),
             "learning_curve": curve,
-            "tensorboard": os.path.join(out, "tensorboard") if outputs["tensorboard"] else None,
-            "checkpoints": os.path.join(out, "checkpoints"),
+            "tensorboard": run.path("tensorboard") if run.outputs["tensorboard"] else None,
+            "checkpoints": run.path("checkpoints"),
         },
         "preset_settings": dataclasses.asdict(preset),
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "preset"},
     }
-    write_json(os.path.join(out, "summary.json"), summary)
+    write_json(run.path("summary.json"), summary)
     return summary
 
 
@@ -568,8 +899,10 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
     training state and history), `history.csv`, `best.keras` (lowest val
     loss), `model.keras` (last step), `learning_curve.png`, `samples.txt`,
     `summary.json`, `run.json` (the run's definition, checked on resume),
-    `tensorboard/` and `data/tokens.bin` (the encoded corpus).
+    `tensorboard/` and `data/tokens.bin` (the encoded corpus, verified on
+    every reuse).
 
+    `config.out` must be new, empty or a run folder (its `run.json`).
     Rerunning with the same settings continues from the last checkpoint;
     see `reconcile_run` for what may change.
 
@@ -584,130 +917,32 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
         ConfigError, DataFileError, CheckpointError, RunLockedError,
         TrainingDiverged: (all `ValueError`) what went wrong and the fix.
     """
-    from keras_primer.training.distribution import distribution_scope, initialize_multi_host
-
-    config.validate()
-    check_runtime(config)
-    if config.multi_host:
-        initialize_multi_host()
-    preset = resolve_preset(config)
-    total_steps = preset.steps
-    interval = max(1, min(preset.eval_interval, total_steps))
-    checkpoint_interval = max(1, preset.checkpoint_interval)
-    outputs = optional_outputs(config)
-    out = run_folder(config)
-    with RunLock(out):
-        _refuse_old_layout(out)
-        store = CheckpointStore(os.path.join(out, "checkpoints"))
-        store.remove_leftovers()
-        corpus = locate_corpus(config)
-        definition = run_definition(config, preset, corpus)
-        committed = store.steps()
-        reconcile_run(
-            out,
-            definition,
-            total_steps,
+    run = open_run(config)
+    check_folder_owned(run.out)
+    with RunLock(run.out):
+        claim_folder(run)
+        run.corpus = locate_corpus(config)
+        committed = run.store.steps()
+        record = reconcile_run(
+            run.out,
+            run_definition(config, run.preset, run.corpus, run.tokenizer),
+            run.total_steps,
             committed[-1] if committed else None,
             fine_tune=config.fine_tune,
+            write=not committed,  # a fresh run claims the folder at once
         )
-        codec = make_codec(config, corpus, out)
-        splits, val = prepare_data(config, preset, corpus, codec, out)
-        clock = Clock()
+        prepare_data(run)
         with _dtype_policy(config.precision), distribution_scope(config.distribution) as dist:
-            dist.check_batch_size(preset.batch_size)
-            lm = build_model(config, preset, codec, total_steps)
-            start, rows, clock.offset = restore_checkpoint(store, lm)
-            if start and config.verbose:
-                print(f"Resuming {out} from step {start} of {total_steps}.")
-            history_path = os.path.join(out, "history.csv")
-            write_history_csv(history_path, rows)
-
-            def commit(step, history) -> bool:
-                state = read_state(lm)
-                if not all(np.isfinite(a).all() for a in state if a.dtype.kind == "f"):
-                    return False  # never commit weights that diverged
-                store.commit(
-                    step,
-                    state,
-                    {
-                        "history": history,
-                        "wall_time": clock(),
-                        "data_position": {"seed": config.seed, "step": step},
-                    },
-                )
-                return True
-
-            log = TrainingLog(
-                preset.batch_size * preset.sequence_length, clock, splits.val_tokens_per_char
-            )
-            recorder = RunRecorder(
-                commit=commit,
-                write_history=lambda history: write_history_csv(history_path, history),
-                save_best=lambda: save_model_atomic(lm, os.path.join(out, "best.keras")),
-                rows=rows,
-                start_step=start,
-                total_steps=total_steps,
-                checkpoint_interval=checkpoint_interval,
-                eval_interval=interval,
-                reseed=step_seeder(config.seed),
-            )
-            callbacks = [log, recorder]
-            if outputs["tensorboard"]:
-                callbacks.append(
-                    keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"), write_graph=False)
-                )
-            callbacks += list(extra_callbacks or [])
-            fit_segments(
-                lm,
-                config,
-                preset,
-                splits,
-                val,
-                dist,
-                start,
-                total_steps,
-                interval,
-                callbacks,
-                recorder,
-            )
-            if recorder.nan_step is not None:
-                last = store.steps()
-                raise TrainingDiverged(
-                    f"The loss became NaN or infinite at step {recorder.nan_step}; stopped. "
-                    + (
-                        f"The last good checkpoint (step {last[-1]}) is kept in {store.folder}. "
-                        if last
-                        else "No checkpoint was written before it. "
-                    )
-                    + "Lower --learning-rate (with --fine-tune to continue the checkpoint), "
-                    "or check the data."
-                )
-            return write_reports(
-                config,
-                preset,
-                lm,
-                dist,
-                out,
-                corpus,
-                codec,
-                splits,
-                val,
-                recorder.rows,
-                start,
-                log,
-                clock,
-                outputs,
-            )
-
-
-def _refuse_old_layout(out: str) -> None:
-    if os.path.isdir(os.path.join(out, "backup")) and not os.path.isdir(
-        os.path.join(out, "checkpoints")
-    ):
-        raise ConfigError(
-            f"{out} was written by an older keras-primer (a backup/ folder, no checkpoints/), "
-            "which this version cannot resume safely. Pass another --out."
-        )
+            dist.check_batch_size(run.preset.batch_size)
+            lm = build_model(run)
+            restore_checkpoint(run, lm)
+            write_json_atomic(run.path("run.json"), record)  # the change now happens
+            if run.start and config.verbose:
+                print(f"Resuming {run.out} from step {run.start} of {run.total_steps}.")
+            callbacks = make_callbacks(run, lm, extra_callbacks)
+            fit_segments(run, lm, dist, callbacks)
+            check_finite(run, callbacks)
+            return write_reports(run, lm, dist, callbacks)
 
 
 def _note(message: str) -> None:
