@@ -64,9 +64,29 @@ class FolderLock:
         return "unknown"
 
     def acquire(self) -> FolderLock:
+        os.makedirs(self.folder, exist_ok=True)
+        while True:
+            fd = self._lock()
+            # The holder may have removed the lock file (with the folder it had
+            # created) before letting go: then this lock guards nothing; retry.
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                os.makedirs(self.folder, exist_ok=True)
+            os.close(fd)
+        owner = (
+            f"pid {os.getpid()} on {socket.gethostname()}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}"
+        )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, owner.encode(), 0)
+        self._fd = fd
+        return self
+
+    def _lock(self) -> int:
         import fcntl
 
-        os.makedirs(self.folder, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -83,14 +103,7 @@ class FolderLock:
             except BaseException:
                 os.close(fd)
                 raise
-        owner = (
-            f"pid {os.getpid()} on {socket.gethostname()}, started "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}"
-        )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, owner.encode(), 0)
-        self._fd = fd
-        return self
+        return fd
 
     def release(self) -> None:
         if self._fd is not None:
