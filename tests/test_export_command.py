@@ -5,7 +5,9 @@ The SavedModel and ONNX writers are replaced by small fakes here (their own
 tests export for real); what is tested is what the command does around them.
 """
 
+import ast
 import os
+import shutil
 import threading
 
 import pytest
@@ -310,7 +312,11 @@ def test_two_exports_into_one_out_leave_both_or_one_refusal(
     fakes["hold"] = release = threading.Event()
     first = _export_in_thread(model_path, out, results, name="a")
     assert fakes["holding"].wait(600)  # the first export is in its SavedModel writer
-    second = _export_in_thread(model_path, out, results, name="a" if same_name else "b", onnx=False)
+    other_model = tmp_path / "other.keras"  # the same name from another model file
+    shutil.copy(model_path, other_model)
+    second = _export_in_thread(
+        str(other_model), out, results, name="a" if same_name else "b", onnx=False
+    )
     assert waiting.wait(600)  # the second one waits for the lock...
     assert "in use by another export (pid" in messages[0]
     release.set()  # ...until the first has moved its files into place
@@ -412,3 +418,50 @@ def test_serving_client_refuses_urls_that_escape(host, model_name, match):
     with pytest.raises(ValueError, match=match):
         sc.rest_url(host, 8501, model_name)
     assert sc.rest_url("[::1]", 8501, "m", 2) == "http://[::1]:8501/v1/models/m/versions/2:predict"
+
+
+def test_subprocess_export_error_comes_from_the_result_not_stderr(
+    model_path, tmp_path, monkeypatch
+):
+    """A caller on another backend gets the child's `ExportError` from its result
+    file (the child's stderr is not parsed)."""
+    from keras_primer.export import command
+
+    monkeypatch.setattr(command, "_backend", lambda: "jax")
+    with pytest.raises(export_cli.ExportError) as caught:
+        command.export_model(model_path, str(tmp_path / "out"), name="../up")
+    assert str(caught.value).startswith("--name '../up' is not a TF Serving model name")
+    assert not (tmp_path / "out").exists()
+
+
+def _imports_library(node) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return (node.module or "").split(".")[0] == "keras_primer"
+    if isinstance(node, ast.Import):
+        return any(alias.name.split(".")[0] == "keras_primer" for alias in node.names)
+    return False
+
+
+def test_runtime_imports_the_library_only_in_each_cli_entry_function():
+    """`keras_primer_runtime` never imports `keras_primer`, except one late import
+    of the entry function inside each CLI's `main`."""
+    import keras_primer_runtime
+
+    root = os.path.dirname(keras_primer_runtime.__file__)
+    for filename in sorted(f for f in os.listdir(root) if f.endswith(".py")):
+        with open(os.path.join(root, filename)) as f:
+            tree = ast.parse(f.read())
+        imports = [node for node in ast.walk(tree) if _imports_library(node)]
+        in_main = [
+            node
+            for function in ast.walk(tree)
+            if isinstance(function, ast.FunctionDef) and function.name == "main"
+            for node in ast.walk(function)
+            if _imports_library(node)
+        ]
+        assert len(imports) <= 1 and imports == in_main, filename
+    # The library side imports the front end, not the other way round: the
+    # export command is entered through `run_export` only (no `main` of its own).
+    from keras_primer.export import command
+
+    assert not hasattr(command, "main")
