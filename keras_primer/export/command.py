@@ -92,7 +92,9 @@ def export_model(model_path: str, out_dir: str, **options) -> dict:
 export_model.__signature__ = inspect.signature(ExportOptions).replace(
     return_annotation=dict,
     parameters=[
-        p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if i >= 2 else p
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        if i >= 2
+        else p.replace(default=inspect.Parameter.empty)
         for i, p in enumerate(inspect.signature(ExportOptions).parameters.values())
     ],
 )
