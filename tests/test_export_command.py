@@ -465,3 +465,44 @@ def test_runtime_imports_the_library_only_in_each_cli_entry_function():
     from keras_primer.export import command
 
     assert not hasattr(command, "main")
+
+
+def test_onnx_state_names_and_config_file_are_declared_once():
+    """Each family names its ONNX state tensors on its `StateSpec`s; the exporter
+    derives them (no family's names in onnx_export.py), and `export_config.json`
+    is spelled in one module."""
+    import keras_primer
+    import keras_primer_runtime
+    from keras_primer.export import onnx_export
+    from keras_primer_runtime.decoding import StateSpec
+
+    with open(onnx_export.__file__) as f:
+        tree = ast.parse(f.read())
+    docstrings = {
+        id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)
+    }  # the module's documentation may name them
+    strings = [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+    ]
+    for family_name in ("key_value", "conv", "past_key_values", "present.", "present_"):
+        assert not [s for s in strings if family_name in s], family_name
+    spec = StateSpec(
+        "memory", ("batch", "max_length", 3, 4), onnx_name="memory.{}", onnx_split=(2,)
+    )
+    assert [(t["past"], t["present"], t["index"]) for t in onnx_export.state_tensors([spec])] == [
+        (f"memory.{g}", f"present_memory.{g}", [None, g]) for g in range(3)
+    ]
+    spelled = []
+    for package in (keras_primer, keras_primer_runtime):
+        root = os.path.dirname(package.__file__)
+        for folder, _, files in os.walk(root):
+            for filename in files:
+                if filename.endswith(".py"):
+                    with open(os.path.join(folder, filename)) as f:
+                        if '"export_config.json"' in f.read():
+                            spelled.append(filename)
+    assert spelled == ["ort_generator.py"]
