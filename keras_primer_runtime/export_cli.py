@@ -1,10 +1,16 @@
-"""Front end of `keras-primer export`: arguments, checks and the export plan.
+"""`keras-primer export` declared once: options, checks, parser, `models.config`.
 
-Standard library only at import time (plus the TF Serving API's protobuf
-config, imported where `models.config` is read or merged), so `--help`,
-bad arguments and every check that needs no model answer at once, before
-TensorFlow is imported and before anything is written. The export itself
-is `keras_primer.export.command.run_export(plan)`.
+`ExportOptions` declares every option of an export once; the argparse
+parser, the subprocess arguments and the signature of
+`keras_primer.export.export_model` derive from it. Standard library only
+at import time (plus the TF Serving API's protobuf config, imported where
+`models.config` is read or merged), so `--help`, bad arguments and every
+check of the values answer at once, before TensorFlow is imported. This
+module never imports `keras_primer` except `main`'s one late import of the
+entry function, `keras_primer.export.command.run_export`, which takes the
+`--out` lock (`keras_primer_runtime.folder_lock`) and, under it, checks
+the existing outputs once (`check_outputs`), writes everything into a
+temporary folder and moves it into place.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -33,24 +40,71 @@ ONNX_PACKAGES = {
     "onnxruntime": ("onnxruntime", "onnx"),
 }
 
+INT64_MAX = 2**63 - 1  # TF Serving reads version folders as int64
+INT32_MAX = 2**31 - 1  # the `generate` signatures take int32 lengths
+#: Prefix of the temporary folder an export writes inside `--out`.
+STAGING_PREFIX = ".keras-primer-export-"
+
 
 class ExportError(Exception):
     """An expected export failure: the message names the file and the fix."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ExportPlan:
-    """What one export reads and where it writes, checked before any work."""
+def _option(default, help: str, flag: str | None = None, **argparse_kwargs):
+    """A field of `ExportOptions`: default, help text and `keras-primer export` flag."""
+    metadata = {"help": help, "flag": flag, "argparse": argparse_kwargs}
+    return dataclasses.field(default=default, metadata=metadata)
 
-    model_path: str
-    out_dir: str
-    name: str
-    version: int
-    max_new_tokens: int | None = None
-    int8: bool = False
-    saved_model: bool = True
-    onnx: bool = True
-    overwrite: bool = False
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """Every option of one export, declared once.
+
+    The `keras-primer export` parser (`build_parser`), the subprocess
+    arguments (`argv`) and the signature of `keras_primer.export.export_model`
+    derive from these fields; `check_options` checks their values.
+
+    >>> ExportOptions("m.keras", "out", version=2, onnx=False).argv()
+    ['m.keras', '--out', 'out', '--version', '2', '--no-onnx']
+    """
+
+    model_path: str = _option(None, "path to the .keras file", flag="model")
+    out_dir: str = _option(None, "output folder", flag="--out", required=True)
+    name: str | None = _option(
+        None,
+        "TF Serving model name: letters, digits, '_', '-', '.', starting with a letter or "
+        "digit (default: from the file name)",
+    )
+    version: int = _option(1, "TF Serving version, 1 to 2**63 - 1 (default 1)", type=int)
+    max_new_tokens: int | None = _option(
+        None,
+        "new tokens of the `generate` signature (default: 32, or half of what the model's "
+        "max_sequence_length leaves after the start token, so that a prompt fits)",
+        type=int,
+    )
+    int8: bool = _option(False, "also write int8-quantized ONNX models", action="store_true")
+    saved_model: bool = _option(
+        True, "skip the SavedModel", flag="--no-saved-model", action="store_false"
+    )
+    onnx: bool = _option(True, "skip the ONNX files", flag="--no-onnx", action="store_false")
+    overwrite: bool = _option(
+        False, "replace an existing OUT/serving/NAME/VERSION and OUT/onnx", action="store_true"
+    )
+    verbose: bool = _option(
+        False,
+        "keep the logs and warnings of TensorFlow, Keras and ONNX Runtime",
+        action="store_true",
+    )
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The command-line flag of field `name` (`out_dir` -> `--out`).
+
+        >>> ExportOptions.flag("max_new_tokens")
+        '--max-new-tokens'
+        """
+        field = ExportOptions.__dataclass_fields__[name]
+        return field.metadata["flag"] or "--" + name.replace("_", "-")
 
     @property
     def serving_dir(self) -> str:
@@ -69,68 +123,54 @@ class ExportPlan:
         return os.path.join(self.out_dir, "onnx")
 
     def argv(self) -> list[str]:
-        """The `keras-primer export` arguments that make this plan."""
-        argv = [
-            self.model_path,
-            "--out",
-            self.out_dir,
-            "--name",
-            self.name,
-            "--version",
-            str(self.version),
-        ]
-        if self.max_new_tokens is not None:
-            argv += ["--max-new-tokens", str(self.max_new_tokens)]
-        flags = {
-            "--int8": self.int8,
-            "--no-onnx": not self.onnx,
-            "--no-saved-model": not self.saved_model,
-            "--overwrite": self.overwrite,
-        }
-        return argv + [flag for flag, on in flags.items() if on]
+        """The `keras-primer export` arguments that give these options."""
+        argv = []
+        for field in dataclasses.fields(self):
+            value, flag = getattr(self, field.name), self.flag(field.name)
+            action = field.metadata["argparse"].get("action")
+            if not flag.startswith("-"):
+                argv.append(str(value))
+            elif action == "store_true":
+                argv += [flag] if value else []
+            elif action == "store_false":
+                argv += [] if value else [flag]
+            elif value is not None and value != field.default:
+                argv += [flag, str(value)]
+        return argv
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `keras-primer export`."""
+    """The argument parser of `keras-primer export`, derived from `ExportOptions`."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(
             "Export a .keras causal LM (trained on any backend) to a TF Serving SavedModel "
             "(OUT/serving/NAME/VERSION, OUT/serving/models.config) and to ONNX (OUT/onnx). "
-            "Everything is written into a temporary folder inside OUT and moved into place "
-            "only when every file is written and checked."
+            "One export writes into OUT at a time (OUT/.lock; a second one waits); everything "
+            "is written into a temporary folder inside OUT, its warmup requests replayed, and "
+            "moved into place only when every file is written and checked."
         ),
     )
-    parser.add_argument("model", help="path to the .keras file")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument(
-        "--name",
-        default=None,
-        help="TF Serving model name: letters, digits, '_', '-', '.', starting "
-        "with a letter or digit (default: from the file name)",
-    )
-    parser.add_argument(
-        "--version", type=int, default=1, help="TF Serving version, >= 1 (default 1)"
-    )
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=None,
-        help="new tokens of the `generate` signature (default: 32, or fewer "
-        "when the model's max_sequence_length needs it)",
-    )
-    parser.add_argument("--int8", action="store_true", help="also write int8-quantized ONNX models")
-    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX files")
-    parser.add_argument("--no-saved-model", action="store_true", help="skip the SavedModel")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing OUT/serving/NAME/VERSION and OUT/onnx",
-    )
+    for field in dataclasses.fields(ExportOptions):
+        flag = ExportOptions.flag(field.name)
+        kwargs = dict(field.metadata["argparse"], help=field.metadata["help"])
+        if flag.startswith("-"):
+            kwargs.update(dest=field.name, default=field.default)
+        parser.add_argument(flag, **kwargs)
+    # Flags of the command only (how it reports), not options of an export.
     parser.add_argument("--json", action="store_true", help="print the written paths as JSON")
-    parser.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up logs")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    # `export_model`'s subprocess: the result (or the ExportError) as JSON in this file.
+    parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     return parser
+
+
+def options_from_args(args: argparse.Namespace) -> ExportOptions:
+    """The `ExportOptions` of parsed `keras-primer export` arguments."""
+    fields = dataclasses.fields(ExportOptions)
+    values = {f.name: getattr(args, f.name, None) for f in fields}
+    values["model_path"] = args.model
+    return ExportOptions(**values)
 
 
 def default_name(model_path: str) -> str:
@@ -187,75 +227,47 @@ def _non_empty_dir(path: str) -> bool:
     return os.path.isdir(path) and bool(os.listdir(path))
 
 
-def plan_export(
-    model_path: str,
-    out_dir: str,
-    name: str | None = None,
-    version: int = 1,
-    max_new_tokens: int | None = None,
-    int8: bool = False,
-    saved_model: bool = True,
-    onnx: bool = True,
-    overwrite: bool = False,
-) -> ExportPlan:
-    """Checks everything that can be checked without loading the model.
+def check_options(options: ExportOptions) -> ExportOptions:
+    """Checks every value that needs no model and no lock; returns them resolved.
 
-    Raises `ExportError` (one line: the file and the fix) on a missing or
-    non-`.keras` model file, a bad name or version, an output that exists
-    (without `overwrite`), an unreadable `models.config`, or a missing
-    optional package. Nothing is written.
+    Raises `ExportError` (one line: the flag or file and the fix) on a
+    missing or non-`.keras` model file, a bad name, version or
+    `--max-new-tokens`, an `--out` that is a file, or a missing optional
+    package. Nothing is read but file headers, nothing is written. The
+    existing outputs are checked under the `--out` lock (`check_outputs`).
     """
-    if not saved_model and not onnx:
+    o = options
+    if not o.saved_model and not o.onnx:
         raise ExportError(
             "--no-saved-model and --no-onnx leave nothing to export: drop one of them."
         )
-    if not os.path.isfile(model_path):
+    if not isinstance(o.model_path, str) or not os.path.isfile(o.model_path):
         raise ExportError(
-            f"No model file at {model_path}: pass the .keras file written by "
+            f"No model file at {o.model_path}: pass the .keras file written by "
             "`keras-primer train` (OUT/model.keras) or by `model.save(...)`."
         )
-    if not zipfile.is_zipfile(model_path):
+    if not zipfile.is_zipfile(o.model_path):
         raise ExportError(
-            f"{model_path} is not a .keras file (not a zip archive): pass a file "
+            f"{o.model_path} is not a .keras file (not a zip archive): pass a file "
             "written by `keras-primer train` or `model.save('....keras')`."
         )
-    name = validate_name(name if name is not None else default_name(model_path))
-    if isinstance(version, bool) or int(version) != version or version < 1:
+    name = validate_name(o.name if o.name is not None else default_name(o.model_path))
+    if not _is_int(o.version) or not 1 <= o.version <= INT64_MAX:
         raise ExportError(
-            f"--version must be an integer >= 1 (a TF Serving version folder). Received: {version}"
+            "--version must be an integer from 1 to 2**63 - 1 (a TF Serving version folder, "
+            f"read as int64). Received: {o.version}"
         )
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ExportError(f"--max-new-tokens must be at least 1. Received: {max_new_tokens}")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ExportError(f"--out {out_dir} is a file: pass a folder.")
-    plan = ExportPlan(
-        os.path.abspath(model_path),
-        os.path.abspath(out_dir),
-        name,
-        int(version),
-        max_new_tokens,
-        bool(int8),
-        bool(saved_model),
-        bool(onnx),
-        bool(overwrite),
-    )
-    for path in (plan.version_dir, plan.models_config, plan.onnx_dir):
-        if not _inside(path, plan.out_dir):  # e.g. a symlinked `serving` folder
-            raise ExportError(
-                f"{path} resolves outside --out {plan.out_dir}: remove the link "
-                "or pick another --out."
-            )
-    if saved_model and os.path.lexists(plan.version_dir) and not overwrite:
+    if o.max_new_tokens is not None and (
+        not _is_int(o.max_new_tokens) or not 1 <= o.max_new_tokens <= INT32_MAX
+    ):
         raise ExportError(
-            f"{plan.version_dir} already exists: pass --overwrite to replace it, "
-            "or pick another --version."
+            f"--max-new-tokens must be an integer from 1 to 2**31 - 1. Received: {o.max_new_tokens}"
         )
-    if onnx and _non_empty_dir(plan.onnx_dir) and not overwrite:
-        raise ExportError(
-            f"{plan.onnx_dir} already holds an ONNX export: pass --overwrite to "
-            "replace it, --no-onnx to keep it, or another --out."
-        )
-    if missing := missing_packages(saved_model, onnx):
+    if not isinstance(o.out_dir, str) or not o.out_dir:
+        raise ExportError("--out must name a folder.")
+    if os.path.exists(o.out_dir) and not os.path.isdir(o.out_dir):
+        raise ExportError(f"--out {o.out_dir} is a file: pass a folder.")
+    if missing := missing_packages(o.saved_model, o.onnx):
         packages = ", ".join(sorted({p for p, _ in missing}))
         extras = ",".join(sorted({e for _, e in missing}))
         skip = " or ".join(
@@ -267,10 +279,51 @@ def plan_export(
             f"{packages} not installed: pip install 'keras-primer[{extras}]' "
             f"(or pass {skip}). Nothing was written."
         )
-    if saved_model and os.path.exists(plan.models_config):
-        with open(plan.models_config) as f:
-            read_models_config(f.read(), plan.models_config)
-    return plan
+    return dataclasses.replace(
+        o,
+        model_path=os.path.abspath(o.model_path),
+        out_dir=os.path.abspath(o.out_dir),
+        name=name,
+        version=int(o.version),
+        **{f: bool(getattr(o, f)) for f in ("int8", "saved_model", "onnx", "overwrite", "verbose")},
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_outputs(options: ExportOptions):
+    """Checks what `--out` already holds; call it holding the `--out` lock.
+
+    Refuses (`ExportError`) a path that resolves outside `--out`, an
+    existing version or ONNX folder without `--overwrite`, and an unreadable
+    `models.config`. Returns the existing `models.config` as a
+    `ModelServerConfig` (empty when there is none), for `add_model`.
+    """
+    o = options
+    for path in (o.version_dir, o.models_config, o.onnx_dir):
+        if not _inside(path, o.out_dir):  # e.g. a symlinked `serving` folder
+            raise ExportError(
+                f"{path} resolves outside --out {o.out_dir}: remove the link or pick another --out."
+            )
+    if o.saved_model and os.path.lexists(o.version_dir) and not o.overwrite:
+        raise ExportError(
+            f"{o.version_dir} already exists: pass --overwrite to replace it, "
+            "or pick another --version."
+        )
+    if o.onnx and _non_empty_dir(o.onnx_dir) and not o.overwrite:
+        raise ExportError(
+            f"{o.onnx_dir} already holds an ONNX export: pass --overwrite to "
+            "replace it, --no-onnx to keep it, or another --out."
+        )
+    if not o.saved_model:
+        return None
+    text = ""
+    if os.path.exists(o.models_config):
+        with open(o.models_config) as f:
+            text = f.read()
+    return read_models_config(text, o.models_config)
 
 
 def read_models_config(text: str, path: str = "models.config"):
@@ -289,8 +342,8 @@ def read_models_config(text: str, path: str = "models.config"):
     return config
 
 
-def merge_models_config(existing: str | None, new: str, path: str = "models.config") -> str:
-    """`existing` with each model of `new` added, one entry per model name.
+def add_model(config, name: str, base_path: str) -> str:
+    """`config` (a `ModelServerConfig`) with model `name` added, as text.
 
     A model that already has an entry keeps it as it is (its base path, and
     its version policy if one was written), so exporting another version
@@ -299,14 +352,10 @@ def merge_models_config(existing: str | None, new: str, path: str = "models.conf
     """
     from google.protobuf import text_format
 
-    merged = read_models_config(existing or "", path)
-    added = read_models_config(new, path)
-    names = {entry.name for entry in merged.model_config_list.config}
-    for entry in added.model_config_list.config:
-        if entry.name not in names:
-            merged.model_config_list.config.add().CopyFrom(entry)
-            names.add(entry.name)
-    return text_format.MessageToString(merged)
+    entries = config.model_config_list.config
+    if all(entry.name != name for entry in entries):
+        entries.add(name=name, base_path=base_path, model_platform="tensorflow")
+    return text_format.MessageToString(config)
 
 
 def report(written: dict) -> str:
@@ -346,36 +395,34 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_backend_logs(args.verbose)
     try:
-        plan = plan_export(
-            args.model,
-            args.out,
-            args.name,
-            args.version,
-            args.max_new_tokens,
-            int8=args.int8,
-            saved_model=not args.no_saved_model,
-            onnx=not args.no_onnx,
-            overwrite=args.overwrite,
-        )
+        options = check_options(options_from_args(args))
         # The export runs under TensorFlow whatever trained the model; choosing it
         # here, before Keras is imported, saves a second interpreter.
         if "keras" not in sys.modules:
             os.environ["KERAS_BACKEND"] = "tensorflow"
-        from keras_primer.export.command import run_export
+        from keras_primer.export.command import run_export  # the one late import
 
-        written = run_export(plan)
+        written = run_export(options)
     except (ExportError, OSError, ValueError, RuntimeError, ImportError) as error:
         if args.debug:
             raise
-        print(f"{PROG}: error: {error_line(error)}", file=sys.stderr)
+        line = error_line(error)
+        if args.result_file:
+            _write_result(args.result_file, {"error": line, "expected": True})
+        print(f"{PROG}: error: {line}", file=sys.stderr)
         return 2
+    if args.result_file:
+        _write_result(args.result_file, {"written": written})
     if args.json:
-        import json
-
         print(json.dumps(written))
     else:
         print(report(written))
     return 0
+
+
+def _write_result(path: str, result: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ the standard library and NumPy; gRPC needs `tensorflow-serving-api` (and
 """
 
 import json
+import re
 import urllib.parse
 import urllib.request
 
 import numpy as np
 
 from keras_primer_runtime import decoding
+from keras_primer_runtime.export_cli import NAME_PATTERN
 
 SIGNATURES = ("serving_default", "generate", "generate_with_options")
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -95,10 +97,48 @@ def logits_inputs(token_ids, padding_mask=None):
     }
 
 
+# A host name, an IPv4 address or a bracketed IPv6 address: nothing that adds
+# a path, a query, credentials or a port to the URL (`localhost/../x`).
+HOST_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
+
+
+def check_model_name(model_name) -> str:
+    """`model_name` if TF Serving can serve it (the rule `keras-primer export --name` applies).
+
+    >>> check_model_name("../admin")
+    Traceback (most recent call last):
+    ...
+    ValueError: `model_name` '../admin' is not a TF Serving model name: use letters, digits, '_', '-' and '.', starting with a letter or digit, at most 128 characters.
+    """
+    if not isinstance(model_name, str) or not NAME_PATTERN.fullmatch(model_name):
+        raise ValueError(
+            f"`model_name` {model_name!r} is not a TF Serving model name: use letters, digits, "
+            "'_', '-' and '.', starting with a letter or digit, at most 128 characters."
+        )
+    return model_name
+
+
 def rest_url(host, port, model_name, version=None):
-    """The REST predict URL of a model (http only)."""
-    version_part = f"/versions/{int(version)}" if version is not None else ""
-    return f"http://{host}:{port}/v1/models/{model_name}{version_part}:predict"
+    """The REST predict URL of a model (http only).
+
+    >>> rest_url("localhost/../x", 8501, "primer")
+    Traceback (most recent call last):
+    ...
+    ValueError: `host` 'localhost/../x' is not a host name or IP address (IPv6 in brackets); a path or port does not belong there.
+    """
+    if not isinstance(host, str) or not HOST_PATTERN.fullmatch(host):
+        raise ValueError(
+            f"`host` {host!r} is not a host name or IP address (IPv6 in brackets); a path or "
+            "port does not belong there."
+        )
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"`port` must be an integer from 1 to 65535. Received: {port!r}")
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or version < 1
+    ):
+        raise ValueError(f"`version` must be an integer >= 1. Received: {version!r}")
+    version_part = f"/versions/{version}" if version is not None else ""
+    return f"http://{host}:{port}/v1/models/{check_model_name(model_name)}{version_part}:predict"
 
 
 def rest_body(signature, inputs, form="inputs"):
@@ -173,7 +213,7 @@ def grpc_request(model_name, signature, inputs, version=None):
     import tensorflow as tf
     from tensorflow_serving.apis import model_pb2, predict_pb2
 
-    spec = model_pb2.ModelSpec(name=model_name, signature_name=signature)
+    spec = model_pb2.ModelSpec(name=check_model_name(model_name), signature_name=signature)
     if version is not None:
         spec.version.value = int(version)
     request = predict_pb2.PredictRequest(model_spec=spec)

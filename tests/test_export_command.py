@@ -5,7 +5,10 @@ The SavedModel and ONNX writers are replaced by small fakes here (their own
 tests export for real); what is tested is what the command does around them.
 """
 
+import ast
 import os
+import shutil
+import threading
 
 import pytest
 
@@ -28,7 +31,7 @@ def fakes(monkeypatch):
     """Fake exporters that write a few files; `fail` makes one raise midway."""
     from keras_primer.export import onnx_export, saved_model
 
-    state = {"fail": None, "calls": []}
+    state = {"fail": None, "calls": [], "hold": None, "holding": threading.Event()}
 
     def fake_saved_model(model, base_dir, model_name, version, default_max_new_tokens=32):
         version_dir = os.path.join(base_dir, model_name, str(version))
@@ -38,9 +41,15 @@ def fakes(monkeypatch):
         state["calls"].append(("saved_model", model_name, version))
         if state["fail"] == "saved_model":
             raise OSError(28, "No space left on device", os.path.join(version_dir, "variables"))
-        with open(os.path.join(base_dir, "models.config"), "w") as f:
-            f.write(saved_model.models_config(model_name, f"/models/{model_name}"))
+        if state["hold"] is not None:  # a slow export: wait until the test lets it go on
+            state["holding"].set()
+            assert state["hold"].wait(600)
         return version_dir
+
+    def fake_replay(version_dir):
+        state["calls"].append(("replay", version_dir))
+        if state["fail"] == "replay":
+            raise export_cli.ExportError("Warmup request 2 (generate) fails")
 
     def fake_onnx(model, out_dir, int8=False):
         os.makedirs(out_dir)
@@ -53,6 +62,7 @@ def fakes(monkeypatch):
         return {"model": path}
 
     monkeypatch.setattr(saved_model, "export_saved_model", fake_saved_model)
+    monkeypatch.setattr(saved_model, "replay_warmup", fake_replay)
     monkeypatch.setattr(onnx_export, "export_onnx", fake_onnx)
     return state
 
@@ -66,10 +76,12 @@ def _run(capsys, *argv):
 
 
 def _tree(root):
+    """Every path under `root` but the lock file (which records its last holder)."""
     return sorted(
         os.path.relpath(os.path.join(d, f), root)
         for d, dirs, files in os.walk(root)
         for f in files + dirs
+        if f != ".lock"
     )
 
 
@@ -88,7 +100,7 @@ def test_versions_and_models_are_merged_not_overwritten(model_path, fakes, tmp_p
         ("tiny", "/models/tiny"),
         ("other", "/models/other"),
     ]
-    assert sorted(os.listdir(out)) == ["onnx", "serving"]  # no temporary folder left
+    assert sorted(os.listdir(out)) == [".lock", "onnx", "serving"]  # no temporary folder left
 
 
 def test_existing_version_needs_overwrite(model_path, fakes, tmp_path, capsys):
@@ -97,14 +109,14 @@ def test_existing_version_needs_overwrite(model_path, fakes, tmp_path, capsys):
     before = _tree(out)
     status, _, err = _run(capsys, model_path, "--out", out, "--name", "m")
     assert status == 2 and "already exists: pass --overwrite" in err and err.count("\n") == 1
-    assert _tree(out) == before and len(fakes["calls"]) == 2  # refused before any work
+    assert _tree(out) == before and len(fakes["calls"]) == 3  # refused before any work
     status, _, err = _run(capsys, model_path, "--out", out, "--name", "m", "--overwrite")
     assert status == 0, err
-    assert (out / "serving" / "m" / "1" / "saved_model.pb").read_text() == "v1 max_new_tokens=30"
+    assert (out / "serving" / "m" / "1" / "saved_model.pb").read_text() == "v1 max_new_tokens=15"
     assert _tree(out) == before
 
 
-@pytest.mark.parametrize("where", ["saved_model", "onnx"])
+@pytest.mark.parametrize("where", ["saved_model", "replay", "onnx"])
 def test_failed_export_leaves_output_as_it_was(model_path, fakes, tmp_path, capsys, where):
     out = tmp_path / "out"
     assert _run(capsys, model_path, "--out", out, "--name", "m")[0] == 0
@@ -115,7 +127,8 @@ def test_failed_export_leaves_output_as_it_was(model_path, fakes, tmp_path, caps
         capsys, model_path, "--out", out, "--name", "m", "--version", 2, "--overwrite"
     )
     assert status == 2 and err.count("\n") == 1, err
-    assert ("No space left" in err) if where == "saved_model" else ("tf2onnx" in err)
+    expected = {"saved_model": "No space left", "replay": "Warmup request 2", "onnx": "tf2onnx"}
+    assert expected[where] in err
     after = {p: (out / p).read_bytes() for p in _tree(out) if (out / p).is_file()}
     assert after == before  # no version 2, no temporary folder, old files untouched
     # A failed first export into a new folder leaves no folder at all.
@@ -176,8 +189,9 @@ def test_bad_inputs_are_one_line_with_exit_2(model_path, fakes, tmp_path, capsys
         ((not_zip, "--out", out), f"{not_zip} is not a .keras file"),
         ((empty_zip, "--out", out), f"Cannot load {empty_zip}"),
         ((model_path, "--out", a_file), "is a file: pass a folder"),
-        ((model_path, "--out", out, "--version", 0), "--version must be an integer >= 1"),
-        ((model_path, "--out", out, "--max-new-tokens", 0), "--max-new-tokens must be at least 1"),
+        ((model_path, "--out", out, "--version", 0), "--version must be an integer from 1"),
+        ((model_path, "--out", out, "--version", 2**64), "--version must be an integer from 1"),
+        ((model_path, "--out", out, "--max-new-tokens", 0), "--max-new-tokens must be an"),
         ((model_path, "--out", out, "--no-onnx", "--no-saved-model"), "nothing to export"),
     ]
     for argv, expected in cases:
@@ -194,16 +208,16 @@ def test_models_config_merge_escapes_and_keeps_entries():
         'model_config_list { config { name: "old" base_path: "/srv/old" '
         'model_platform: "tensorflow" model_version_policy { all {} } } }'
     )
-    new = 'model_config_list { config { name: "a\\"b" base_path: "/models/a\\"b" model_platform: "tensorflow" } }'
-    merged = export_cli.merge_models_config(existing, new)
-    again = export_cli.merge_models_config(merged, new)
+    config = export_cli.read_models_config(existing)
+    merged = export_cli.add_model(config, 'a"b', '/models/a"b')
+    again = export_cli.add_model(export_cli.read_models_config(merged), 'a"b', "/elsewhere")
     assert again == merged
     config = export_cli.read_models_config(merged)
     assert [c.name for c in config.model_config_list.config] == ["old", 'a"b']
     assert config.model_config_list.config[0].model_version_policy.HasField("all")
     assert 'name: "a\\"b"' in merged
     with pytest.raises(export_cli.ExportError, match="not a TF Serving model config"):
-        export_cli.merge_models_config("model_config_list { oops", new, "/x/models.config")
+        export_cli.read_models_config("model_config_list { oops", "/x/models.config")
 
 
 def test_unreadable_models_config_is_refused_before_writing(model_path, fakes, tmp_path, capsys):
@@ -244,3 +258,251 @@ def test_mixed_bfloat16_model_loads_as_float32(tmp_path):
     for saved, loaded in zip(model.get_weights(), clone.get_weights()):
         assert loaded.dtype == np.float32
         np.testing.assert_array_equal(loaded, saved.astype(np.float32))
+
+
+def test_options_are_declared_once():
+    """The parser, the subprocess arguments and `export_model`'s keywords all come
+    from `ExportOptions`."""
+    import dataclasses
+    import inspect
+
+    from keras_primer.export import export_model
+
+    fields = [f.name for f in dataclasses.fields(export_cli.ExportOptions)]
+    assert list(inspect.signature(export_model).parameters) == fields
+    options = export_cli.ExportOptions(
+        "m.keras", "out", name="x", version=3, max_new_tokens=5, int8=True, onnx=False
+    )
+    args = export_cli.build_parser().parse_args(options.argv())
+    assert export_cli.options_from_args(args) == options
+    defaults = export_cli.options_from_args(
+        export_cli.build_parser().parse_args(["m.keras", "--out", "o"])
+    )
+    assert defaults == export_cli.ExportOptions("m.keras", "o")
+
+
+def _export_in_thread(model_path, out, results, **options):
+    from keras_primer.export.command import run_export
+
+    def run():
+        try:
+            opts = export_cli.ExportOptions(model_path, str(out), **options)
+            results.append(run_export(export_cli.check_options(opts)))
+        except export_cli.ExportError as error:
+            results.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("same_name", [False, True])
+def test_two_exports_into_one_out_leave_both_or_one_refusal(
+    model_path, fakes, tmp_path, monkeypatch, same_name
+):
+    """Two exports into one --out: the second waits for the first (the lock names
+    it); different names leave both models, the same name and version one clear
+    refusal. (Before the lock, both exit 0 and one model is lost.)"""
+    from keras_primer.export import command
+
+    waiting = threading.Event()
+    messages = []
+    monkeypatch.setattr(command, "_say", lambda m: (messages.append(m), waiting.set()))
+    out, results = tmp_path / "out", []
+    fakes["hold"] = release = threading.Event()
+    first = _export_in_thread(model_path, out, results, name="a")
+    assert fakes["holding"].wait(600)  # the first export is in its SavedModel writer
+    other_model = tmp_path / "other.keras"  # the same name from another model file
+    shutil.copy(model_path, other_model)
+    second = _export_in_thread(
+        str(other_model), out, results, name="a" if same_name else "b", onnx=False
+    )
+    assert waiting.wait(600)  # the second one waits for the lock...
+    assert "in use by another export (pid" in messages[0]
+    release.set()  # ...until the first has moved its files into place
+    first.join(600)
+    second.join(600)
+    assert isinstance(results[0], dict)
+    config = export_cli.read_models_config((out / "serving" / "models.config").read_text())
+    names = [c.name for c in config.model_config_list.config]
+    if same_name:
+        assert isinstance(results[1], export_cli.ExportError)
+        assert "already exists: pass --overwrite" in str(results[1])
+        assert names == ["a"]
+    else:
+        assert isinstance(results[1], dict)
+        assert names == ["a", "b"]
+        assert (out / "serving" / "b" / "1" / "saved_model.pb").exists()
+    assert (out / "serving" / "a" / "1" / "saved_model.pb").exists()
+    assert sorted(os.listdir(out)) == [".lock", "onnx", "serving"]
+
+
+def test_onnx_folder_is_not_replaced_without_overwrite(model_path, fakes, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(capsys, model_path, "--out", out, "--name", "a")[0] == 0
+    status, _, err = _run(capsys, model_path, "--out", out, "--name", "b")
+    assert status == 2 and "already holds an ONNX export: pass --overwrite" in err
+
+
+def test_stale_staging_folders_are_removed(model_path, fakes, tmp_path, capsys):
+    out = tmp_path / "out"
+    stale = out / (export_cli.STAGING_PREFIX + "killed")
+    (stale / "serving").mkdir(parents=True)
+    (stale / "serving" / "big.bin").write_bytes(b"x" * 1000)
+    status, _, err = _run(capsys, model_path, "--out", out, "--name", "m")
+    assert status == 0 and not stale.exists()
+    assert f"removed {stale}, left by an export that was stopped" in err
+
+
+def test_model_too_small_or_too_many_new_tokens_name_the_numbers(
+    model_path, fakes, tmp_path, capsys
+):
+    from keras_primer.export.command import fit_max_new_tokens
+
+    with pytest.raises(export_cli.ExportError, match="max_sequence_length=2 holds 1 start"):
+        fit_max_new_tokens(None, 2, 1)
+    assert fit_max_new_tokens(None, 3, 1) == 1
+    # The tiny model has max_sequence_length=32: 1 start token, >= 1 prompt token.
+    status, _, err = _run(capsys, model_path, "--out", tmp_path / "o", "--max-new-tokens", 31)
+    assert status == 2 and err.count("\n") == 1
+    assert "--max-new-tokens 31 leaves no room for a prompt" in err and "at most 30" in err
+    assert "default_max_new_tokens" not in err
+    assert _run(capsys, model_path, "--out", tmp_path / "o", "--max-new-tokens", 30)[0] == 0
+
+
+def test_plain_keras_model_is_one_line(fakes, tmp_path, capsys):
+    import keras
+
+    path = tmp_path / "sequential.keras"
+    keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save(str(path))
+    status, _, err = _run(capsys, path, "--out", tmp_path / "out")
+    assert status == 2 and err.count("\n") == 1
+    assert f"{path}: Cannot export a Sequential" in err
+    assert not (tmp_path / "out").exists() and not fakes["calls"]
+
+
+def test_export_prints_only_its_own_lines(caplog):
+    """Keras' "Skipping variable loading for optimizer" warning and ONNX Runtime's
+    quantization warnings (root logger) are silenced unless --verbose."""
+    import logging
+    import warnings
+
+    from keras_primer.export.command import _quiet
+
+    def noisy():
+        with warnings.catch_warnings(record=True) as caught:
+            with _quiet(verbose):
+                warnings.warn("Skipping variable loading for optimizer 'adam'", stacklevel=1)
+                logging.warning("Please consider to run pre-processing before quantization.")
+        return [str(w.message) for w in caught], [r.getMessage() for r in caplog.records]
+
+    verbose = False
+    assert noisy() == ([], [])
+    verbose = True
+    warned, logged = noisy()
+    assert "Skipping variable loading" in warned[0] and "pre-processing" in logged[0]
+
+
+@pytest.mark.parametrize(
+    "host,model_name,match",
+    [
+        ("localhost", "../admin", "`model_name` '../admin' is not a TF Serving model name"),
+        ("localhost", "a/b", "is not a TF Serving model name"),
+        ("localhost/../x", "primer", "`host` 'localhost/../x' is not a host name"),
+        ("user@evil:80", "primer", "is not a host name"),
+    ],
+)
+def test_serving_client_refuses_urls_that_escape(host, model_name, match):
+    from keras_primer_runtime import serving_client as sc
+
+    with pytest.raises(ValueError, match=match):
+        sc.rest_url(host, 8501, model_name)
+    assert sc.rest_url("[::1]", 8501, "m", 2) == "http://[::1]:8501/v1/models/m/versions/2:predict"
+
+
+def test_subprocess_export_error_comes_from_the_result_not_stderr(
+    model_path, tmp_path, monkeypatch
+):
+    """A caller on another backend gets the child's `ExportError` from its result
+    file (the child's stderr is not parsed)."""
+    from keras_primer.export import command
+
+    monkeypatch.setattr(command, "_backend", lambda: "jax")
+    with pytest.raises(export_cli.ExportError) as caught:
+        command.export_model(model_path, str(tmp_path / "out"), name="../up")
+    assert str(caught.value).startswith("--name '../up' is not a TF Serving model name")
+    assert not (tmp_path / "out").exists()
+
+
+def _imports_library(node) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return (node.module or "").split(".")[0] == "keras_primer"
+    if isinstance(node, ast.Import):
+        return any(alias.name.split(".")[0] == "keras_primer" for alias in node.names)
+    return False
+
+
+def test_runtime_imports_the_library_only_in_each_cli_entry_function():
+    """`keras_primer_runtime` never imports `keras_primer`, except one late import
+    of the entry function inside each CLI's `main`."""
+    import keras_primer_runtime
+
+    root = os.path.dirname(keras_primer_runtime.__file__)
+    for filename in sorted(f for f in os.listdir(root) if f.endswith(".py")):
+        with open(os.path.join(root, filename)) as f:
+            tree = ast.parse(f.read())
+        imports = [node for node in ast.walk(tree) if _imports_library(node)]
+        in_main = [
+            node
+            for function in ast.walk(tree)
+            if isinstance(function, ast.FunctionDef) and function.name == "main"
+            for node in ast.walk(function)
+            if _imports_library(node)
+        ]
+        assert len(imports) <= 1 and imports == in_main, filename
+    # The library side imports the front end, not the other way round: the
+    # export command is entered through `run_export` only (no `main` of its own).
+    from keras_primer.export import command
+
+    assert not hasattr(command, "main")
+
+
+def test_onnx_state_names_and_config_file_are_declared_once():
+    """Each family names its ONNX state tensors on its `StateSpec`s; the exporter
+    derives them (no family's names in onnx_export.py), and `export_config.json`
+    is spelled in one module."""
+    import keras_primer
+    import keras_primer_runtime
+    from keras_primer.export import onnx_export
+    from keras_primer_runtime.decoding import StateSpec
+
+    with open(onnx_export.__file__) as f:
+        tree = ast.parse(f.read())
+    docstrings = {
+        id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)
+    }  # the module's documentation may name them
+    strings = [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+    ]
+    for family_name in ("key_value", "conv", "past_key_values", "present.", "present_"):
+        assert not [s for s in strings if family_name in s], family_name
+    spec = StateSpec(
+        "memory", ("batch", "max_length", 3, 4), onnx_name="memory.{}", onnx_split=(2,)
+    )
+    assert [(t["past"], t["present"], t["index"]) for t in onnx_export.state_tensors([spec])] == [
+        (f"memory.{g}", f"present_memory.{g}", [None, g]) for g in range(3)
+    ]
+    spelled = []
+    for package in (keras_primer, keras_primer_runtime):
+        root = os.path.dirname(package.__file__)
+        for folder, _, files in os.walk(root):
+            for filename in files:
+                if filename.endswith(".py"):
+                    with open(os.path.join(folder, filename)) as f:
+                        if '"export_config.json"' in f.read():
+                            spelled.append(filename)
+    assert spelled == ["ort_generator.py"]

@@ -341,6 +341,11 @@ def test_model_trained_on_other_backend(backend, where, exported, tmp_path):
     )["logits"]
     np.testing.assert_allclose(sm_logits.numpy(), expected, atol=1e-4, rtol=0)
     assert sorted(loaded.signatures) == ["generate", "generate_with_options", "serving_default"]
+    # The default `max_new_tokens` of a context-32 model leaves room for a prompt
+    # (it was 30: every prompt of two or more bytes was refused), and the export
+    # replayed its warmup requests before moving the SavedModel into place.
+    out = loaded.signatures["generate"](prompts=tf.constant(["To be, or", "Hi"]))
+    assert out["num_new_tokens"].numpy().max() <= 15
 
 
 def test_feedback_model_exports(tmp_path):

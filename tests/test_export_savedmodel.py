@@ -82,7 +82,7 @@ json.dump(res, open(out_path, "w"))
 def exported(tmp_path_factory):
     import keras
 
-    from keras_primer.export import command
+    from keras_primer_runtime.export_cli import main
 
     root = tmp_path_factory.mktemp("sm_export")
     lm = make_model()
@@ -90,7 +90,7 @@ def exported(tmp_path_factory):
     lm.save(model_path)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        rc = command.main(
+        rc = main(
             [
                 model_path,
                 "--out",
@@ -420,14 +420,32 @@ def test_saved_model_cli_show_and_run(exported, tmp_path):
 
 
 def test_export_refuses_existing_version_and_bad_file(exported, capsys):
-    from keras_primer.export import command
+    from keras_primer_runtime.export_cli import main
 
     model_path = str(exported["root"] / "tiny.keras")
     out = str(exported["root"] / "out")
-    assert (
-        command.main([model_path, "--out", out, "--name", "tiny", "--version", "3", "--no-onnx"])
-        == 2
-    )
+    assert main([model_path, "--out", out, "--name", "tiny", "--version", "3", "--no-onnx"]) == 2
     assert "already exists: pass --overwrite" in capsys.readouterr().err
-    assert command.main([str(exported["root"] / "missing.keras"), "--out", out]) == 2
+    assert main([str(exported["root"] / "missing.keras"), "--out", out]) == 2
     assert "No model file" in capsys.readouterr().err
+
+
+def test_a_failing_warmup_record_fails_the_export(exported, tmp_path):
+    """The export replays every warmup record (the written one passes); a record
+    TF Serving would fail on (here: a prompt longer than the context) is refused."""
+    import shutil
+
+    from keras_primer.export.saved_model import replay_warmup, write_warmup
+    from keras_primer_runtime import serving_client as sc
+    from keras_primer_runtime.export_cli import ExportError
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(exported["sm_dir"], copy)
+    replay_warmup(copy)
+    good = sc.grpc_request("tiny", *sc.generate_inputs(["Hi"]))
+    too_long = sc.grpc_request("tiny", *sc.generate_inputs(["x" * 40]))
+    write_warmup(copy, [good, too_long])
+    with pytest.raises(
+        ExportError, match=r"Warmup request 2 \(generate\) fails .*max_sequence_length=32"
+    ):
+        replay_warmup(copy)

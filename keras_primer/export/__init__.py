@@ -6,9 +6,12 @@
     out/serving/<name>/<version>/          (SavedModel, TF Serving layout)
     out/onnx/model.onnx, decoder_step.onnx, export_config.json (+ int8)
 
-Everything is checked first (model file, name, existing outputs, optional
-packages: `keras_primer_runtime.export_cli.plan_export`), written into a
-temporary folder inside `out`, and moved into place only when complete;
+The options are declared once (`keras_primer_runtime.export_cli.ExportOptions`,
+the keywords of `export_model` and the flags of `keras-primer export`). One
+export writes into `out` at a time (`out/.lock`; a second one waits). Under
+the lock, the existing outputs are checked, everything is written into a
+temporary folder inside `out`, the SavedModel's warmup requests are
+replayed, and the results are moved into place only when complete;
 `overwrite=True` replaces an existing version and ONNX folder.
 
 Whatever backend trained the model, the export runs under the TensorFlow

@@ -1,30 +1,44 @@
-"""`keras-primer export` behind its front end: load, export, move into place.
+"""`keras-primer export` behind its front end: lock, check, write, replay, move into place.
 
-`keras_primer_runtime.export_cli` parses the arguments and checks all that
-can be checked without TensorFlow (`plan_export`); `run_export(plan)` then
-writes everything into a temporary folder inside `--out` and renames the
-results into place only when every file is written and checked, so a
-failed export leaves the output folder as it was.
+`keras_primer_runtime.export_cli` declares the options (`ExportOptions`) and
+checks their values (`check_options`); `run_export(options)` then
+
+1. takes `--out`'s lock (`OUT/.lock`, `keras_primer_runtime.folder_lock`): a
+   second export into the same folder waits for the first, saying so;
+2. under it, removes temporary folders left by killed exports and checks
+   the existing outputs once (`check_outputs`);
+3. writes everything into a temporary folder inside `--out`, replays every
+   warmup request against the written SavedModel, and only then renames the
+   results into place and merges `models.config` (through its protobuf).
+
+A failed export leaves the output folder as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 
 from keras_primer_runtime.export_cli import (
+    STAGING_PREFIX,
     ExportError,
-    ExportPlan,
-    merge_models_config,
-    plan_export,
+    ExportOptions,
+    add_model,
+    check_options,
+    check_outputs,
 )
-from keras_primer_runtime.export_cli import main as main  # `python -m keras_primer.export`
+from keras_primer_runtime.folder_lock import FolderLock
 
-STAGING_PREFIX = ".keras-primer-export-"
+#: The default `max_new_tokens` of the `generate` signature, when the model has room.
+DEFAULT_MAX_NEW_TOKENS = 32
 
 
 def _backend() -> str:
@@ -33,19 +47,12 @@ def _backend() -> str:
     return keras.backend.backend()
 
 
-def export_model(
-    model_path: str,
-    out_dir: str,
-    name: str | None = None,
-    version: int = 1,
-    max_new_tokens: int | None = None,
-    int8: bool = False,
-    saved_model: bool = True,
-    onnx: bool = True,
-    overwrite: bool = False,
-) -> dict:
+def export_model(model_path: str, out_dir: str, **options) -> dict:
     """Exports a `.keras` causal LM to TF Serving and ONNX; returns the written paths.
 
+    Takes the options of `keras-primer export` as keywords (the fields of
+    `keras_primer_runtime.export_cli.ExportOptions`: `name`, `version`,
+    `max_new_tokens`, `int8`, `saved_model`, `onnx`, `overwrite`, `verbose`).
     Writes `out_dir/serving/<name>/<version>/` (SavedModel), merges
     `out_dir/serving/models.config`, and writes `out_dir/onnx/` (see
     `keras_primer.export`). Runs in a `KERAS_BACKEND=tensorflow` subprocess
@@ -54,40 +61,104 @@ def export_model(
     Raises:
         keras_primer_runtime.export_cli.ExportError: An expected failure
             (missing file or optional package, bad name, existing output
-            without `overwrite`); nothing was written.
+            without `overwrite`, a model too small for its warmup); nothing
+            was written.
     """
-    plan = plan_export(
-        model_path,
-        out_dir,
-        name,
-        version,
-        max_new_tokens,
-        int8=int8,
-        saved_model=saved_model,
-        onnx=onnx,
-        overwrite=overwrite,
-    )
+    options = ExportOptions(model_path, out_dir, **options)
     if _backend() == "tensorflow":
-        return run_export(plan)
+        return run_export(check_options(options))
     env = dict(os.environ, KERAS_BACKEND="tensorflow")
-    result = subprocess.run(
-        [sys.executable, "-m", "keras_primer.export", *plan.argv(), "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode == 2 and "error: " in result.stderr:
-        raise ExportError(result.stderr.strip().splitlines()[-1].split("error: ", 1)[1])
-    if result.returncode != 0:
-        raise RuntimeError(f"Export subprocess failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as scratch:
+        result_file = os.path.join(scratch, "result.json")
+        argv = [*options.argv(), "--result-file", result_file]
+        process = subprocess.run(
+            [sys.executable, "-m", "keras_primer.export", *argv],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        result = None
+        if os.path.exists(result_file):
+            with open(result_file) as f:
+                result = json.load(f)
+    if result is not None and "error" in result:
+        raise ExportError(result["error"])
+    if process.returncode != 0 or result is None:
+        raise RuntimeError(f"Export subprocess failed:\n{process.stderr[-4000:]}")
+    return result["written"]
+
+
+# The keywords of `export_model` are the fields of `ExportOptions`, declared there once.
+export_model.__signature__ = inspect.signature(ExportOptions).replace(
+    return_annotation=dict,
+    parameters=[
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        if i >= 2
+        else p.replace(default=inspect.Parameter.empty)
+        for i, p in enumerate(inspect.signature(ExportOptions).parameters.values())
+    ],
+)
+
+
+def default_max_new_tokens(max_sequence_length: int, start_tokens: int) -> int:
+    """`generate`'s default: 32, or half of what the start token leaves, so a prompt fits.
+
+    >>> default_max_new_tokens(256, 1), default_max_new_tokens(32, 1), default_max_new_tokens(3, 1)
+    (32, 15, 1)
+    """
+    return min(DEFAULT_MAX_NEW_TOKENS, (max_sequence_length - start_tokens) // 2)
+
+
+def fit_max_new_tokens(requested: int | None, max_sequence_length: int, start_tokens: int) -> int:
+    """The `max_new_tokens` of the `generate` signature, leaving room for a prompt.
+
+    Raises `ExportError` with the numbers when the model cannot hold a
+    one-token prompt and one new token, or `--max-new-tokens` leaves no room.
+    """
+    room = max_sequence_length - start_tokens - 1  # new tokens after a one-token prompt
+    if room < 1:
+        raise ExportError(
+            f"The model's max_sequence_length={max_sequence_length} holds {start_tokens} start "
+            "token(s), no prompt token and no new token: it cannot serve any prompt. Train it "
+            f"with a --sequence-length of at least {start_tokens + 2}."
+        )
+    if requested is None:
+        return default_max_new_tokens(max_sequence_length, start_tokens)
+    if requested > room:
+        raise ExportError(
+            f"--max-new-tokens {requested} leaves no room for a prompt: the model's "
+            f"max_sequence_length={max_sequence_length} holds {start_tokens} start token(s), "
+            f"a prompt of at least one token and at most {room} new tokens. Pass "
+            f"--max-new-tokens {default_max_new_tokens(max_sequence_length, start_tokens)} "
+            "or less."
+        )
+    return requested
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool):
+    """Without `verbose`, the warnings of Keras (e.g. "Skipping variable loading
+    for optimizer") and ONNX Runtime's quantization tool are not printed: the
+    user of the export can do nothing about them."""
+    if verbose:
+        yield
+        return
+    root = logging.getLogger()
+    level = root.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root.setLevel(logging.ERROR)  # onnxruntime.quantization logs through the root logger
+        try:
+            yield
+        finally:
+            root.setLevel(level)
 
 
 def _load(path: str):
-    from keras_primer.export.adapters import load_float32
+    from keras_primer.export.adapters import get_adapter, load_float32
 
     try:
-        return load_float32(path)
+        model = load_float32(path)
     except (ExportError, ImportError):
         raise
     except Exception as error:  # a corrupt or foreign file fails in many ways inside Keras
@@ -96,6 +167,12 @@ def _load(path: str):
             f"Cannot load {path} as a keras-primer model ({type(error).__name__}: {message}): "
             "pass a .keras file written by `keras-primer train` or `model.save(...)`."
         ) from error
+    try:
+        return model, get_adapter(model)
+    except ValueError as error:  # a Keras model of another kind (Sequential, ...)
+        raise ExportError(
+            f"{path}: {error} Pass a .keras file written by `keras-primer train`."
+        ) from None
 
 
 def _relocate(value, staged: str, final: str):
@@ -115,62 +192,92 @@ def _swap_in(staged: str, final: str, trash: str) -> None:
     os.rename(staged, final)
 
 
-def run_export(plan: ExportPlan) -> dict:
-    """Runs a checked export plan under the TensorFlow backend; returns the written paths."""
+def _write_atomic(path: str, text: str, staging: str) -> None:
+    tmp = os.path.join(staging, os.path.basename(path) + ".new")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def remove_stale_staging(out_dir: str) -> list[str]:
+    """Removes the temporary folders of killed exports; call it holding the lock.
+
+    Holding `--out`'s lock, no other export is writing, so every
+    `STAGING_PREFIX` folder is left over. Returns the removed paths.
+    """
+    removed = []
+    for entry in sorted(os.listdir(out_dir)):
+        path = os.path.join(out_dir, entry)
+        if entry.startswith(STAGING_PREFIX) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def _say(message: str) -> None:
+    print(f"keras-primer export: {message}", file=sys.stderr, flush=True)
+
+
+def run_export(options: ExportOptions) -> dict:
+    """Runs an export whose options passed `check_options`; returns the written paths."""
     if _backend() != "tensorflow":
         raise RuntimeError("run_export needs the TensorFlow backend; use export_model().")
-    created_out = not os.path.exists(plan.out_dir)
-    os.makedirs(plan.out_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=plan.out_dir)
+    o = options
+    created_out = not os.path.exists(o.out_dir)
+    lock = FolderLock(o.out_dir, "export", on_wait=_say)
+    with lock:
+        try:
+            for path in remove_stale_staging(o.out_dir):
+                _say(f"removed {path}, left by an export that was stopped")
+            config = check_outputs(o)
+            with _quiet(o.verbose):
+                return _export_locked(o, config)
+        finally:
+            # A failed export into a folder it created leaves no folder (a waiting
+            # export sees its lock file gone and takes a new one: `FolderLock`).
+            if created_out and os.listdir(o.out_dir) == [os.path.basename(lock.path)]:
+                with contextlib.suppress(OSError):
+                    os.remove(lock.path)
+                    os.rmdir(o.out_dir)
+
+
+def _export_locked(o: ExportOptions, config) -> dict:
+    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=o.out_dir)
     try:
-        model = _load(plan.model_path)
-        max_new_tokens = plan.max_new_tokens
-        if max_new_tokens is None:
-            max_new_tokens = max(1, min(32, int(model.backbone.max_sequence_length) - 2))
-        written: dict = {"name": plan.name, "version": plan.version}
-        staged_serving = os.path.join(staging, "serving")
+        model, adapter = _load(o.model_path)
+        start_tokens = 1 if adapter.tokenizer.add_start_token else 0
+        max_new_tokens = fit_max_new_tokens(
+            o.max_new_tokens, adapter.max_sequence_length, start_tokens
+        )
+        written: dict = {"name": o.name, "version": o.version}
         staged_onnx = os.path.join(staging, "onnx")
-        if plan.saved_model:
-            from keras_primer.export.saved_model import export_saved_model
+        if o.saved_model:
+            from keras_primer.export.saved_model import export_saved_model, replay_warmup
 
             staged_version = export_saved_model(
                 model,
-                staged_serving,
-                plan.name,
-                plan.version,
+                os.path.join(staging, "serving"),
+                o.name,
+                o.version,
                 default_max_new_tokens=max_new_tokens,
             )
-            with open(os.path.join(staged_serving, "models.config")) as f:
-                new_entry = f.read()
-            existing = None
-            if os.path.exists(plan.models_config):
-                with open(plan.models_config) as f:
-                    existing = f.read()
-            merged_path = os.path.join(staging, "models.config")
-            with open(merged_path, "w") as f:
-                f.write(merge_models_config(existing, new_entry, plan.models_config))
-                f.flush()
-                os.fsync(f.fileno())
-        if plan.onnx:
+            replay_warmup(staged_version)
+        if o.onnx:
             from keras_primer.export.onnx_export import export_onnx
 
             written["onnx"] = _relocate(
-                export_onnx(model, staged_onnx, int8=plan.int8), staged_onnx, plan.onnx_dir
+                export_onnx(model, staged_onnx, int8=o.int8), staged_onnx, o.onnx_dir
             )
         # Every file is written and checked: move the results into place.
-        if plan.saved_model:
-            _swap_in(staged_version, plan.version_dir, os.path.join(staging, "replaced-version"))
-            os.replace(merged_path, plan.models_config)
-            written["saved_model"] = plan.version_dir
-            written["models_config"] = plan.models_config
-        if plan.onnx:
-            _swap_in(staged_onnx, plan.onnx_dir, os.path.join(staging, "replaced-onnx"))
+        if o.saved_model:
+            _swap_in(staged_version, o.version_dir, os.path.join(staging, "replaced-version"))
+            _write_atomic(o.models_config, add_model(config, o.name, f"/models/{o.name}"), staging)
+            written["saved_model"] = o.version_dir
+            written["models_config"] = o.models_config
+        if o.onnx:
+            _swap_in(staged_onnx, o.onnx_dir, os.path.join(staging, "replaced-onnx"))
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if created_out and os.path.isdir(plan.out_dir) and not os.listdir(plan.out_dir):
-            os.rmdir(plan.out_dir)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,8 @@ Writes, into one directory (the contract is documented in export/README.md):
 * `decoder_step.onnx`: `input_ids` int32 `[batch, n]` (n = 1 for a decoding
   step, n = prompt length for the prefill), `cache_position` int32 `[]`
   (position of `input_ids[:, 0]`, the same for every row), and the decoding
-  state as named tensors (`state_tensors`): `past_key_values.N.key` /
+  state as named tensors (`state_tensors`, derived from the model's
+  `decoding_state_specs()`, see `StateSpec.onnx_tensors`): `past_key_values.N.key` /
   `past_key_values.N.value` `[batch, max_length, heads, head_dim]` per
   layer (Primer) or per memory group (Feedback), and for Primer EZ the MDHA
   convolution state `conv_state.N` `[batch, 3, kernel_size - 1, heads,
@@ -31,61 +32,21 @@ import tensorflow as tf
 
 from keras_primer.export.adapters import get_adapter
 from keras_primer.layers.cache_utils import export_safe_cache_writes
+from keras_primer_runtime.ort_generator import CONFIG_FILE
 
 OPSET = 17
 IR_VERSION = 8
-CONFIG_FILE = "export_config.json"
 
 
 def state_tensors(specs):
     """The ONNX tensors of the model-described states, in graph order.
 
-    Each entry: `state` (name of the model's state), `index` (the leading
-    indices after the batch axis that select this tensor), `past`/`present`
-    (ONNX names) and `shape` (with `"batch"`/`"max_length"` symbols).
+    Derived from each `StateSpec`'s ONNX naming (`StateSpec.onnx_tensors`);
+    each entry: `state`, `index` (the leading indices after the batch axis
+    that select this tensor), `past`/`present` (ONNX names), `shape` (with
+    `"batch"`/`"max_length"` symbols) and `dtype`.
     """
-    out = []
-    for spec in specs:
-        shape = list(spec.shape)
-        if spec.name == "key_value":  # [batch, layers, 2, max_length, heads, dim]
-            for layer in range(shape[1]):
-                for j, kind in enumerate(("key", "value")):
-                    out.append(
-                        dict(
-                            state=spec.name,
-                            index=[layer, j],
-                            shape=[shape[0]] + shape[3:],
-                            past=f"past_key_values.{layer}.{kind}",
-                            present=f"present.{layer}.{kind}",
-                        )
-                    )
-        elif spec.name == "conv":  # [batch, layers, 3, kernel - 1, heads, dim]
-            for layer in range(shape[1]):
-                out.append(
-                    dict(
-                        state=spec.name,
-                        index=[layer],
-                        shape=[shape[0]] + shape[2:],
-                        past=f"conv_state.{layer}",
-                        present=f"present_conv_state.{layer}",
-                    )
-                )
-        elif spec.name in ("key", "value"):  # [batch, max_length, groups, heads, dim]
-            for group in range(shape[2]):
-                out.append(
-                    dict(
-                        state=spec.name,
-                        index=[None, group],
-                        shape=shape[:2] + shape[3:],
-                        past=f"past_key_values.{group}.{spec.name}",
-                        present=f"present.{group}.{spec.name}",
-                    )
-                )
-        else:
-            raise ValueError(f"No ONNX naming for decoding state {spec.name!r}.")
-    for entry in out:
-        entry["dtype"] = "float32"
-    return out
+    return [tensor for spec in specs for tensor in spec.onnx_tensors()]
 
 
 def _select(x, index):
@@ -101,12 +62,17 @@ def _split_state(name, value, tensors):
 
 
 def _stack_state(spec, parts):
-    if spec.name == "key_value":
-        layers = spec.shape[1]
-        return tf.stack([tf.stack(parts[2 * i : 2 * i + 2], axis=1) for i in range(layers)], axis=1)
-    if spec.name == "conv":
-        return tf.stack(parts, axis=1)
-    return tf.stack(parts, axis=2)  # key / value: [batch, max_length, groups, ...]
+    """Inverse of the split: `parts` (in `onnx_tensors` order) stacked back
+    along `spec.onnx_split`, innermost split axis first."""
+    for j in reversed(range(len(spec.onnx_split))):
+        size = spec.shape[spec.onnx_split[j]]
+        # Axes a_0..a_{j-1} are still missing, so axis a_j sits j places earlier.
+        parts = [
+            tf.stack(parts[i : i + size], axis=spec.onnx_split[j] - j)
+            for i in range(0, len(parts), size)
+        ]
+    (state,) = parts
+    return state
 
 
 def _convert(function, input_signature, output_names, path):

@@ -3,7 +3,6 @@
 `export_saved_model(model, base_dir, name, version)` writes
 
     base_dir/
-      models.config                       # TF Serving model config
       <name>/<version>/saved_model.pb     # signatures below, float32 weights
       <name>/<version>/variables/
       <name>/<version>/assets/tokenizer.model        (SentencePiece models)
@@ -328,17 +327,21 @@ def warmup_requests(model_name, adapter, default_max_new_tokens):
     from keras_primer_runtime import serving_client as sc
 
     spec = adapter.tokenizer
+    # Prompts short enough for `generate`'s default: a model of a small context
+    # keeps `max_length - start - default_max_new_tokens` tokens for them.
+    room = adapter.max_sequence_length - int(spec.add_start_token) - default_max_new_tokens
+    prompts = [p[: max(1, room)] for p in ("Hi", "The")]
     token_ids = [
         [spec.start_id, 72 % spec.vocabulary_size, 105 % spec.vocabulary_size],
         [spec.start_id, 33 % spec.vocabulary_size, spec.pad_id],
     ]
     requests = [
         sc.grpc_request(model_name, *sc.logits_inputs(token_ids, [[1, 1, 1], [1, 1, 0]])),
-        sc.grpc_request(model_name, *sc.generate_inputs(["Hi", "The"])),
+        sc.grpc_request(model_name, *sc.generate_inputs(prompts)),
         sc.grpc_request(
             model_name,
             *sc.generate_inputs(
-                ["Hi"],
+                prompts[:1],
                 max_new_tokens=max(1, min(4, default_max_new_tokens)),
                 temperature=0.8,
                 top_k=5,
@@ -362,19 +365,6 @@ def write_warmup(version_dir, requests):
             )
             writer.write(log.SerializeToString())
     return path
-
-
-def models_config(model_name, base_path):
-    """TF Serving `--model_config_file` text proto for one model."""
-    return (
-        "model_config_list {\n"
-        "  config {\n"
-        f'    name: "{model_name}"\n'
-        f'    base_path: "{base_path}"\n'
-        '    model_platform: "tensorflow"\n'
-        "  }\n"
-        "}\n"
-    )
 
 
 # Graph-plumbing ops of TensorFlow core without a `tf.raw_ops` wrapper.
@@ -432,32 +422,50 @@ def check_graph(saved_model_dir, allow_sentencepiece=False):
     return sorted(op_types)
 
 
-def export_saved_model(
-    model,
-    base_dir,
-    model_name="primer",
-    version=1,
-    default_max_new_tokens=32,
-    serving_base_path=None,
-):
-    """Writes the TF Serving layout for `model`; returns the version dir.
+def replay_warmup(version_dir):
+    """Replays every warmup request against the SavedModel in `version_dir`.
+
+    TF Serving started with `--enable_model_warmup=true` refuses to load a
+    model whose warmup request fails, so an export whose record fails is
+    refused here (`ExportError`, naming the record and the fix).
+    """
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from keras_primer_runtime.export_cli import ExportError
+
+    loaded = tf.saved_model.load(version_dir)
+    path = os.path.join(version_dir, WARMUP_FILE)
+    for number, record in enumerate(tf.data.TFRecordDataset(path), 1):
+        request = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
+        signature = request.model_spec.signature_name
+        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+        try:
+            loaded.signatures[signature](**inputs)
+        except (tf.errors.OpError, KeyError, TypeError, ValueError) as error:
+            message = " ".join(str(getattr(error, "message", error)).split())[:300]
+            raise ExportError(
+                f"Warmup request {number} ({signature}) fails on the written SavedModel, so TF "
+                f"Serving would refuse to load it: {message} Lower --max-new-tokens."
+            ) from None
+
+
+def export_saved_model(model, base_dir, model_name="primer", version=1, default_max_new_tokens=32):
+    """Writes `base_dir/<model_name>/<version>/` for `model`; returns that folder.
 
     Nothing is written when the model (or its tokenizer) cannot be exported.
+    `models.config` is not written here: `keras-primer export` merges it
+    into `--out` (through its protobuf) under the folder's lock.
 
     Args:
         model: A float32 causal LM of a known family, with a known tokenizer.
-        base_dir: Directory that receives `models.config` and `<model_name>/`.
+        base_dir: Directory that receives `<model_name>/<version>/`.
         model_name: TF Serving model name.
         version: Integer version directory.
         default_max_new_tokens: New tokens of the `generate` signature.
-        serving_base_path: `base_path` written in `models.config` (default
-            `/models/<model_name>`, the path of the documented docker line).
     """
     if int(version) < 1:
         raise ValueError(f"`version` must be a positive integer. Received: {version}")
     version_dir = os.path.join(base_dir, model_name, str(int(version)))
-    if os.path.exists(os.path.join(version_dir, "saved_model.pb")):
-        raise FileExistsError(f"{version_dir} already holds a SavedModel; pick another --version.")
     module, signatures, adapter = build_module(model, default_max_new_tokens)
     with tempfile.TemporaryDirectory() as scratch:
         if adapter.proto is not None:
@@ -473,8 +481,6 @@ def export_saved_model(
             options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
         )
     write_warmup(version_dir, warmup_requests(model_name, adapter, default_max_new_tokens))
-    with open(os.path.join(base_dir, "models.config"), "w") as f:
-        f.write(models_config(model_name, serving_base_path or f"/models/{model_name}"))
     meta = dict(
         adapter.metadata(),
         default_max_new_tokens=int(default_max_new_tokens),

@@ -29,12 +29,14 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 import time
 import zipfile
 
 import numpy as np
+
+from keras_primer_runtime.folder_lock import FolderLock
+from keras_primer_runtime.folder_lock import FolderLockedError as RunLockedError  # noqa: F401
 
 # Fault injection for tests: "STEP:PHASE" kills this process with SIGKILL
 # when checkpoint commit of STEP reaches PHASE; "STEP:PHASE:wait=PATH"
@@ -64,10 +66,6 @@ def fault_point(step: int, phase: str) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class RunLockedError(ValueError):
-    """Another process is writing to the same run folder."""
 
 
 class CheckpointError(ValueError):
@@ -128,8 +126,8 @@ def write_json_atomic(path: str, data: dict) -> None:
         f.write("\n")
 
 
-class RunLock:
-    """An exclusive lock on a run folder (Linux and macOS `flock`).
+class RunLock(FolderLock):
+    """An exclusive lock on a run folder (`keras_primer_runtime.folder_lock`).
 
     Args:
         folder: The run folder (created if needed).
@@ -140,44 +138,7 @@ class RunLock:
     """
 
     def __init__(self, folder: str):
-        self.folder = folder
-        self.path = os.path.join(folder, ".lock")
-        self._fd = None
-
-    def acquire(self) -> RunLock:
-        import fcntl
-
-        os.makedirs(self.folder, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            with contextlib.suppress(OSError):
-                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-            os.close(fd)
-            raise RunLockedError(
-                f"{self.folder} is in use by another training process ({holder or 'unknown'}). "
-                "Wait for it to finish (or stop it), or pass another --out."
-            ) from None
-        owner = (
-            f"pid {os.getpid()} on {socket.gethostname()}, started "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}"
-        )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, owner.encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        super().__init__(folder, "training process")
 
 
 _NAME = re.compile(r"^step-(\d{8})\.npz$")

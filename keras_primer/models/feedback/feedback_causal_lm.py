@@ -109,7 +109,11 @@ class FeedbackCausalLM(TiedHeadCausalLM):
             int(stack.num_heads),
             int(stack.head_dim),
         )
-        return [StateSpec("key", shape), StateSpec("value", shape)]
+        # One ONNX tensor per memory group: `past_key_values.G.key` / `.value`.
+        return [
+            StateSpec(kind, shape, onnx_name=f"past_key_values.{{}}.{kind}", onnx_split=(2,))
+            for kind in ("key", "value")
+        ]
 
     def empty_cache(self, batch_size, max_length):
         """A zero cache for sequences of up to `max_length` tokens."""

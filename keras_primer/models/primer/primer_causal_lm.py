@@ -128,10 +128,23 @@ class PrimerCausalLM(TiedHeadCausalLM):
 
         b = self.backbone
         heads = (int(b.num_heads), int(b.head_dim))
-        specs = [StateSpec("key_value", ("batch", int(b.num_layers), 2, "max_length") + heads)]
+        specs = [
+            StateSpec(
+                "key_value",
+                ("batch", int(b.num_layers), 2, "max_length") + heads,
+                onnx_name="past_key_values.{}.{}",  # one tensor per layer and key/value
+                onnx_split=(1, 2),
+                onnx_labels=((), ("key", "value")),
+            )
+        ]
         if b.conv_state_length:
             specs.append(
-                StateSpec("conv", ("batch", int(b.num_layers), 3, int(b.conv_state_length)) + heads)
+                StateSpec(
+                    "conv",
+                    ("batch", int(b.num_layers), 3, int(b.conv_state_length)) + heads,
+                    onnx_name="conv_state.{}",  # one tensor per layer
+                    onnx_split=(1,),
+                )
             )
         return specs
 
