@@ -58,10 +58,25 @@ def _softmax(x, axis=-1):
     return e / e.sum(axis, keepdims=True)
 
 
+def _causal_conv(rows, kernel):
+    """Causal depthwise conv along axis 1 of `rows` `[batch, n, ...]` with
+    `kernel` `[K, ...]` (oldest tap first), zero history: the definition."""
+    size = kernel.shape[0]
+    out = np.zeros_like(rows)
+    for t in range(rows.shape[1]):
+        for i in range(size):
+            if t - i >= 0:
+                out[:, t] += kernel[size - 1 - i] * rows[:, t - i]
+    return out
+
+
 def reference_forward(stack, x):
     """Plain step-by-step NumPy reference with labml-nn's loop structure: a
     Python list of memory slots, keys/values re-projected from the stacked
-    memory at every step and layer. Returns (outputs, memory, layer_outputs)."""
+    memory at every step and layer. With `use_dconv`, the keys/values of all
+    slots so far and each layer's queries of all steps so far are convolved
+    over time from scratch at every step. Returns (outputs, memory,
+    layer_outputs)."""
     x = _np(x)
     batch, length, hidden = x.shape
     head_dim = stack.head_dim
@@ -73,26 +88,40 @@ def reference_forward(stack, x):
     mixing = _softmax(_np(stack.layer_weights))
     wk, wv = _np(stack.key_dense.kernel), _np(stack.value_dense.kernel)
     vb = None if stack.value_dense.bias is None else _np(stack.value_dense.bias)
+    use_dconv = getattr(stack, "use_dconv", False)
+    if use_dconv:
+        conv_shape = (stack.kernel_size, stack.kv_groups, stack.num_heads, head_dim)
+        key_kernel = _np(stack.key_conv.kernel).reshape(conv_shape)
+        value_kernel = _np(stack.value_conv.kernel).reshape(conv_shape)
     window = stack.memory_window or length + 1
     memory, outputs, per_layer = [], [], []
+    raw_queries = [[] for _ in range(stack.num_layers)]
     for t in range(length):
         h = x[:, t]
         outs = [h]
         for i in range(stack.num_layers):
             attention = stack.attentions[i]
             starts = max(0, t - window)
+            q = np.einsum(
+                "bd,dhk->bhk",
+                _layer_norm(h, stack.attention_norms[i]),
+                _np(attention.query_dense.kernel),
+            )
+            if use_dconv:
+                raw_queries[i].append(q)
+                q = _causal_conv(np.stack(raw_queries[i], 1), _np(attention.query_conv.kernel))
+                q = q[:, -1]
             if t > starts:
-                mem = np.stack(memory[starts:], axis=1)  # [B, n, d]
+                mem = np.stack(memory, axis=1)  # [B, t, d]
                 g = 0 if stack.shared_kv else i
                 keys = np.einsum("bsd,dhk->bshk", mem, wk[:, g])
                 values = np.einsum("bsd,dhk->bshk", mem, wv[:, g])
                 if vb is not None:
                     values = values + vb[g]
-                q = np.einsum(
-                    "bd,dhk->bhk",
-                    _layer_norm(h, stack.attention_norms[i]),
-                    _np(attention.query_dense.kernel),
-                )
+                if use_dconv:
+                    keys = _causal_conv(keys, key_kernel[:, g])
+                    values = _causal_conv(values, value_kernel[:, g])
+                keys, values = keys[:, starts:], values[:, starts:]
                 rows = np.clip(t - np.arange(starts, t) - 1, 0, attention.max_relative_distance - 1)
                 p = _np(attention.relative_key_embedding)[rows]
                 s = _np(attention.relative_bias)[rows]
@@ -127,8 +156,8 @@ def memory_via_cache(stack, x):
     eye = np.eye(HIDDEN, dtype="float32").reshape(HIDDEN, 1, HEADS, HIDDEN // HEADS)
     stack.key_dense.kernel.assign(np.repeat(eye, groups, axis=1))
     batch, length = x.shape[:2]
-    _, (keys, _) = stack(x, cache=stack.empty_cache(batch, length), cache_update_index=0)
-    return _np(keys)[:, :, 0].reshape(batch, length, HIDDEN)
+    _, cache = stack(x, cache=stack.empty_cache(batch, length), cache_update_index=0)
+    return _np(cache["key"])[:, :, 0].reshape(batch, length, HIDDEN)
 
 
 def _inputs(batch=2, length=7, seed=0):
@@ -261,7 +290,13 @@ def test_cached_steps_equal_full_forward(shared_kv):
         out, cache = stack(x[:, t : t + 1], cache=cache, cache_update_index=t)
         pieces.append(_np(out))
     np.testing.assert_allclose(np.concatenate(pieces, 1), full, atol=1e-5)
-    assert tuple(cache[0].shape) == (2, MAX_LEN, 1 if shared_kv else LAYERS, HEADS, HIDDEN // HEADS)
+    assert tuple(cache["key"].shape) == (
+        2,
+        MAX_LEN,
+        1 if shared_kv else LAYERS,
+        HEADS,
+        HIDDEN // HEADS,
+    )
 
 
 def _gradients(layer, x, loss_fn):

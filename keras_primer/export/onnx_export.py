@@ -81,8 +81,16 @@ def state_tensors(specs):
                         present=f"present.{group}.{spec.name}",
                     )
                 )
-        else:
-            raise ValueError(f"No ONNX naming for decoding state {spec.name!r}.")
+        else:  # any other state (e.g. Feedback's conv states): one tensor
+            out.append(
+                dict(
+                    state=spec.name,
+                    index=[],
+                    shape=shape,
+                    past=f"past_{spec.name}",
+                    present=f"present_{spec.name}",
+                )
+            )
     for entry in out:
         entry["dtype"] = "float32"
     return out
@@ -106,7 +114,9 @@ def _stack_state(spec, parts):
         return tf.stack([tf.stack(parts[2 * i : 2 * i + 2], axis=1) for i in range(layers)], axis=1)
     if spec.name == "conv":
         return tf.stack(parts, axis=1)
-    return tf.stack(parts, axis=2)  # key / value: [batch, max_length, groups, ...]
+    if spec.name in ("key", "value"):  # [batch, max_length, groups, ...]
+        return tf.stack(parts, axis=2)
+    return parts[0]  # exported as one tensor
 
 
 def _convert(function, input_signature, output_names, path):
