@@ -299,29 +299,39 @@ def test_cached_steps_equal_full_forward(shared_kv):
     )
 
 
-def _gradients(layer, x, loss_fn):
+def _gradients(layer, x, loss_fn, training=None):
+    """Gradients of `loss_fn(layer(x))` by variable path, and `"inputs"`."""
     variables = layer.trainable_variables
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
+        x = tf.convert_to_tensor(x)
         with tf.GradientTape() as tape:
-            loss = loss_fn(layer(x))
-        grads = tape.gradient(loss, [v.value for v in variables])
+            tape.watch(x)
+            loss = loss_fn(layer(x, training=training))
+        *grads, x_grad = tape.gradient(loss, [v.value for v in variables] + [x])
     elif BACKEND == "torch":
-        loss = loss_fn(layer(x))
+        import torch
+
+        for variable in variables:
+            variable.value.grad = None  # .grad accumulates over calls
+        x = torch.tensor(x, requires_grad=True)
+        loss = loss_fn(layer(x, training=training))
         loss.backward()
-        grads = [v.value.grad for v in variables]
+        grads, x_grad = [v.value.grad for v in variables], x.grad
     else:
         import jax
 
         non_trainable = [v.value for v in layer.non_trainable_variables]
 
-        def f(trainable):
-            out, _ = layer.stateless_call(trainable, non_trainable, x)
+        def f(trainable, x):
+            out, _ = layer.stateless_call(trainable, non_trainable, x, training=training)
             return loss_fn(out)
 
-        grads = jax.grad(f)([v.value for v in variables])
-    return {v.path.split("/", 1)[1]: _np(g) for v, g in zip(variables, grads)}
+        grads, x_grad = jax.grad(f, argnums=(0, 1))([v.value for v in variables], x)
+    grads = {v.path.split("/", 1)[1]: _np(g) for v, g in zip(variables, grads)}
+    grads["inputs"] = _np(x_grad)
+    return grads
 
 
 @pytest.mark.parametrize("shared_kv", [True, False])
@@ -397,3 +407,69 @@ def test_dropout_seed_follows_keras_global_seed():
 def test_explicit_seed_is_in_config():
     stack = _stack(dropout=0.5, seed=7)
     assert FeedbackStack.from_config(stack.get_config()).seed == 7
+
+
+class _Calling(keras.layers.Layer):
+    """Calls `stack` through `__call__` (JAX's `stateless_call` of the stack
+    itself would skip the input cast and autocast of mixed precision)."""
+
+    def __init__(self, stack, padding_mask=None):
+        super().__init__()
+        self.stack = stack
+        self.padding_mask = padding_mask
+        self.built = True  # the stack is built
+
+    def call(self, x, training=None):
+        return self.stack(x, padding_mask=self.padding_mask, training=training)
+
+
+@pytest.mark.parametrize(
+    "shared_kv,memory_window,dropout,padded",
+    [(True, None, 0.0, False), (False, 3, 0.5, True)],
+)
+def test_recomputing_backward_equals_differentiating_the_loop(
+    shared_kv, memory_window, dropout, padded
+):
+    """The memory-light backward pass (JAX, TensorFlow) gives the gradients
+    of differentiating the time loop directly, for every variable and the
+    input (on PyTorch both runs take the direct path)."""
+    stack = _stack(shared_kv, memory_window, "squared_relu", dropout=dropout, seed=3)
+    x = _inputs(length=6)
+    mask = np.ones((2, 6), "int32")
+    if padded:
+        mask[0, :2] = 0  # left padding
+        mask[1, 4:] = 0  # right padding
+    target = ops.convert_to_tensor(np.random.default_rng(2).normal(size=x.shape).astype("float32"))
+    seed_state = _np(stack.seed_generator.state).astype("uint32")
+
+    def loss_fn(out):
+        return ops.mean(ops.square(out - target))
+
+    layer = _Calling(stack, mask)
+    runs = []
+    for recompute in (False, True):
+        stack.recompute_backward = recompute
+        stack.seed_generator.state.assign(seed_state)
+        runs.append(_gradients(layer, x, loss_fn, training=True))
+    direct, recomputed = runs
+    assert set(direct) == set(recomputed)
+    for name, grad in direct.items():
+        assert np.abs(grad).max() > 0 or "relative" in name, name
+        np.testing.assert_allclose(recomputed[name], grad, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_recomputing_backward_under_mixed_precision():
+    stack = _stack(dtype="mixed_bfloat16")
+    x = _inputs(length=5)
+
+    def loss_fn(out):
+        return ops.mean(ops.square(ops.cast(out, "float32")))
+
+    runs = []
+    for recompute in (False, True):
+        stack.recompute_backward = recompute
+        runs.append(_gradients(_Calling(stack), x, loss_fn))
+    for name, grad in runs[0].items():
+        assert np.isfinite(runs[1][name]).all(), name
+        scale = np.abs(grad).max() + 1e-6
+        np.testing.assert_allclose(runs[1][name], grad, atol=0.05 * scale, err_msg=name)

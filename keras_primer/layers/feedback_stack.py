@@ -35,6 +35,12 @@ Differences from labml, all documented options or implementation choices:
   is no dropout on attention probabilities or inside the feed-forward block
   (dropout masks are drawn before the loop so that it compiles on every
   backend).
+* Training memory (JAX, TensorFlow): instead of labml's custom autograd
+  `Stack`, the gradient of the whole loop is custom: the backward pass walks
+  the steps in reverse and recomputes each from the final key/value buffers
+  (`_run_recomputing_backward`), so no per-step buffer copies are kept;
+  `stack.recompute_backward = False` differentiates the loop as written
+  (PyTorch always does, and so do the convolution variants below).
 * Attending to the current step (not in the paper or labml) is not offered:
   the current slot needs the outputs of all layers of the same step.
 
@@ -59,9 +65,10 @@ states are part of the decoding cache (`cache_layout`).
 
 import keras
 from keras import ops
+from keras.src import backend as keras_backend  # AutocastScope: not in the public API
 
 from keras_primer.activations import get_activation, serialize_activation
-from keras_primer.layers.cache_utils import write_rows
+from keras_primer.layers.cache_utils import export_safe_cache_writes_active, write_rows
 from keras_primer.layers.causal_depthwise_conv import CausalDepthwiseConv, causal_depthwise_conv
 from keras_primer.layers.feed_forward import FeedForward
 from keras_primer.layers.feedback_attention import FeedbackAttention
@@ -183,6 +190,9 @@ class FeedbackStack(keras.layers.Layer):
             raise ValueError(f"`kernel_size` must be at least 1. Received: {kernel_size}")
         self.use_dconv = bool(use_dconv)
         self.kernel_size = int(kernel_size)
+        # Not in the config: a switch for tests and benchmarks (see
+        # `_run_recomputing_backward`); the forward pass is the same.
+        self.recompute_backward = True
 
     @property
     def kv_groups(self) -> int:
@@ -304,6 +314,17 @@ class FeedbackStack(keras.layers.Layer):
         projections are written at `position`) and, with convolutions, their
         states.
         """
+        x, memory, new_keys, new_values, next_cache = self._step_rows(
+            x, position, cache, key_mask, drop_masks
+        )
+        next_cache["key"] = write_rows(cache["key"], new_keys[:, None], position)
+        next_cache["value"] = write_rows(cache["value"], new_values[:, None], position)
+        return x, memory, {name: next_cache[name] for name in self.cache_layout()}
+
+    def _step_rows(self, x, position, cache, key_mask, drop_masks):
+        """The step without the buffer writes: `(top_output, memory_slot,
+        new_keys, new_values, next_conv_states)`. Reads only the buffer rows
+        before `position` (the others are masked out)."""
         keys, values = cache["key"], cache["value"]
         buffer_length = ops.shape(keys)[1]
         offsets = ops.cast(position, "int32") - ops.arange(buffer_length, dtype="int32")
@@ -378,9 +399,7 @@ class FeedbackStack(keras.layers.Layer):
             next_cache.update(conv_states)
         if query_states:
             next_cache["query_conv"] = ops.stack(query_states, axis=1)
-        next_cache["key"] = write_rows(keys, new_keys[:, None], position)
-        next_cache["value"] = write_rows(values, new_values[:, None], position)
-        return x, memory, {name: next_cache[name] for name in self.cache_layout()}
+        return x, memory, new_keys, new_values, next_cache
 
     def _convolve_memory(self, new_keys, new_values, cache, keep):
         """The new slot's keys/values convolved over time with the raw rows of
@@ -478,6 +497,10 @@ class FeedbackStack(keras.layers.Layer):
         length = inputs.shape[1]
         if length is None:
             length = ops.shape(inputs)[1]
+        if not use_cache and self._recomputes_backward():
+            key_mask = None if padding_mask is None else ops.cast(padding_mask, "bool")
+            drop_masks = self._dropout_masks(batch_size, length, training)
+            return self._run_recomputing_backward(inputs, key_mask, drop_masks)
         if not use_cache:
             cache = self.empty_cache(batch_size, length)
             cache_update_index = 0
@@ -540,6 +563,207 @@ class FeedbackStack(keras.layers.Layer):
             max_steps=ops.shape(cache["key"])[1],
         )
         return outputs, cache
+
+    # === The time loop with a memory-light backward pass (JAX, TensorFlow) ===
+
+    def _recomputes_backward(self) -> bool:
+        """Whether a cache-less call takes `_run_recomputing_backward`: on JAX
+        and TensorFlow, without convolution states (their rows are not in the
+        key/value buffers), unless `recompute_backward` is switched off or an
+        exporter is tracing (the exported graphs stay plain ops)."""
+        return (
+            self.recompute_backward
+            and keras.backend.backend() in ("jax", "tensorflow")
+            and not self.conv_state_length
+            and not export_safe_cache_writes_active()
+        )
+
+    def _rows_with_values(self, variables, values, x, position, keys, vals, key_mask, masks):
+        """`_step_rows` as a function of the trainable variables' values.
+
+        The backward pass runs after `__call__` has returned, so the autocast
+        of mixed precision (the stack's compute dtype) is entered here too.
+        """
+        autocast = self.compute_dtype if self.compute_dtype != self.variable_dtype else None
+        with (
+            keras.StatelessScope(state_mapping=list(zip(variables, values))),
+            keras_backend.AutocastScope(autocast),
+        ):
+            out, _, new_keys, new_values, _ = self._step_rows(
+                x, position, {"key": keys, "value": vals}, key_mask, masks
+            )
+        return out, new_keys, new_values
+
+    def _forward_loop(self, variables, values, inputs, key_mask, drop_masks, length):
+        """The training loop (no cache given) on explicit variable values;
+        returns `(outputs, keys, values)` with the final buffers."""
+        batch_size = ops.shape(inputs)[0]
+        cache = self.empty_cache(batch_size, length)
+
+        def body(i, state):
+            keys, vals, outputs = state
+            x = ops.take(inputs, i, axis=1)
+            masks = None if drop_masks is None else ops.take(drop_masks, i, axis=0)
+            out, new_keys, new_values = self._rows_with_values(
+                variables, values, x, i, keys, vals, key_mask, masks
+            )
+            return (
+                write_rows(keys, new_keys[:, None], i),
+                write_rows(vals, new_values[:, None], i),
+                write_rows(outputs, out[:, None], i),
+            )
+
+        keys, vals, outputs = _fori_loop(
+            length, body, (cache["key"], cache["value"], ops.zeros_like(inputs)), length
+        )
+        return outputs, keys, vals
+
+    def _run_recomputing_backward(self, inputs, key_mask, drop_masks):
+        """The cache-less time loop whose gradient keeps no per-step copies.
+
+        Differentiating the loop as written would keep, for every step, the
+        key/value buffers it read (memory quadratic in the length). Step `t`
+        reads only buffer rows `< t`, each written once by its own step, so
+        the final buffers hold everything every step read. The backward pass
+        therefore walks the steps in reverse and recomputes each one from the
+        final buffers: its vector-Jacobian product gives the gradients of the
+        step's input, of the variables, and of the buffer rows it read, which
+        accumulate into one gradient buffer; when the walk reaches step `s`,
+        row `s` of that buffer holds the total gradient of the keys/values
+        step `s` wrote (every reader of the row ran later). Memory: the
+        inputs, the final buffers and one step's activations, linear in the
+        length; compute: one extra forward pass of the loop. Equal to
+        differentiating the loop directly up to float rounding (tested).
+        """
+        variables = list(self.trainable_variables)
+        values = [v.value for v in variables]
+        inputs = ops.cast(inputs, self.compute_dtype)  # as `__call__` does (not stateless_call)
+        if keras.backend.backend() == "jax":
+            return self._recompute_jax(variables, values, inputs, key_mask, drop_masks)
+        return self._recompute_tensorflow(variables, values, inputs, key_mask, drop_masks)
+
+    def _recompute_jax(self, variables, values, inputs, key_mask, drop_masks):
+        import jax
+        import jax.numpy as jnp
+
+        inputs = jnp.asarray(inputs)
+        length = inputs.shape[1]
+
+        @jax.custom_vjp
+        def run(values, inputs, drop_masks):
+            return self._forward_loop(variables, values, inputs, key_mask, drop_masks, length)[0]
+
+        def forward(values, inputs, drop_masks):
+            outputs, keys, vals = self._forward_loop(
+                variables, values, inputs, key_mask, drop_masks, length
+            )
+            return outputs, (values, inputs, drop_masks, keys, vals)
+
+        def backward(residuals, upstream):
+            values, inputs, drop_masks, keys, vals = residuals
+            inputs = jnp.asarray(inputs)
+
+            def body(j, carry):
+                grad_values, grad_inputs, grad_keys, grad_vals = carry
+                t = length - 1 - j
+                masks = None if drop_masks is None else drop_masks[t]
+
+                def step(values, x, keys, vals):
+                    return self._rows_with_values(
+                        variables, values, x, t, keys, vals, key_mask, masks
+                    )
+
+                rows, vjp = jax.vjp(step, values, inputs[:, t], keys, vals)
+                cotangents = (upstream[:, t], grad_keys[:, t], grad_vals[:, t])
+                d_values, d_x, d_keys, d_vals = vjp(
+                    tuple(c.astype(r.dtype) for c, r in zip(cotangents, rows))
+                )
+                return (
+                    [a + b for a, b in zip(grad_values, d_values)],
+                    grad_inputs.at[:, t].set(d_x),
+                    grad_keys + d_keys,
+                    grad_vals + d_vals,
+                )
+
+            init = (
+                [jnp.zeros_like(v) for v in values],
+                jnp.zeros_like(inputs),
+                jnp.zeros_like(keys),
+                jnp.zeros_like(vals),
+            )
+            grad_values, grad_inputs, _, _ = jax.lax.fori_loop(0, length, body, init)
+            grad_masks = None if drop_masks is None else jnp.zeros_like(drop_masks)
+            return grad_values, grad_inputs, grad_masks
+
+        run.defvjp(forward, backward)
+        return run(values, inputs, drop_masks)
+
+    def _recompute_tensorflow(self, variables, values, inputs, key_mask, drop_masks):
+        import tensorflow as tf
+
+        length = tf.shape(inputs)[1]
+
+        def dense(grad, like):
+            if grad is None:
+                return tf.zeros_like(like)
+            return tf.convert_to_tensor(grad)  # the relative tables' gathers give slices
+
+        @tf.custom_gradient
+        def run(inputs, *values):
+            values = list(values)
+            outputs, keys, vals = self._forward_loop(
+                variables, values, inputs, key_mask, drop_masks, length
+            )
+
+            def grad(upstream):
+                def body(j, grad_values, grad_inputs, grad_keys, grad_vals):
+                    t = length - 1 - j
+                    x = tf.gather(inputs, t, axis=1)
+                    masks = None if drop_masks is None else tf.gather(drop_masks, t)
+                    with tf.GradientTape() as tape:
+                        tape.watch([x, keys, vals] + values)
+                        out, new_keys, new_values = self._rows_with_values(
+                            variables, values, x, t, keys, vals, key_mask, masks
+                        )
+                    sources = [x, keys, vals] + values
+                    rows = [out, new_keys, new_values]
+                    cotangents = [
+                        tf.gather(upstream, t, axis=1),
+                        tf.gather(grad_keys, t, axis=1),
+                        tf.gather(grad_vals, t, axis=1),
+                    ]
+                    grads = tape.gradient(
+                        rows,
+                        sources,
+                        output_gradients=[tf.cast(c, r.dtype) for c, r in zip(cotangents, rows)],
+                    )
+                    grads = [dense(g, s) for g, s in zip(grads, sources)]
+                    d_x, d_keys, d_vals = grads[:3]
+                    return (
+                        j + 1,
+                        [a + b for a, b in zip(grad_values, grads[3:])],
+                        write_rows(grad_inputs, d_x[:, None], t),
+                        grad_keys + d_keys,
+                        grad_vals + d_vals,
+                    )
+
+                _, grad_values, grad_inputs, _, _ = tf.while_loop(
+                    lambda j, *_: j < length,
+                    body,
+                    (
+                        tf.constant(0),
+                        [tf.zeros_like(v) for v in values],
+                        tf.zeros_like(inputs),
+                        tf.zeros_like(keys),
+                        tf.zeros_like(vals),
+                    ),
+                    maximum_iterations=length,
+                )
+                return [grad_inputs] + list(grad_values)
+
+            return outputs, grad
+
+        return run(inputs, *values)
 
     def compute_output_shape(self, input_shape, *args, **kwargs):
         return input_shape
