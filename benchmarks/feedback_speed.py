@@ -37,10 +37,23 @@ def _size(args):
     )
 
 
+def _feedback_direct_gradient(size):
+    """Shared K/V, its gradient by differentiating the time loop directly
+    (per-step buffer copies) instead of the recomputing backward pass."""
+    backbone = FeedbackBackbone(shared_kv=True, **size)
+    backbone.feedback_stack.recompute_backward = False
+    return FeedbackCausalLM(backbone)
+
+
 def _models(args):
     size = _size(args)
     return {
         "feedback_shared_kv": lambda: FeedbackCausalLM(FeedbackBackbone(shared_kv=True, **size)),
+        "feedback_direct_gradient": lambda: _feedback_direct_gradient(size),
+        # "Primer EZ + Feedback": squared ReLU and MDHA's convolutions.
+        "feedback_primer_ez": lambda: FeedbackCausalLM(
+            FeedbackBackbone(shared_kv=True, activation="squared_relu", use_dconv=True, **size)
+        ),
         "feedback_per_layer_kv": lambda: FeedbackCausalLM(
             FeedbackBackbone(shared_kv=False, **size)
         ),
@@ -68,7 +81,14 @@ def decode_seconds_per_token(make_model, args) -> float:
 
 
 COMPILE_MODES = {"default": "auto", "jit": True}
-TRAINED = ("feedback_shared_kv", "feedback_per_layer_kv", "transformer", "keras_hub_gpt2")
+TRAINED = (
+    "feedback_shared_kv",
+    "feedback_direct_gradient",
+    "feedback_primer_ez",
+    "feedback_per_layer_kv",
+    "transformer",
+    "keras_hub_gpt2",
+)
 
 
 def figures(args):
@@ -165,7 +185,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--models",
         default="feedback_shared_kv,feedback_per_layer_kv,transformer,keras_hub_gpt2,primer_ez",
-        help="comma-separated subset",
+        help="comma-separated subset; also feedback_direct_gradient (shared K/V, gradient "
+        "of the loop as written) and feedback_primer_ez (squared ReLU + MDHA convolutions)",
     )
     args = parser.parse_args(argv)
     if args.quick:

@@ -561,7 +561,7 @@ class StateSpec:
             out.append(
                 dict(
                     state=self.name,
-                    index=[chosen.get(a) for a in range(1, max(self.onnx_split) + 1)],
+                    index=[chosen.get(a) for a in range(1, max(self.onnx_split, default=0) + 1)],
                     shape=shape,
                     past=past,
                     present=onnx_present_name(past),

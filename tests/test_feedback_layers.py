@@ -58,10 +58,25 @@ def _softmax(x, axis=-1):
     return e / e.sum(axis, keepdims=True)
 
 
+def _causal_conv(rows, kernel):
+    """Causal depthwise conv along axis 1 of `rows` `[batch, n, ...]` with
+    `kernel` `[K, ...]` (oldest tap first), zero history: the definition."""
+    size = kernel.shape[0]
+    out = np.zeros_like(rows)
+    for t in range(rows.shape[1]):
+        for i in range(size):
+            if t - i >= 0:
+                out[:, t] += kernel[size - 1 - i] * rows[:, t - i]
+    return out
+
+
 def reference_forward(stack, x):
     """Plain step-by-step NumPy reference with labml-nn's loop structure: a
     Python list of memory slots, keys/values re-projected from the stacked
-    memory at every step and layer. Returns (outputs, memory, layer_outputs)."""
+    memory at every step and layer. With `use_dconv`, the keys/values of all
+    slots so far and each layer's queries of all steps so far are convolved
+    over time from scratch at every step. Returns (outputs, memory,
+    layer_outputs)."""
     x = _np(x)
     batch, length, hidden = x.shape
     head_dim = stack.head_dim
@@ -73,26 +88,40 @@ def reference_forward(stack, x):
     mixing = _softmax(_np(stack.layer_weights))
     wk, wv = _np(stack.key_dense.kernel), _np(stack.value_dense.kernel)
     vb = None if stack.value_dense.bias is None else _np(stack.value_dense.bias)
+    use_dconv = getattr(stack, "use_dconv", False)
+    if use_dconv:
+        conv_shape = (stack.kernel_size, stack.kv_groups, stack.num_heads, head_dim)
+        key_kernel = _np(stack.key_conv.kernel).reshape(conv_shape)
+        value_kernel = _np(stack.value_conv.kernel).reshape(conv_shape)
     window = stack.memory_window or length + 1
     memory, outputs, per_layer = [], [], []
+    raw_queries = [[] for _ in range(stack.num_layers)]
     for t in range(length):
         h = x[:, t]
         outs = [h]
         for i in range(stack.num_layers):
             attention = stack.attentions[i]
             starts = max(0, t - window)
+            q = np.einsum(
+                "bd,dhk->bhk",
+                _layer_norm(h, stack.attention_norms[i]),
+                _np(attention.query_dense.kernel),
+            )
+            if use_dconv:
+                raw_queries[i].append(q)
+                q = _causal_conv(np.stack(raw_queries[i], 1), _np(attention.query_conv.kernel))
+                q = q[:, -1]
             if t > starts:
-                mem = np.stack(memory[starts:], axis=1)  # [B, n, d]
+                mem = np.stack(memory, axis=1)  # [B, t, d]
                 g = 0 if stack.shared_kv else i
                 keys = np.einsum("bsd,dhk->bshk", mem, wk[:, g])
                 values = np.einsum("bsd,dhk->bshk", mem, wv[:, g])
                 if vb is not None:
                     values = values + vb[g]
-                q = np.einsum(
-                    "bd,dhk->bhk",
-                    _layer_norm(h, stack.attention_norms[i]),
-                    _np(attention.query_dense.kernel),
-                )
+                if use_dconv:
+                    keys = _causal_conv(keys, key_kernel[:, g])
+                    values = _causal_conv(values, value_kernel[:, g])
+                keys, values = keys[:, starts:], values[:, starts:]
                 rows = np.clip(t - np.arange(starts, t) - 1, 0, attention.max_relative_distance - 1)
                 p = _np(attention.relative_key_embedding)[rows]
                 s = _np(attention.relative_bias)[rows]
@@ -127,8 +156,8 @@ def memory_via_cache(stack, x):
     eye = np.eye(HIDDEN, dtype="float32").reshape(HIDDEN, 1, HEADS, HIDDEN // HEADS)
     stack.key_dense.kernel.assign(np.repeat(eye, groups, axis=1))
     batch, length = x.shape[:2]
-    _, (keys, _) = stack(x, cache=stack.empty_cache(batch, length), cache_update_index=0)
-    return _np(keys)[:, :, 0].reshape(batch, length, HIDDEN)
+    _, cache = stack(x, cache=stack.empty_cache(batch, length), cache_update_index=0)
+    return _np(cache["key"])[:, :, 0].reshape(batch, length, HIDDEN)
 
 
 def _inputs(batch=2, length=7, seed=0):
@@ -261,32 +290,48 @@ def test_cached_steps_equal_full_forward(shared_kv):
         out, cache = stack(x[:, t : t + 1], cache=cache, cache_update_index=t)
         pieces.append(_np(out))
     np.testing.assert_allclose(np.concatenate(pieces, 1), full, atol=1e-5)
-    assert tuple(cache[0].shape) == (2, MAX_LEN, 1 if shared_kv else LAYERS, HEADS, HIDDEN // HEADS)
+    assert tuple(cache["key"].shape) == (
+        2,
+        MAX_LEN,
+        1 if shared_kv else LAYERS,
+        HEADS,
+        HIDDEN // HEADS,
+    )
 
 
-def _gradients(layer, x, loss_fn):
+def _gradients(layer, x, loss_fn, training=None):
+    """Gradients of `loss_fn(layer(x))` by variable path, and `"inputs"`."""
     variables = layer.trainable_variables
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
+        x = tf.convert_to_tensor(x)
         with tf.GradientTape() as tape:
-            loss = loss_fn(layer(x))
-        grads = tape.gradient(loss, [v.value for v in variables])
+            tape.watch(x)
+            loss = loss_fn(layer(x, training=training))
+        *grads, x_grad = tape.gradient(loss, [v.value for v in variables] + [x])
     elif BACKEND == "torch":
-        loss = loss_fn(layer(x))
+        import torch
+
+        for variable in variables:
+            variable.value.grad = None  # .grad accumulates over calls
+        x = torch.tensor(x, requires_grad=True)
+        loss = loss_fn(layer(x, training=training))
         loss.backward()
-        grads = [v.value.grad for v in variables]
+        grads, x_grad = [v.value.grad for v in variables], x.grad
     else:
         import jax
 
         non_trainable = [v.value for v in layer.non_trainable_variables]
 
-        def f(trainable):
-            out, _ = layer.stateless_call(trainable, non_trainable, x)
+        def f(trainable, x):
+            out, _ = layer.stateless_call(trainable, non_trainable, x, training=training)
             return loss_fn(out)
 
-        grads = jax.grad(f)([v.value for v in variables])
-    return {v.path.split("/", 1)[1]: _np(g) for v, g in zip(variables, grads)}
+        grads, x_grad = jax.grad(f, argnums=(0, 1))([v.value for v in variables], x)
+    grads = {v.path.split("/", 1)[1]: _np(g) for v, g in zip(variables, grads)}
+    grads["inputs"] = _np(x_grad)
+    return grads
 
 
 @pytest.mark.parametrize("shared_kv", [True, False])
@@ -362,3 +407,69 @@ def test_dropout_seed_follows_keras_global_seed():
 def test_explicit_seed_is_in_config():
     stack = _stack(dropout=0.5, seed=7)
     assert FeedbackStack.from_config(stack.get_config()).seed == 7
+
+
+class _Calling(keras.layers.Layer):
+    """Calls `stack` through `__call__` (JAX's `stateless_call` of the stack
+    itself would skip the input cast and autocast of mixed precision)."""
+
+    def __init__(self, stack, padding_mask=None):
+        super().__init__()
+        self.stack = stack
+        self.padding_mask = padding_mask
+        self.built = True  # the stack is built
+
+    def call(self, x, training=None):
+        return self.stack(x, padding_mask=self.padding_mask, training=training)
+
+
+@pytest.mark.parametrize(
+    "shared_kv,memory_window,dropout,padded",
+    [(True, None, 0.0, False), (False, 3, 0.5, True)],
+)
+def test_recomputing_backward_equals_differentiating_the_loop(
+    shared_kv, memory_window, dropout, padded
+):
+    """The memory-light backward pass (JAX, TensorFlow) gives the gradients
+    of differentiating the time loop directly, for every variable and the
+    input (on PyTorch both runs take the direct path)."""
+    stack = _stack(shared_kv, memory_window, "squared_relu", dropout=dropout, seed=3)
+    x = _inputs(length=6)
+    mask = np.ones((2, 6), "int32")
+    if padded:
+        mask[0, :2] = 0  # left padding
+        mask[1, 4:] = 0  # right padding
+    target = ops.convert_to_tensor(np.random.default_rng(2).normal(size=x.shape).astype("float32"))
+    seed_state = _np(stack.seed_generator.state).astype("uint32")
+
+    def loss_fn(out):
+        return ops.mean(ops.square(out - target))
+
+    layer = _Calling(stack, mask)
+    runs = []
+    for recompute in (False, True):
+        stack.recompute_backward = recompute
+        stack.seed_generator.state.assign(seed_state)
+        runs.append(_gradients(layer, x, loss_fn, training=True))
+    direct, recomputed = runs
+    assert set(direct) == set(recomputed)
+    for name, grad in direct.items():
+        assert np.abs(grad).max() > 0 or "relative" in name, name
+        np.testing.assert_allclose(recomputed[name], grad, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_recomputing_backward_under_mixed_precision():
+    stack = _stack(dtype="mixed_bfloat16")
+    x = _inputs(length=5)
+
+    def loss_fn(out):
+        return ops.mean(ops.square(ops.cast(out, "float32")))
+
+    runs = []
+    for recompute in (False, True):
+        stack.recompute_backward = recompute
+        runs.append(_gradients(_Calling(stack), x, loss_fn))
+    for name, grad in runs[0].items():
+        assert np.isfinite(runs[1][name]).all(), name
+        scale = np.abs(grad).max() + 1e-6
+        np.testing.assert_allclose(runs[1][name], grad, atol=0.05 * scale, err_msg=name)

@@ -43,6 +43,13 @@ class FeedbackBackbone(CheckedBackbone):
         memory_window: None, or attend only to the last `memory_window` steps.
         layer_norm_epsilon: Epsilon of every layer norm.
         tie_embeddings: Share the token embedding with the output projection.
+        use_dconv: Primer's MDHA inside the Feedback step: causal depthwise
+            convolutions over time (per head-channel kernels, Primer's
+            initialisation) on every layer's queries and on the memory's
+            keys and values; with `activation="squared_relu"` this is
+            "Primer EZ + Feedback". The convolution states join the decoding
+            cache.
+        kernel_size: Width of those convolutions.
         dtype: Dtype policy of the layers (e.g. `"mixed_bfloat16"`).
 
     Mixed precision (e.g. `dtype="mixed_bfloat16"`): every weight is stored
@@ -65,7 +72,7 @@ class FeedbackBackbone(CheckedBackbone):
     >>> backbone = FeedbackBackbone(
     ...     vocabulary_size=256, num_layers=2, num_heads=2, hidden_dim=16,
     ...     intermediate_dim=32, max_sequence_length=32,
-    ...     activation="squared_relu")
+    ...     activation="squared_relu", use_dconv=True)
     >>> inputs = {"token_ids": np.ones((1, 8), "int32"),
     ...           "padding_mask": np.ones((1, 8), "int32")}
     >>> tuple(backbone(inputs).shape)
@@ -86,6 +93,8 @@ class FeedbackBackbone(CheckedBackbone):
         memory_window: int | None = None,
         layer_norm_epsilon: float = 1e-5,
         tie_embeddings: bool = True,
+        use_dconv: bool = False,
+        kernel_size: int = 3,
         dtype=None,
         **kwargs,
     ):
@@ -109,6 +118,8 @@ class FeedbackBackbone(CheckedBackbone):
             memory_window=memory_window,
             layer_norm_epsilon=layer_norm_epsilon,
             kernel_initializer=normal_initializer(),
+            use_dconv=use_dconv,
+            kernel_size=kernel_size,
             dtype=dtype,
             name="feedback_stack",
         )
@@ -142,6 +153,8 @@ class FeedbackBackbone(CheckedBackbone):
         self.memory_window = memory_window
         self.layer_norm_epsilon = layer_norm_epsilon
         self.tie_embeddings = tie_embeddings
+        self.use_dconv = use_dconv
+        self.kernel_size = kernel_size
 
     @property
     def head_dim(self) -> int:
@@ -167,6 +180,8 @@ class FeedbackBackbone(CheckedBackbone):
                 "memory_window": self.memory_window,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "tie_embeddings": self.tie_embeddings,
+                "use_dconv": self.use_dconv,
+                "kernel_size": self.kernel_size,
             }
         )
         return config

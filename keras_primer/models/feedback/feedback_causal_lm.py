@@ -67,12 +67,15 @@ class FeedbackCausalLM(TiedHeadCausalLM):
             token_ids: int `[batch, n]`, the tokens at positions
                 `cache_update_index .. cache_update_index + n - 1` (`n = 1`
                 while decoding: then there is no loop in the graph).
-            cache: dict from `empty_cache()`: `"key"` and `"value"`, each
-                `[batch, max_length, kv_groups, num_heads, head_dim]`, the
-                key/value projections of the memory slots of past steps
-                (`kv_groups` = 1 with shared keys/values, `num_layers`
-                otherwise). Rows at or after `cache_update_index` are ignored
-                and overwritten.
+            cache: dict from `empty_cache()` (layout: `decoding_state_specs`):
+                `"key"` and `"value"`, each `[batch, max_length, kv_groups,
+                num_heads, head_dim]`, the key/value projections of the
+                memory slots of past steps (`kv_groups` = 1 with shared
+                keys/values, `num_layers` otherwise), and with `use_dconv`
+                the convolution states `"query_conv"`, `"key_conv"`,
+                `"value_conv"`. Rows at or after `cache_update_index` are
+                ignored and overwritten; the convolution states must be those
+                left by the step just before `cache_update_index`.
             cache_update_index: int (tensor), position of `token_ids[:, 0]`.
             padding_mask: Optional `[batch, max_length]` mask (False =
                 padding slots, never attended to); None = no padding.
@@ -82,57 +85,59 @@ class FeedbackCausalLM(TiedHeadCausalLM):
         """
         backbone = self.backbone
         x = backbone.embed(token_ids)
-        x, (keys, values) = backbone.feedback_stack(
+        x, next_cache = backbone.feedback_stack(
             x,
             padding_mask=padding_mask,
-            cache=(cache["key"], cache["value"]),
+            cache=cache,
             cache_update_index=cache_update_index,
         )
         hidden_states = backbone.layer_norm(x)
         logits = backbone.token_embedding(hidden_states, reverse=True)
-        return logits, hidden_states, {"key": keys, "value": values}
+        return logits, hidden_states, next_cache
 
     # === Decoding state layout (read by the exporters; keep in step with
     # `empty_cache`, tests pin the two) ===
     def decoding_state_specs(self):
-        """The cache tensors as `keras_primer_runtime.decoding.StateSpec`s:
-        `key` and `value`, each `[batch, max_length, kv_groups, num_heads,
-        head_dim]` (`kv_groups` = 1 with shared keys/values, else
-        `num_layers`)."""
+        """The cache tensors as `keras_primer_runtime.decoding.StateSpec`s,
+        from `FeedbackStack.cache_layout()`: `key` and `value`, each `[batch,
+        max_length, kv_groups, num_heads, head_dim]` (`kv_groups` = 1 with
+        shared keys/values, else `num_layers`), and with `use_dconv`
+        `query_conv` `[batch, num_layers, kernel_size - 1, num_heads,
+        head_dim]`, `key_conv` and `value_conv` `[batch, kernel_size - 1,
+        kv_groups, num_heads, head_dim]`."""
         from keras_primer_runtime.decoding import StateSpec
 
-        stack = self.backbone.feedback_stack
-        shape = (
-            "batch",
-            "max_length",
-            int(stack.kv_groups),
-            int(stack.num_heads),
-            int(stack.head_dim),
-        )
-        # One ONNX tensor per memory group: `past_key_values.G.key` / `.value`.
+        # One ONNX tensor per memory group (`past_key_values.G.key`/`.value`)
+        # and, with `use_dconv`, per layer or group of conv history.
+        split_axis = {"key": 2, "value": 2, "query_conv": 1, "key_conv": 2, "value_conv": 2}
+        onnx_name = {"key": "past_key_values.{}.key", "value": "past_key_values.{}.value"}
+        layout = self.backbone.feedback_stack.cache_layout()
         return [
-            StateSpec(kind, shape, onnx_name=f"past_key_values.{{}}.{kind}", onnx_split=(2,))
-            for kind in ("key", "value")
+            StateSpec(
+                name,
+                shape,
+                onnx_name=onnx_name.get(name, name + ".{}"),
+                onnx_split=(split_axis[name],),
+            )
+            for name, shape in layout.items()
         ]
 
     def empty_cache(self, batch_size, max_length):
         """A zero cache for sequences of up to `max_length` tokens."""
-        keys, values = self.backbone.feedback_stack.empty_cache(batch_size, max_length)
-        return {"key": keys, "value": values}
+        return self.backbone.feedback_stack.empty_cache(batch_size, max_length)
 
     def _build_cache(self, token_ids, num_steps, padding_mask=None):
         """Runs the first `num_steps` tokens one step each; returns
         `(hidden_states, cache)` (hidden states are zero from `num_steps` on)."""
         backbone = self.backbone
         batch_size, max_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
-        cache = self.empty_cache(batch_size, max_length)
-        x, (keys, values) = backbone.feedback_stack.prefill(
+        x, cache = backbone.feedback_stack.prefill(
             backbone.embed(token_ids),
-            (cache["key"], cache["value"]),
+            self.empty_cache(batch_size, max_length),
             num_steps,
             padding_mask=padding_mask,
         )
-        return backbone.layer_norm(x), {"key": keys, "value": values}
+        return backbone.layer_norm(x), cache
 
     def _prefill(self, token_ids, first_step_index):
         # The prefill stops before the first step's position: the prompt costs
