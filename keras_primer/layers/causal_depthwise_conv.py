@@ -38,10 +38,10 @@ def conv_formulation() -> str:
 
     XLA (JAX; TensorFlow under `jit_compile=True`) fuses the shifted sum;
     TensorFlow's graph runtime (and so every export) runs the depthwise op
-    faster; PyTorch runs the in-place shifted sum with its hand-written
-    gradient faster than its grouped convolution, eagerly and under
-    `torch.compile` (fwd+bwd of one MDHA layer's convolution, benchmark
-    size, 2-core CPU: about half the time of `groups=channels`).
+    faster; eager PyTorch runs the in-place shifted sum with its
+    hand-written gradient faster than its grouped convolution (fwd+bwd of
+    one MDHA layer at the benchmark size on a loaded 2-core CPU: the
+    convolution's share cost 30-50% less than with `groups=channels`).
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
