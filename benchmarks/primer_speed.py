@@ -5,6 +5,8 @@ Prints one JSON object a line, one figure each, per backend:
     python benchmarks/primer_speed.py                 # tensorflow, jax, torch
     python benchmarks/primer_speed.py --quick         # tiny config, seconds
     KERAS_BACKEND=jax python benchmarks/primer_speed.py --single-backend
+    # the benchmark size, few steps, Primer EZ and GPT-2 only, no decoding:
+    python benchmarks/primer_speed.py --repeats 5 --models primer_ez --train-only
 
 Roofline first: the best FLOP/s of a 2048 x 2048 float32 matmul and the best
 bytes/s of a 256 MiB copy on this backend. Training (4 layers, width 256,
@@ -12,7 +14,8 @@ bytes/s of a 256 MiB copy on this backend. Training (4 layers, width 256,
 warm-up) in two compile modes: "default" is what `compile()` gives a user's
 `model.fit` (Keras turns XLA off for TensorFlow on CPU-only machines and runs
 PyTorch eagerly) and "jit" is `jit_compile=True` (XLA on TensorFlow and JAX,
-`torch.compile` on PyTorch). keras-hub's `GPT2CausalLM` of the same size with
+`torch.compile` on PyTorch, where the figures also say `"torch_compile": true`).
+keras-hub's `GPT2CausalLM` of the same size with
 dropout 0 is the peer a Keras user would otherwise pick; all models' steps are
 interleaved so machine noise hits them alike, and each figure is the median
 step. Model FLOPs utilisation = tokens/s x FLOPs per token / matmul peak.
@@ -65,7 +68,7 @@ def config(quick: bool) -> dict:
     )
 
 
-def build_models(cfg: dict, jit_compile) -> dict:
+def build_models(cfg: dict, jit_compile, variants: list[str]) -> dict:
     import keras
 
     from keras_primer import PrimerBackbone, PrimerCausalLM
@@ -80,7 +83,8 @@ def build_models(cfg: dict, jit_compile) -> dict:
         max_sequence_length=cfg["max_sequence_length"],
     )
     models = {}
-    for name, flags in VARIANTS.items():
+    for name in variants:
+        flags = VARIANTS[name]
         keras.utils.set_random_seed(0)
         models[name] = PrimerCausalLM(PrimerBackbone(**size, **flags))
     keras.utils.set_random_seed(0)
@@ -115,8 +119,20 @@ def decode_seconds(lm, cfg: dict, peer: bool) -> tuple[float, float]:
     return cached, uncached
 
 
-def measure(quick: bool, modes: list[str]):
-    """Yields one figure (a dict) at a time for the current backend."""
+def measure(
+    quick: bool,
+    modes: list[str],
+    variants: list[str] = tuple(VARIANTS),
+    repeats: int | None = None,
+    decode: bool = True,
+):
+    """Yields one figure (a dict) at a time for the current backend.
+
+    `variants` (Primer EZ always included) are trained beside keras-hub GPT-2;
+    `repeats` overrides the configuration's number of timed steps.
+    """
+    import keras
+
     from keras_primer.benchmarking import interleaved_train_step_seconds, machine_description
     from keras_primer.benchmarking.roofline import (
         copy_bandwidth,
@@ -126,7 +142,10 @@ def measure(quick: bool, modes: list[str]):
     )
 
     cfg = config(quick)
-    about = {**machine_description(), "quick": quick}
+    if repeats is not None:
+        cfg["train_repeats"] = repeats
+    variants = ["primer_ez"] + [name for name in variants if name != "primer_ez"]
+    about = {**machine_description(), "quick": quick, "train_repeats": cfg["train_repeats"]}
     peak = matmul_peak_flops(cfg["matmul_size"])
     bandwidth = copy_bandwidth(cfg["copy_megabytes"])
     yield {
@@ -143,7 +162,7 @@ def measure(quick: bool, modes: list[str]):
     models = None
     for mode in modes:
         try:
-            models = build_models(cfg, COMPILE_MODES[mode])
+            models = build_models(cfg, COMPILE_MODES[mode], variants)
             seconds = interleaved_train_step_seconds(
                 models, cfg["batch"], cfg["context"], cfg["vocab"], cfg["train_repeats"]
             )
@@ -155,9 +174,13 @@ def measure(quick: bool, modes: list[str]):
                 "error": f"{type(error).__name__}: {error}",
             }
             continue
+        if keras.backend.backend() == "torch":
+            about_mode = {**about, "torch_compile": mode == "jit"}
+        else:
+            about_mode = {**about, "xla": mode == "jit" or keras.backend.backend() == "jax"}
         for name, step in seconds.items():
             yield {
-                **about,
+                **about_mode,
                 "figure": "train_tokens_per_s",
                 "compile": mode,
                 "model": name,
@@ -166,20 +189,21 @@ def measure(quick: bool, modes: list[str]):
                 "mfu": tokens / step * flops_per_token / peak,
             }
         yield {
-            **about,
+            **about_mode,
             "figure": "primer_ez_over_keras_hub_gpt2_tokens_per_s",
             "compile": mode,
             "value": seconds[PEER] / seconds["primer_ez"],
         }
-        yield {
-            **about,
-            "figure": "primer_ez_over_transformer_baseline_tokens_per_s",
-            "compile": mode,
-            "value": seconds["transformer_baseline"] / seconds["primer_ez"],
-        }
-    if models is None:
+        for name in variants[1:]:
+            yield {
+                **about_mode,
+                "figure": f"primer_ez_over_{name}_tokens_per_s",
+                "compile": mode,
+                "value": seconds[name] / seconds["primer_ez"],
+            }
+    if models is None or not decode:
         return
-    for name in ("primer_ez", "transformer_baseline", PEER):
+    for name in [n for n in ("primer_ez", "transformer_baseline") if n in models] + [PEER]:
         lm = models[name]
         cached, uncached = decode_seconds(lm, cfg, peer=name == PEER)
         needed = decode_bytes_per_token(
@@ -203,12 +227,31 @@ def main() -> None:
     parser.add_argument("--backends", default="tensorflow,jax,torch")
     parser.add_argument("--modes", default="default,jit", help="compile modes: default,jit")
     parser.add_argument(
+        "--models",
+        default=",".join(VARIANTS),
+        help=f"our models trained beside keras-hub GPT-2 (Primer EZ always): {','.join(VARIANTS)}",
+    )
+    parser.add_argument("--repeats", type=int, help="timed training steps (default 10; quick 3)")
+    parser.add_argument("--train-only", action="store_true", help="skip the decoding figures")
+    parser.add_argument(
         "--single-backend", action="store_true", help="measure KERAS_BACKEND only, in this process"
     )
     args = parser.parse_args()
-    extra = ["--modes", args.modes] + (["--quick"] if args.quick else [])
+    models = args.models.split(",")
+    unknown = sorted(set(models) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {','.join(VARIANTS)}")
+    modes = args.modes.split(",")
+    if set(modes) - set(COMPILE_MODES):
+        parser.error(f"--modes: choose from {','.join(COMPILE_MODES)}; received {args.modes!r}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be at least 1; received {args.repeats}")
+    extra = ["--modes", args.modes, "--models", args.models]
+    extra += ["--quick"] if args.quick else []
+    extra += ["--repeats", str(args.repeats)] if args.repeats else []
+    extra += ["--train-only"] if args.train_only else []
     if args.single_backend:
-        for figure in measure(args.quick, args.modes.split(",")):
+        for figure in measure(args.quick, modes, models, args.repeats, not args.train_only):
             print(json.dumps(figure), flush=True)
         return
     from keras_primer.benchmarking import json_lines_per_backend

@@ -14,7 +14,11 @@ from keras_primer.layers import (
     MultiDConvHeadAttention,
     PrimerDecoderBlock,
 )
-from keras_primer.layers.causal_depthwise_conv import causal_depthwise_conv, conv_formulation
+from keras_primer.layers.causal_depthwise_conv import (
+    FORMULATIONS,
+    causal_depthwise_conv,
+    conv_formulation,
+)
 
 
 def to_np(x):
@@ -112,11 +116,85 @@ def numpy_causal_conv(x, taps, history=None):
     return out
 
 
-@pytest.mark.parametrize("formulation", ["shifted", "depthwise_op"])
+def numpy_causal_conv_gradients(x, taps, weights, history=None):
+    """Loop oracle of d sum(weights * conv(x)) / d (x, taps, history)."""
+    size = taps.shape[0]
+    if history is None:
+        history = np.zeros((x.shape[0], size - 1) + x.shape[2:], x.dtype)
+    full = np.concatenate([history, x], axis=1).astype("float64")
+    full_grad = np.zeros(full.shape, "float64")
+    tap_grads = np.zeros((size,) + x.shape[2:], "float64")
+    for t in range(x.shape[1]):
+        for j in range(size):
+            full_grad[:, t + j] += taps[j] * weights[:, t]
+            tap_grads[j] += (weights[:, t] * full[:, t + j]).sum(axis=0)
+    broadcast = tuple(i for i in range(1, taps.ndim) if taps.shape[i] == 1)
+    tap_grads = tap_grads.sum(axis=broadcast, keepdims=True)
+    return full_grad[:, size - 1 :], tap_grads, full_grad[:, : size - 1]
+
+
+def conv_gradients(formulation, arrays, weights, compiled):
+    """The backend's d sum(weights * conv(x)) / d `arrays` (`(x, taps)` or
+    `(x, taps, state)`), eagerly or compiled (`jax.jit`, TF under XLA)."""
+    backend = keras.backend.backend()
+
+    def loss(*args):
+        out, _ = causal_depthwise_conv(
+            *args[:2], state=args[2] if len(args) > 2 else None, formulation=formulation
+        )
+        return ops.sum(ops.convert_to_tensor(weights) * out)
+
+    if backend == "jax":
+        import jax
+
+        grad = jax.grad(loss, argnums=tuple(range(len(arrays))))
+        return [to_np(g) for g in (jax.jit(grad) if compiled else grad)(*arrays)]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        def grad(*args):
+            with tf.GradientTape() as tape:
+                tape.watch(args)
+                value = loss(*args)
+            return tape.gradient(value, args)
+
+        if compiled:
+            grad = tf.function(grad, jit_compile=True)
+        return [to_np(g) for g in grad(*[tf.constant(a) for a in arrays])]
+    import torch
+
+    tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
+    loss(*tensors).backward()
+    return [to_np(t.grad) for t in tensors]
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+@pytest.mark.parametrize("length", [1, 2, 9])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_conv_gradients_match_loop_oracle(formulation, length, with_state):
+    """Every formulation's gradient (the hand-written one of `"shifted_grad"`
+    included) equals the loop oracle's, for the inputs, the taps (summed over
+    the axis they are broadcast on) and the decoding state; and so does its
+    compiled gradient (`jax.jit`, TF under XLA) on JAX and TensorFlow."""
+    rng = np.random.default_rng(10 + length)
+    x = rng.standard_normal((2, length, 3, 4, 5)).astype("float32")
+    taps = rng.standard_normal((3, 3, 1, 5)).astype("float32")
+    weights = rng.standard_normal(x.shape).astype("float32")
+    state = rng.standard_normal((2, 2, 3, 4, 5)).astype("float32") if with_state else None
+    expected = numpy_causal_conv_gradients(x, taps, weights, state)
+    arrays = (x, taps) if state is None else (x, taps, state)
+    for compiled in [False] if keras.backend.backend() == "torch" else [False, True]:
+        got = conv_gradients(formulation, arrays, weights, compiled)
+        assert len(got) == len(arrays)
+        for name, g, e in zip(("inputs", "taps", "state"), got, expected):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
 @pytest.mark.parametrize("length", [1, 2, 9])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_conv_formulations_match_loop_oracle(formulation, length, with_state):
-    """Both formulations (each backend picks the faster one per runtime) compute
+    """Every formulation (each backend picks the faster one per runtime) computes
     the loop oracle's numbers, with and without a decoding state, for lengths
     shorter than, equal to and longer than the kernel's history."""
     rng = np.random.default_rng(length)
@@ -133,7 +211,7 @@ def test_conv_formulations_match_loop_oracle(formulation, length, with_state):
 
 def test_conv_formulation_choice_and_refusal():
     backend = keras.backend.backend()
-    expected = {"tensorflow": "depthwise_op", "torch": "depthwise_op", "jax": "shifted"}
+    expected = {"tensorflow": "depthwise_op", "torch": "shifted_grad", "jax": "shifted"}
     assert conv_formulation() == expected[backend]
     if backend == "tensorflow":
         import tensorflow as tf
