@@ -26,6 +26,10 @@ from dataclasses import dataclass, field
 from keras_primer_runtime.decoding import check_prompts
 
 MODELS = ("primer_ez", "transformer", "feedback")
+# Library-only models (`RunConfig(model=...)`, not `keras-primer train --model`):
+# keras-hub's GPT-2 of a preset's size, the user's alternative that
+# `recipes.compare` measures ours against. `keras-primer export` does not take it.
+REFERENCE_MODELS = ("gpt2",)
 TOKENIZERS = ("bytes", "sentencepiece")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 DISTRIBUTIONS = ("none", "data_parallel", "model_parallel", "mirrored")
@@ -279,7 +283,7 @@ class RunConfig:
             ConfigError: The first wrong setting, with what is expected.
         """
         for name, value, allowed in (
-            ("model", self.model, MODELS),
+            ("model", self.model, MODELS + REFERENCE_MODELS),
             ("tokenizer", self.tokenizer, TOKENIZERS),
             ("precision", self.precision, PRECISIONS),
             ("distribution", self.distribution, DISTRIBUTIONS),
