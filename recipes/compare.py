@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         help="validation windows per evaluation (more: a less noisy curve)",
     )
     parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="learning-rate warmup steps (default: the preset's)",
+    )
+    parser.add_argument(
         "--seeds",
         default=None,
         help="comma-separated seeds (e.g. 0,1,2): each model trains once per seed, "
@@ -79,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         from keras_primer.training.presets import get_preset
 
-        if args.eval_windows:
-            base = dataclasses.replace(
-                base, preset=get_preset(base.preset, eval_windows=args.eval_windows)
+        if args.warmup_steps is not None and args.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be 0 or more. Received: {args.warmup_steps}.")
+        if args.eval_windows or args.warmup_steps is not None:
+            preset = get_preset(
+                base.preset, eval_windows=args.eval_windows, warmup_steps=args.warmup_steps
             )
+            base = dataclasses.replace(base, preset=preset)
         models = check_models(args.models.split(","))
         seeds = _parse_seeds(args.seeds)
         out = os.path.abspath(base.out)
