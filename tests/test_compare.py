@@ -200,6 +200,7 @@ def test_report_only_reads_every_seed(tmp_path):
     bad = ["--out", str(tmp_path), "--report-only", "--seeds", "0"]
     assert main(bad + ["--models", "gpt2,gpt3"]) == 2
     assert main(bad + ["--models", "gpt2,gpt2"]) == 2
+    assert main(bad + ["--models", "gpt2", "--warmup-steps", "-1"]) == 2
 
 
 # --------------------------------------------------------- the GPT-2 arm
