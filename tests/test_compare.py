@@ -27,7 +27,7 @@ def _summary(losses, final, steps=20, seconds_per_step=0.5):
         "steps": steps,
         "val_loss": final,
         "val_bits_per_char": final / math.log(2.0),
-        "tokens_per_second": 1000.0,
+        "tokens_per_second": 500.0 / seconds_per_step,
         "wall_time_s": steps * seconds_per_step,
         "history": history,
     }
@@ -96,6 +96,8 @@ def test_rows_against_gpt2():
     primer = rows["primer_ez"]
     assert (primer["steps_to_target"], primer["seconds_to_target"]) == (15.0, 15.0)
     assert (primer["step_ratio"], primer["time_ratio"]) == (0.75, 1.5)
+    assert primer["train_time_ratio"] == 1.5  # 0.75 of the steps at half the tokens/s
+    assert rows["gpt2"]["train_time_ratio"] == 1.0
     # GPT-2 reaches its own final loss at its last step and evaluation.
     assert (rows["gpt2"]["step_ratio"], rows["gpt2"]["time_ratio"]) == (1.0, 1.0)
     transformer = rows["transformer"]
@@ -130,13 +132,15 @@ def test_report_seeds_against_gpt2(tmp_path):
 
     result = report_seeds(BY_SEED, str(tmp_path))
     assert result["seeds"] == [0, 1, 2] and result["reference"] == "gpt2"
+    # Seed 0's Primer EZ trains at half GPT-2's tokens/s: 0.75 * 2 = 1.5.
     assert result["per_seed"] == {
-        0: {"step_ratio": 0.75, "time_ratio": 1.5},
-        1: {"step_ratio": 0.5, "time_ratio": 0.5},
-        2: {"step_ratio": None, "time_ratio": None},
+        0: {"step_ratio": 0.75, "time_ratio": 1.5, "train_time_ratio": 1.5},
+        1: {"step_ratio": 0.5, "time_ratio": 0.5, "train_time_ratio": 0.5},
+        2: {"step_ratio": None, "time_ratio": None, "train_time_ratio": None},
     }
     assert result["primer_step_ratio"] == pytest.approx(0.625)
     assert result["primer_time_ratio"] == pytest.approx(1.0)
+    assert result["primer_train_time_ratio"] == pytest.approx(1.0)
     ratio = result["primer_step_ratio_spread"]
     assert (ratio["n"], ratio["missing"]) == (2, 1)
     assert ratio["std"] == pytest.approx(0.1768, abs=1e-4)
@@ -164,7 +168,11 @@ def test_report_seeds_against_gpt2(tmp_path):
     assert float(mean["step_ratio"]) == pytest.approx(0.625)
     assert float(mean["steps_to_target"]) == pytest.approx(12.5)
     saved = json.loads((tmp_path / "comparison.json").read_text())
-    assert saved["per_seed"]["2"] == {"step_ratio": None, "time_ratio": None}
+    assert saved["per_seed"]["2"] == {
+        "step_ratio": None,
+        "time_ratio": None,
+        "train_time_ratio": None,
+    }
     text = (tmp_path / "comparison.md").read_text()
     assert "0.625 ± 0.1768 [0.5, 0.75] (n=2 of 3)" in text
     assert "keras-hub GPT-2 (`gpt2`)" in text

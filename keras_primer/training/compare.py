@@ -263,8 +263,11 @@ def comparison_rows(summaries: dict) -> list[dict]:
     `steps_to_target` and `seconds_to_target` (where the model's validation
     curve first reaches it, see `steps_to_reach`), and `step_ratio` and
     `time_ratio`, those divided by the reference's own steps and by the
-    wall-clock seconds of its last evaluation. All four are None when the
-    model never reaches the target, or no reference trained.
+    wall-clock seconds of its last evaluation. `train_time_ratio` is
+    `step_ratio` scaled by the two runs' training tokens/s: the time ratio
+    of the training steps alone, without compilation and evaluation (which
+    dominate the wall-clock of short runs). All are None when the model
+    never reaches the target, or no reference trained.
     """
     reference = reference_model(list(summaries))
     ref = summaries.get(reference)
@@ -276,12 +279,15 @@ def comparison_rows(summaries: dict) -> list[dict]:
             "steps": s["steps"],
             "val_loss": round(s["val_loss"], 4),
             "val_bits_per_char": round(s["val_bits_per_char"], 4),
-            "tokens_per_second": round(s["tokens_per_second"], 1),
+            "tokens_per_second": (
+                round(s["tokens_per_second"], 1) if _positive(s["tokens_per_second"]) else None
+            ),
             "wall_time_s": round(s["wall_time_s"], 1),
             "steps_to_target": None,
             "seconds_to_target": None,
             "step_ratio": None,
             "time_ratio": None,
+            "train_time_ratio": None,
         }
         if ref is not None:
             target = ref["val_loss"]
@@ -293,6 +299,10 @@ def comparison_rows(summaries: dict) -> list[dict]:
                 row["seconds_to_target"] = round(seconds, 1)
                 row["step_ratio"] = round(steps / ref["steps"], 3)
                 row["time_ratio"] = round(seconds / ref_seconds, 3)
+                speeds = (s["tokens_per_second"], ref["tokens_per_second"])
+                if all(_positive(v) for v in speeds):
+                    ratio = steps / ref["steps"] * speeds[1] / speeds[0]
+                    row["train_time_ratio"] = round(ratio, 3)
         rows.append(row)
     return rows
 
@@ -305,6 +315,7 @@ SPREAD_COLUMNS = (
     "seconds_to_target",
     "step_ratio",
     "time_ratio",
+    "train_time_ratio",
 )
 
 
@@ -343,11 +354,12 @@ def report_seeds(by_seed: dict, out: str) -> dict:
 
     Returns:
         `{"seeds", "reference", "rows", "spread", "per_seed",
-        "primer_step_ratio", "primer_step_ratio_spread", "primer_time_ratio",
-        "primer_time_ratio_spread"}`: `spread[model][column]` is `spread`
-        of that column over the seeds; `per_seed` maps each seed to Primer
-        EZ's `{"step_ratio", "time_ratio"}` (None: not reached); the ratios
-        are their means over the seeds where the target was reached.
+        "primer_step_ratio", "primer_time_ratio", "primer_train_time_ratio"}`
+        and a `_spread` of each ratio: `spread[model][column]` is `spread` of
+        that column over the seeds; `per_seed` maps each seed to Primer EZ's
+        `{"step_ratio", "time_ratio", "train_time_ratio"}` (None: not
+        reached); the ratios are their means over the seeds where the target
+        was reached.
 
     Raises:
         ValueError: The seeds do not all train the same models.
@@ -376,11 +388,13 @@ def report_seeds(by_seed: dict, out: str) -> dict:
         seed: {
             "step_ratio": primer.get(seed, {}).get("step_ratio"),
             "time_ratio": primer.get(seed, {}).get("time_ratio"),
+            "train_time_ratio": primer.get(seed, {}).get("train_time_ratio"),
         }
         for seed in seeds
     }
     step_ratio = spread([r["step_ratio"] for r in per_seed.values()] if primer else [])
     time_ratio = spread([r["time_ratio"] for r in per_seed.values()] if primer else [])
+    train_time_ratio = spread([r["train_time_ratio"] for r in per_seed.values()] if primer else [])
     summary_rows = [
         {"seed": stat, "model": model}
         | {column: spreads[model][column][stat] for column in SPREAD_COLUMNS}
@@ -421,7 +435,9 @@ def report_seeds(by_seed: dict, out: str) -> dict:
                     for seed, r in per_seed.items()
                 )
                 + f"\nPrimer EZ step ratio: {_describe(step_ratio, len(seeds))}"
-                + f"\nPrimer EZ time ratio: {_describe(time_ratio, len(seeds))}\n"
+                + f"\nPrimer EZ time ratio: {_describe(time_ratio, len(seeds))}"
+                + "\nPrimer EZ training-time ratio: "
+                + f"{_describe(train_time_ratio, len(seeds))}\n"
             )
     _plot(by_seed, os.path.join(out, "comparison.png"))
     result = {
@@ -434,9 +450,16 @@ def report_seeds(by_seed: dict, out: str) -> dict:
         "primer_step_ratio_spread": step_ratio,
         "primer_time_ratio": time_ratio["mean"],
         "primer_time_ratio_spread": time_ratio,
+        "primer_train_time_ratio": train_time_ratio["mean"],
+        "primer_train_time_ratio_spread": train_time_ratio,
     }
     write_json(os.path.join(out, "comparison.json"), result)
     return result
+
+
+def _positive(value) -> bool:
+    """A finite number above 0 (a run resumed after its end timed no step: NaN)."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def _legend(reference: str | None) -> str:
@@ -447,7 +470,9 @@ def _legend(reference: str | None) -> str:
         f"\nTarget: the final validation loss of {name} (`{reference}`) of the same seed. "
         "steps_to_target / seconds_to_target: where a model's validation curve first "
         "reaches it (interpolated between evaluations; empty: never); step_ratio / "
-        f"time_ratio: those as fractions of {name}'s steps / wall-clock seconds.\n"
+        f"time_ratio: those as fractions of {name}'s steps / wall-clock seconds "
+        "(compilation and evaluation included); train_time_ratio: the step ratio times "
+        f"{name}'s training tokens/s over the model's (training steps alone).\n"
     )
 
 
