@@ -212,7 +212,7 @@ def test_comparison_writes_table_and_plot(tmp_path, sample_text_path, seeds):
         losses = [r["val_loss"] for r in result["rows"] if r["model"] == "transformer"]
         assert losses[0] != losses[1]
         # The baseline reaches its own final loss at its last step in every seed.
-        assert result["spread"]["transformer"]["steps_to_baseline"]["mean"] == 1.0
+        assert result["spread"]["transformer"]["step_ratio"]["mean"] == 1.0
     for name in ("comparison.md", "comparison.csv", "comparison.png", "comparison.json"):
         assert (tmp_path / "cmp" / name).exists(), name
     assert "primer_ez" in (tmp_path / "cmp" / "comparison.md").read_text()

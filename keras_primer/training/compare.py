@@ -1,8 +1,18 @@
-"""Primer EZ vs the Transformer baseline (and Feedback) on the same budget and seed.
+"""Time to quality: our models against keras-hub GPT-2 on the same budget and seed.
+
+Every model trains through the same `train()` pipeline: the same corpus,
+tokenizer, batches (a function of the seed and the step alone), optimizer,
+schedule, precision, evaluation windows and seed. The reference is keras-hub's
+`GPT2CausalLM` of the same size (`gpt2`, random weights) when it is among the
+models, else our Transformer baseline. For every model the report gives the
+steps and the wall-clock seconds it needs to reach the reference's final
+validation loss, and those as fractions of the reference's own steps and
+seconds (`step_ratio`, `time_ratio`).
 
 With several seeds (`seeds=`), each model trains once per seed and the report
-gives Primer EZ's step ratio per seed and its mean and spread: one seed's
-ratio moves by tens of percent on small runs, so a single number is no claim.
+gives every seed's figures and their mean, standard deviation and range: one
+seed's ratio moves by tens of percent on small runs, so a single number is no
+claim.
 """
 
 from __future__ import annotations
@@ -13,15 +23,48 @@ import json
 import math
 import os
 
+from keras_primer.data import (
+    SentencePieceCodec,
+    list_text_files,
+    shakespeare_path,
+    train_sentencepiece,
+)
 from keras_primer.training.driver import RunConfig, train
 from keras_primer.training.reporting import write_json
+from keras_primer_runtime.run_config import MODELS, REFERENCE_MODELS
 
+# The model a Keras user would otherwise train: the target when it trains.
+REFERENCE = "gpt2"
+# The target of a comparison without GPT-2.
 BASELINE = "transformer"
+DEFAULT_MODELS = (REFERENCE, "primer_ez", BASELINE, "feedback")
+
+
+def reference_model(models) -> str | None:
+    """The model whose final validation loss is every model's target:
+    `gpt2` if it trains, else the Transformer baseline, else None.
+
+    >>> reference_model(["primer_ez", "transformer", "gpt2"])
+    'gpt2'
+    >>> reference_model(["primer_ez", "transformer"])
+    'transformer'
+    """
+    for model in (REFERENCE, BASELINE):
+        if model in models:
+            return model
+    return None
 
 
 def steps_to_reach(history: list[dict], target: float, key: str = "step") -> float | None:
     """`key` (`"step"` or `"wall_time"`) at which `val_loss` first falls to
-    `target`, linearly interpolated between evaluations (None if never)."""
+    `target`, linearly interpolated between the evaluation before and the
+    first one at or below it; the first evaluation's own `key` when it is
+    already there (nothing is known before it); None if never.
+
+    >>> rows = [{"step": 10, "val_loss": 3.0}, {"step": 20, "val_loss": 2.0}]
+    >>> steps_to_reach(rows, 2.5), steps_to_reach(rows, 3.5), steps_to_reach(rows, 1.0)
+    (15.0, 10.0, None)
+    """
     previous = None
     for row in history:
         if "val_loss" not in row:
@@ -40,6 +83,26 @@ def run_dir(out: str, model: str, seed: int | None = None) -> str:
     """`<out>/<model>/`, or `<out>/<model>/seed-<seed>/` in a several-seed comparison."""
     path = os.path.join(out, model)
     return path if seed is None else os.path.join(path, f"seed-{seed}")
+
+
+def check_models(models) -> tuple[str, ...]:
+    """`models` as a tuple of distinct known model names.
+
+    Raises:
+        ValueError: Empty, unknown or repeated names.
+    """
+    models = tuple(models)
+    known = MODELS + REFERENCE_MODELS
+    if not models:
+        raise ValueError(f"--models needs at least one of: {', '.join(known)}.")
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise ValueError(
+            f"Unknown --models {', '.join(map(repr, unknown))}. Choose from: {', '.join(known)}."
+        )
+    if len(set(models)) != len(models):
+        raise ValueError(f"--models must be distinct. Received: {', '.join(models)}.")
+    return models
 
 
 def check_seeds(seeds) -> tuple[int, ...]:
@@ -61,7 +124,7 @@ def check_seeds(seeds) -> tuple[int, ...]:
 
 def compare(
     base: RunConfig,
-    models: tuple[str, ...] = ("primer_ez", "transformer", "feedback"),
+    models: tuple[str, ...] = DEFAULT_MODELS,
     out: str | None = None,
     seeds: tuple[int, ...] | None = None,
 ) -> dict:
@@ -72,11 +135,18 @@ def compare(
     weights and of the batches) in `<out>/<model>/seed-<s>/` and the report
     is `report_seeds`'. Rerunning resumes unfinished runs (see `train`).
 
+    With `--tokenizer sentencepiece` and no `spm_model`, one vocabulary is
+    trained here (`<out>/tokenizer.model`) and every model and seed uses it,
+    so the losses are in the same units.
+
     Returns:
         What `report` (or `report_seeds`) returns.
     """
+    models = check_models(models)
+    base.validate()
     out = os.path.abspath(out or base.out)
     os.makedirs(out, exist_ok=True)
+    base = shared_tokenizer(base, out)
     if seeds is None:
         summaries = {}
         for model in models:
@@ -93,6 +163,34 @@ def compare(
             )
             by_seed[seed][model] = train(config)
     return report_seeds(by_seed, out)
+
+
+def shared_tokenizer(base: RunConfig, out: str) -> RunConfig:
+    """`base` with `spm_model` set to one SentencePiece model for every run.
+
+    Bytes, or a given `spm_model`, leave `base` as it is. Otherwise
+    `<out>/tokenizer.model` is trained on the corpus (seed `base.seed`) or,
+    on a rerun, reused.
+
+    Raises:
+        ValueError: `<out>/tokenizer.model` has another vocabulary size than
+            `base.vocabulary_size` (it belongs to another comparison).
+    """
+    if base.tokenizer != "sentencepiece" or base.spm_model:
+        return base
+    path = os.path.join(out, "tokenizer.model")
+    if os.path.exists(path):
+        size = SentencePieceCodec(path).vocabulary_size
+        if size != base.vocabulary_size:
+            raise ValueError(
+                f"{path} has {size} pieces, not --vocab-size {base.vocabulary_size}: it "
+                "belongs to another comparison. Pass another --out, or --spm-model to reuse it."
+            )
+    else:
+        data = base.data or shakespeare_path(None, download=base.download)
+        files = list_text_files(os.path.abspath(os.path.expanduser(data)))
+        train_sentencepiece(files, base.vocabulary_size, path, seed=base.seed)
+    return dataclasses.replace(base, spm_model=path)
 
 
 def load_summaries(out: str, models: tuple[str, ...], seeds: tuple[int, ...] | None = None) -> dict:
@@ -121,36 +219,58 @@ def _load(out: str, models: tuple[str, ...], seed: int | None) -> dict:
 
 def report(summaries: dict, out: str) -> dict:
     """Writes `comparison.csv`, `.md`, `.json` and `.png` (validation loss vs
-    steps and vs wall-clock seconds) for finished runs.
+    steps and vs wall-clock seconds) for one seed's finished runs.
 
-    Each row has the fraction of the baseline's steps and wall-clock a model
-    needs to reach the baseline's final validation loss (`steps_to_baseline`,
-    `time_to_baseline`; empty when not reached).
+    The columns are those of `comparison_rows`.
 
     Returns:
-        `{"rows": [...], "primer_step_ratio": float | None}`: the ratio is
-        Primer EZ's `steps_to_baseline`.
+        `{"reference", "rows", "primer_step_ratio", "primer_time_ratio"}`:
+        the ratios are Primer EZ's `step_ratio` and `time_ratio` (None: not
+        reached, or no Primer EZ run).
     """
+    reference = reference_model(list(summaries))
     rows = comparison_rows(summaries)
-    ratio = next((r["steps_to_baseline"] for r in rows if r["model"] == "primer_ez"), None)
+    primer = next((r for r in rows if r["model"] == "primer_ez"), {})
+    step_ratio, time_ratio = primer.get("step_ratio"), primer.get("time_ratio")
     _write_csv(os.path.join(out, "comparison.csv"), rows)
     with open(os.path.join(out, "comparison.md"), "w") as f:
         f.write(_markdown_table(rows))
         f.write(
-            "\nsteps_to_baseline / time_to_baseline: the fraction of the Transformer's "
-            "steps / wall-clock seconds a model needs to reach the Transformer's final "
-            "validation loss (empty: not reached). Primer EZ: "
-            f"{'not reached' if ratio is None else ratio}\n"
+            _legend(reference)
+            + "\nPrimer EZ: "
+            + (
+                "not reached"
+                if step_ratio is None
+                else f"{step_ratio}x the steps, {time_ratio}x the wall-clock"
+            )
+            + "\n"
         )
     _plot({None: summaries}, os.path.join(out, "comparison.png"))
-    result = {"rows": rows, "primer_step_ratio": ratio}
+    result = {
+        "reference": reference,
+        "rows": rows,
+        "primer_step_ratio": step_ratio,
+        "primer_time_ratio": time_ratio,
+    }
     write_json(os.path.join(out, "comparison.json"), result)
     return result
 
 
 def comparison_rows(summaries: dict) -> list[dict]:
-    """One row per model of one seed's finished runs (see `report`)."""
-    baseline = summaries.get(BASELINE)
+    """One row per model of one seed's finished runs.
+
+    Against the reference (`reference_model`) run's final validation loss:
+    `steps_to_target` and `seconds_to_target` (where the model's validation
+    curve first reaches it, see `steps_to_reach`), and `step_ratio` and
+    `time_ratio`, those divided by the reference's own steps and by the
+    wall-clock seconds of its last evaluation. `train_time_ratio` is
+    `step_ratio` scaled by the two runs' training tokens/s: the time ratio
+    of the training steps alone, without compilation and evaluation (which
+    dominate the wall-clock of short runs). All are None when the model
+    never reaches the target, or no reference trained.
+    """
+    reference = reference_model(list(summaries))
+    ref = summaries.get(reference)
     rows = []
     for model, s in summaries.items():
         row = {
@@ -159,31 +279,50 @@ def comparison_rows(summaries: dict) -> list[dict]:
             "steps": s["steps"],
             "val_loss": round(s["val_loss"], 4),
             "val_bits_per_char": round(s["val_bits_per_char"], 4),
-            "tokens_per_second": round(s["tokens_per_second"], 1),
+            "tokens_per_second": (
+                round(s["tokens_per_second"], 1) if _positive(s["tokens_per_second"]) else None
+            ),
             "wall_time_s": round(s["wall_time_s"], 1),
-            "steps_to_baseline": None,
-            "time_to_baseline": None,
+            "steps_to_target": None,
+            "seconds_to_target": None,
+            "step_ratio": None,
+            "time_ratio": None,
+            "train_time_ratio": None,
         }
-        if baseline is not None:
-            target = baseline["val_loss"]
+        if ref is not None:
+            target = ref["val_loss"]
             steps = steps_to_reach(s["history"], target)
             seconds = steps_to_reach(s["history"], target, key="wall_time")
-            base_seconds = [r["wall_time"] for r in baseline["history"] if "val_loss" in r][-1]
+            ref_seconds = [r["wall_time"] for r in ref["history"] if "val_loss" in r][-1]
             if steps is not None:
-                row["steps_to_baseline"] = round(steps / baseline["steps"], 3)
-                row["time_to_baseline"] = round(seconds / base_seconds, 3)
+                row["steps_to_target"] = round(steps, 1)
+                row["seconds_to_target"] = round(seconds, 1)
+                row["step_ratio"] = round(steps / ref["steps"], 3)
+                row["time_ratio"] = round(seconds / ref_seconds, 3)
+                speeds = (s["tokens_per_second"], ref["tokens_per_second"])
+                if all(_positive(v) for v in speeds):
+                    ratio = steps / ref["steps"] * speeds[1] / speeds[0]
+                    row["train_time_ratio"] = round(ratio, 3)
         rows.append(row)
     return rows
 
 
 # Columns summarised over seeds (each model's mean, std, min and max).
-SPREAD_COLUMNS = ("val_loss", "val_bits_per_char", "steps_to_baseline", "time_to_baseline")
+SPREAD_COLUMNS = (
+    "val_loss",
+    "val_bits_per_char",
+    "steps_to_target",
+    "seconds_to_target",
+    "step_ratio",
+    "time_ratio",
+    "train_time_ratio",
+)
 
 
 def spread(values: list[float | None]) -> dict:
     """Mean, sample standard deviation (n - 1), min and max of the values
     that are not None; `n` counts them and `missing` the Nones (a model that
-    never reached the baseline's loss in that seed).
+    never reached the reference's loss in that seed).
 
     The std is None below 2 values (one seed says nothing about the spread);
     every statistic is None when no value is left.
@@ -208,23 +347,35 @@ def spread(values: list[float | None]) -> dict:
 def report_seeds(by_seed: dict, out: str) -> dict:
     """`report` over several seeds: `by_seed` is `{seed: {model: summary}}`.
 
-    Each seed's ratios are against that seed's baseline (same weights seed,
+    Each seed's targets are that seed's reference run (same weights seed,
     same batches). Writes `comparison.csv` (a row per seed and model, then a
     `mean`, `std`, `min` and `max` row per model), `.md`, `.json` and `.png`
     (every seed's curves).
 
     Returns:
-        `{"seeds", "rows", "spread", "per_seed", "primer_step_ratio",
-        "primer_step_ratio_spread"}`: `per_seed` maps each seed to Primer EZ's
-        `steps_to_baseline` (None: not reached), `primer_step_ratio` is their
-        mean over the seeds where it was reached and
-        `primer_step_ratio_spread` is `spread` of them.
+        `{"seeds", "reference", "rows", "spread", "per_seed",
+        "primer_step_ratio", "primer_time_ratio", "primer_train_time_ratio"}`
+        and a `_spread` of each ratio: `spread[model][column]` is `spread` of
+        that column over the seeds; `per_seed` maps each seed to Primer EZ's
+        `{"step_ratio", "time_ratio", "train_time_ratio"}` (None: not
+        reached); the ratios are their means over the seeds where the target
+        was reached.
+
+    Raises:
+        ValueError: The seeds do not all train the same models.
     """
     seeds = list(by_seed)
+    model_sets = {tuple(summaries) for summaries in by_seed.values()}
+    if len(model_sets) > 1:
+        raise ValueError(
+            f"Every seed must train the same models; got {sorted(model_sets)}. "
+            "Finish the missing runs or leave their seeds out."
+        )
     rows = []
     for seed, summaries in by_seed.items():
         rows += [{"seed": seed, **row} for row in comparison_rows(summaries)]
     models = list(dict.fromkeys(row["model"] for row in rows))
+    reference = reference_model(models)
     spreads = {
         model: {
             column: spread([r[column] for r in rows if r["model"] == model])
@@ -232,18 +383,18 @@ def report_seeds(by_seed: dict, out: str) -> dict:
         }
         for model in models
     }
+    primer = {r["seed"]: r for r in rows if r["model"] == "primer_ez"}
     per_seed = {
-        seed: next(
-            (
-                r["steps_to_baseline"]
-                for r in rows
-                if r["seed"] == seed and r["model"] == "primer_ez"
-            ),
-            None,
-        )
+        seed: {
+            "step_ratio": primer.get(seed, {}).get("step_ratio"),
+            "time_ratio": primer.get(seed, {}).get("time_ratio"),
+            "train_time_ratio": primer.get(seed, {}).get("train_time_ratio"),
+        }
         for seed in seeds
     }
-    ratio = spread(list(per_seed.values())) if "primer_ez" in models else spread([])
+    step_ratio = spread([r["step_ratio"] for r in per_seed.values()] if primer else [])
+    time_ratio = spread([r["time_ratio"] for r in per_seed.values()] if primer else [])
+    train_time_ratio = spread([r["train_time_ratio"] for r in per_seed.values()] if primer else [])
     summary_rows = [
         {"seed": stat, "model": model}
         | {column: spreads[model][column][stat] for column in SPREAD_COLUMNS}
@@ -254,7 +405,10 @@ def report_seeds(by_seed: dict, out: str) -> dict:
     with open(os.path.join(out, "comparison.md"), "w") as f:
         f.write(f"Seeds: {', '.join(str(s) for s in seeds)}\n\n")
         f.write(_markdown_table(rows))
-        f.write("\nOver the seeds (std: sample standard deviation; n: seeds counted):\n\n")
+        f.write(
+            "\nOver the seeds (mean ± sample std [min, max]; n: seeds counted when some "
+            "did not reach the target):\n\n"
+        )
         f.write(
             _markdown_table(
                 [
@@ -267,27 +421,59 @@ def report_seeds(by_seed: dict, out: str) -> dict:
                 ]
             )
         )
-        f.write(
-            "\nsteps_to_baseline / time_to_baseline: the fraction of the Transformer's "
-            "steps / wall-clock seconds a model needs to reach the Transformer's final "
-            "validation loss of the same seed (empty: not reached).\n\n"
-            "Primer EZ step ratio per seed: "
-            + ", ".join(
-                f"{seed}: {'not reached' if r is None else r}" for seed, r in per_seed.items()
+        f.write(_legend(reference))
+        if primer:
+            f.write(
+                "\nPrimer EZ per seed (steps, wall-clock): "
+                + ", ".join(
+                    f"{seed}: "
+                    + (
+                        "not reached"
+                        if r["step_ratio"] is None
+                        else f"{r['step_ratio']}x, {r['time_ratio']}x"
+                    )
+                    for seed, r in per_seed.items()
+                )
+                + f"\nPrimer EZ step ratio: {_describe(step_ratio, len(seeds))}"
+                + f"\nPrimer EZ time ratio: {_describe(time_ratio, len(seeds))}"
+                + "\nPrimer EZ training-time ratio: "
+                + f"{_describe(train_time_ratio, len(seeds))}\n"
             )
-            + f"\nPrimer EZ step ratio: {_describe(ratio, len(seeds))}\n"
-        )
     _plot(by_seed, os.path.join(out, "comparison.png"))
     result = {
         "seeds": seeds,
+        "reference": reference,
         "rows": rows,
         "spread": spreads,
         "per_seed": per_seed,
-        "primer_step_ratio": ratio["mean"],
-        "primer_step_ratio_spread": ratio,
+        "primer_step_ratio": step_ratio["mean"],
+        "primer_step_ratio_spread": step_ratio,
+        "primer_time_ratio": time_ratio["mean"],
+        "primer_time_ratio_spread": time_ratio,
+        "primer_train_time_ratio": train_time_ratio["mean"],
+        "primer_train_time_ratio_spread": train_time_ratio,
     }
     write_json(os.path.join(out, "comparison.json"), result)
     return result
+
+
+def _positive(value) -> bool:
+    """A finite number above 0 (a run resumed after its end timed no step: NaN)."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _legend(reference: str | None) -> str:
+    if reference is None:
+        return "\nNo reference run (gpt2 or transformer): no time-to-target columns.\n"
+    name = "keras-hub GPT-2" if reference == REFERENCE else "our Transformer"
+    return (
+        f"\nTarget: the final validation loss of {name} (`{reference}`) of the same seed. "
+        "steps_to_target / seconds_to_target: where a model's validation curve first "
+        "reaches it (interpolated between evaluations; empty: never); step_ratio / "
+        f"time_ratio: those as fractions of {name}'s steps / wall-clock seconds "
+        "(compilation and evaluation included); train_time_ratio: the step ratio times "
+        f"{name}'s training tokens/s over the model's (training steps alone).\n"
+    )
 
 
 def _describe(stats: dict, seeds: int) -> str:
@@ -341,9 +527,10 @@ def _plot(by_seed: dict, path: str) -> None:
             by_time.plot([r["wall_time"] for r in rows], losses, "o-", **style)
     for ax in (by_step, by_time):
         for summaries in by_seed.values():
-            if BASELINE in summaries:
+            reference = reference_model(list(summaries))
+            if reference is not None:
                 ax.axhline(
-                    summaries[BASELINE]["val_loss"], color="gray", linestyle=":", linewidth=1
+                    summaries[reference]["val_loss"], color="gray", linestyle=":", linewidth=1
                 )
         ax.grid(alpha=0.3)
         ax.legend()

@@ -1,8 +1,9 @@
-"""Model factory: `primer_ez`, `transformer` and `feedback` from one preset."""
+"""Model factory: `primer_ez`, `transformer` and `feedback` (and keras-hub's
+`gpt2`, the reference of `recipes.compare`) from one preset."""
 
 from __future__ import annotations
 
-from keras_primer_runtime.run_config import MODELS
+from keras_primer_runtime.run_config import MODELS, REFERENCE_MODELS
 
 
 def build_backbone(model: str, preset, vocabulary_size: int, dtype=None):
@@ -11,7 +12,9 @@ def build_backbone(model: str, preset, vocabulary_size: int, dtype=None):
     `primer_ez` is `PrimerBackbone` with its defaults (squared ReLU,
     multi-DConv-head attention); `transformer` is the same code with
     `activation="gelu", use_dconv=False`; `feedback` is
-    `FeedbackBackbone` (shared key/value projections, ReLU).
+    `FeedbackBackbone` (shared key/value projections, ReLU); `gpt2` is
+    keras-hub's `GPT2Backbone` of the same size (random weights, nothing
+    downloaded), the model a Keras user would otherwise train.
 
     Raises:
         ValueError: Unknown `model`.
@@ -36,14 +39,22 @@ def build_backbone(model: str, preset, vocabulary_size: int, dtype=None):
         from keras_primer.models.feedback import FeedbackBackbone
 
         return FeedbackBackbone(**common)
-    raise ValueError(f"Unknown model {model!r}. Choose one of: {', '.join(MODELS)}.")
+    if model == "gpt2":
+        import keras_hub
+
+        return keras_hub.models.GPT2Backbone(**common)
+    raise ValueError(
+        f"Unknown model {model!r}. Choose one of: {', '.join(MODELS + REFERENCE_MODELS)}."
+    )
 
 
 def build_causal_lm(model: str, preset, tokenizer, dtype=None):
-    """A causal LM (`PrimerCausalLM` or `FeedbackCausalLM`) with a preprocessor.
+    """A causal LM (`PrimerCausalLM`, `FeedbackCausalLM`, or keras-hub's
+    `GPT2CausalLM` for `gpt2`) with our preprocessor, so every model reads the
+    same token ids.
 
     Args:
-        model: One of `MODELS`.
+        model: One of `MODELS` or `REFERENCE_MODELS`.
         preset: A `TrainPreset` (sizes, dropout, context length).
         tokenizer: A keras-hub tokenizer with start/end/pad ids
             (`PrimerTokenizer` or `PrimerSentencePieceTokenizer`).
@@ -58,4 +69,8 @@ def build_causal_lm(model: str, preset, tokenizer, dtype=None):
         from keras_primer.models.feedback import FeedbackCausalLM
 
         return FeedbackCausalLM(backbone=backbone, preprocessor=preprocessor)
+    if model == "gpt2":
+        import keras_hub
+
+        return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=preprocessor)
     return PrimerCausalLM(backbone=backbone, preprocessor=preprocessor)
