@@ -349,27 +349,21 @@ class FeedbackStack(keras.layers.Layer):
             attention = self.attentions[i]
 
             def attend(normed, i=i, group=group, attention=attention):
-                if not self.conv_state_length:
-                    out = call_sublayer(
-                        attention,
-                        normed,
-                        keys[:, :, group],
-                        values[:, :, group],
-                        relative_index,
-                        valid,
-                        query_keep=keep,
-                    )
-                else:
-                    out, state = call_sublayer(
-                        attention,
-                        normed,
-                        keys[:, :, group],
-                        values[:, :, group],
-                        relative_index,
-                        valid,
-                        query_state=cache["query_conv"][:, i],
-                        query_keep=keep,
-                    )
+                # With convolutions the layer also takes and returns its
+                # queries' conv history.
+                conv = {"query_state": cache["query_conv"][:, i]} if self.conv_state_length else {}
+                out = call_sublayer(
+                    attention,
+                    normed,
+                    keys[:, :, group],
+                    values[:, :, group],
+                    relative_index,
+                    valid,
+                    query_keep=keep,
+                    **conv,
+                )
+                if conv:
+                    out, state = out
                     query_states.append(state)
                 return out * has_memory
 
