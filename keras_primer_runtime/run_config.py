@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from keras_primer_runtime.decoding import check_prompts
 
-MODELS = ("primer_ez", "transformer", "feedback")
+MODELS = ("primer_ez", "transformer", "feedback", "feedback_primer_ez")
 # Library-only models (`RunConfig(model=...)`, not `keras-primer train --model`):
 # keras-hub's GPT-2 of a preset's size, the user's alternative that
 # `recipes.compare` measures ours against. `keras-primer export` does not take it.

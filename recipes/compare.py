@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         "--models",
         default="gpt2,primer_ez,transformer,feedback",
         help="comma-separated: gpt2 (keras-hub's GPT-2, the target), primer_ez, "
-        "transformer, feedback",
+        "transformer, feedback, feedback_primer_ez (Feedback with MDHA and squared ReLU)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny preset, 100 steps")
     parser.add_argument(

@@ -3,8 +3,9 @@
     bash benchmarks/gpu_run.sh                        # GPU machine: install, then this
     python -m recipes.gpu_run --cpu-smoke --out /tmp/gpu-smoke   # the same steps, tiny, on a CPU
 
-1. Trains Primer EZ and the Transformer baseline at nanoGPT's
-   shakespeare_char size on JAX in mixed bfloat16 (`recipes.compare`, one seed).
+1. Trains keras-hub GPT-2, Primer EZ and the Transformer baseline at
+   nanoGPT's shakespeare_char size on JAX in mixed bfloat16 (`recipes.compare`,
+   one seed: steps and wall-clock time to GPT-2's final validation loss).
 2. Prints each model's MFU: measured tokens/s x training FLOPs per token
    (`training_flops_per_token`) over the peak, both the bfloat16 matmul peak
    measured here (`matmul_peak_flops`) and the H200's spec sheet.
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from recipes.compare import main as compare
 
     steps = args.steps or (20 if smoke else None)
-    flags = ["--out", os.path.join(out, "compare"), "--models", "primer_ez,transformer"]
+    flags = ["--out", os.path.join(out, "compare"), "--models", "gpt2,primer_ez,transformer"]
     flags += ["--backend", "jax", "--precision", "mixed_bfloat16", "--sample-tokens", "0"]
     flags += ["--preset", "tiny" if smoke else "shakespeare_char", "--no-tensorboard"]
     flags += ["--steps", str(steps)] if steps else []
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"JAX devices: {jax.devices()}")
     peak = matmul_peak_flops(size=512 if smoke else 8192, dtype="bfloat16")
     print(f"measured bfloat16 matmul peak: {peak / 1e12:.1f} TFLOP/s")
-    for model in ("primer_ez", "transformer"):
+    for model in ("gpt2", "primer_ez", "transformer"):
         with open(os.path.join(out, "compare", model, "summary.json")) as f:
             s = json.load(f)
         p = s["preset_settings"]

@@ -36,9 +36,12 @@ def sentencepiece_proto():
         return train_sentencepiece([path], SENTENCEPIECE_VOCAB).proto
 
 
-def make_lm(family="primer", tokenizer="bytes", seed=0, use_dconv=True):
-    """Tiny causal LM of `family` ("primer" | "feedback") with `tokenizer`
-    ("bytes" | "sentencepiece") and large random weights."""
+def make_lm(family="primer", tokenizer="bytes", seed=0, use_dconv=True, shared_kv=True):
+    """Tiny causal LM with `tokenizer` ("bytes" | "sentencepiece") and large
+    random weights (numpy-drawn: the same on every backend). `family`:
+    "primer" (`use_dconv` False gives the baseline), "feedback", or
+    "feedback_primer_ez" (Feedback with MDHA and squared ReLU); `shared_kv`
+    for the Feedback families."""
     import keras
 
     from keras_primer import (
@@ -75,9 +78,14 @@ def make_lm(family="primer", tokenizer="bytes", seed=0, use_dconv=True):
             PrimerCausalLMPreprocessor(tok, sequence_length=32),
         )
     else:
-        lm = FeedbackCausalLM(
-            FeedbackBackbone(**sizes), FeedbackCausalLMPreprocessor(tok, sequence_length=32)
+        primer_ez = family == "feedback_primer_ez"
+        backbone = FeedbackBackbone(
+            shared_kv=shared_kv,
+            use_dconv=primer_ez,
+            activation="squared_relu" if primer_ez else "relu",
+            **sizes,
         )
+        lm = FeedbackCausalLM(backbone, FeedbackCausalLMPreprocessor(tok, sequence_length=32))
     return _randomize(lm, seed)
 
 

@@ -217,12 +217,12 @@ def test_report_only_reads_every_seed(tmp_path):
 def test_gpt2_arm_is_keras_hub_gpt2_of_the_same_size():
     import keras_hub
 
-    from keras_primer.data import ByteCodec
+    from keras_primer.data import ByteCodec, keras_tokenizer
     from keras_primer.training.models import build_causal_lm
     from keras_primer.training.presets import get_preset
 
     preset = get_preset("tiny")
-    tokenizer = ByteCodec().keras_tokenizer()
+    tokenizer = keras_tokenizer(ByteCodec())
     gpt2 = build_causal_lm("gpt2", preset, tokenizer)
     ours = build_causal_lm("transformer", preset, tokenizer)
     assert isinstance(gpt2, keras_hub.models.GPT2CausalLM)
@@ -242,6 +242,31 @@ def test_gpt2_arm_is_keras_hub_gpt2_of_the_same_size():
     assert gpt2.backbone.count_params() == ours.backbone.count_params()
     # Both read the same preprocessor's ids.
     assert type(gpt2.preprocessor) is type(ours.preprocessor)
+
+
+def test_feedback_primer_ez_arm_is_feedback_with_primer_ez_changes():
+    import numpy as np
+
+    from keras_primer.data import ByteCodec, keras_tokenizer
+    from keras_primer.models.feedback import FeedbackCausalLM
+    from keras_primer.training.models import build_causal_lm
+    from keras_primer.training.presets import get_preset
+
+    preset = get_preset("tiny")
+    tokenizer = keras_tokenizer(ByteCodec())
+    plain = build_causal_lm("feedback", preset, tokenizer)
+    primer = build_causal_lm("feedback_primer_ez", preset, tokenizer)
+    assert isinstance(primer, FeedbackCausalLM)
+    assert not plain.backbone.use_dconv and primer.backbone.use_dconv
+    assert primer.backbone.get_config()["activation"] == "squared_relu"
+    # The only new weights are the convolutions' kernels (one per channel of
+    # each head, for queries per layer and for the shared keys/values).
+    head_channels = preset.hidden_dim
+    extra = primer.backbone.count_params() - plain.backbone.count_params()
+    assert extra == 3 * head_channels * (preset.num_layers + 2)
+    tokens = np.array([[1, 70, 71, 72, 73]], "int32")
+    logits = primer({"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)})
+    assert logits.shape == (1, 5, tokenizer.vocabulary_size())
 
 
 def test_shared_sentencepiece_model(tmp_path, sample_text_path):

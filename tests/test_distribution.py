@@ -234,13 +234,17 @@ def _run_together(commands_and_envs, timeout=HANG_GUARD_S):
 
 @pytest.mark.tensorflow_only
 @pytest.mark.slow
-def test_cli_jax_data_and_model_parallel_match_one_device(tmp_path, small_corpus):
+def test_cli_jax_sharded_and_multi_host_match_one_device(tmp_path, small_corpus):
+    """The recipe on four JAX devices (data and model parallel) and on two
+    JAX processes with two devices each (keras.distribution.initialize)
+    trains the same model as on one device."""
     four_devices = _env("jax", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     # --backend picks JAX although the environment says TensorFlow (set before Keras loads).
     single = _cli_train(tmp_path / "single", small_corpus, "--backend", "jax", backend="tensorflow")
     assert single["backend"] == "jax"
+    sharded = {}
     for kind in ("data_parallel", "model_parallel"):
-        summary = _cli_train(
+        sharded[kind] = summary = _cli_train(
             tmp_path / kind, small_corpus, "--distribution", kind, env=four_devices
         )
         assert summary["distribution"] == kind and summary["steps"] == 4
@@ -261,19 +265,7 @@ def test_cli_jax_data_and_model_parallel_match_one_device(tmp_path, small_corpus
     assert result.returncode == 2
     assert "Batch size 6 does not divide by the 4 batch shards" in result.stderr
 
-
-@pytest.mark.tensorflow_only
-@pytest.mark.slow
-def test_cli_jax_multi_host_matches_one_process(tmp_path, small_corpus):
-    """Two JAX processes with two CPU devices each (keras.distribution.initialize)
-    train the same model as one process on four devices."""
-    reference = _cli_train(
-        tmp_path / "one",
-        small_corpus,
-        "--distribution",
-        "data_parallel",
-        env=_env("jax", XLA_FLAGS="--xla_force_host_platform_device_count=4"),
-    )
+    # Two processes, two devices each, against the four-device run above.
     (port,) = _free_ports(1)
     out = tmp_path / "two"
     runs = []
@@ -292,7 +284,7 @@ def test_cli_jax_multi_host_matches_one_process(tmp_path, small_corpus):
         runs.append((command, env))
     _run_together(runs)
     chief, other = _summary(out), _summary(out / "worker-1")
-    assert chief["val_loss"] == pytest.approx(reference["val_loss"], abs=2e-3)
+    assert chief["val_loss"] == pytest.approx(sharded["data_parallel"]["val_loss"], abs=2e-3)
     assert other["val_loss"] == pytest.approx(chief["val_loss"], abs=1e-6)
     assert chief["samples"] == {}  # generation is refused across processes, with a note
 

@@ -1,7 +1,7 @@
 """MDHA inside the Feedback model (`use_dconv=True`): numeric oracles on every
-backend, training, saving, and export parity (TensorFlow pass only)."""
+backend, training and saving. Its export parity (shared and per-layer K/V) is
+in the parity matrix, `test_generation_parity.py`."""
 
-import os
 
 import keras
 import numpy as np
@@ -236,50 +236,3 @@ def test_trains():
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     for old, variable in zip(before, _conv_variables(lm)):
         assert np.abs(_np(variable) - old).max() > 0, variable.path
-
-
-# === Export (TensorFlow pass only) ===
-
-
-@pytest.mark.tensorflow_only
-@pytest.mark.slow
-def test_export_greedy_text_equals_keras(tmp_path):
-    """A random-weight Primer EZ + Feedback model (shared and per-layer K/V)
-    gives the same greedy text in Keras, the SavedModel and ONNX Runtime."""
-    import export_helpers
-    from test_generation_parity import ORT_SCRIPT, PROMPTS, SAVED_MODEL_SCRIPT, _fresh
-
-    from keras_primer.export import export_model
-    from keras_primer.models.feedback import FeedbackCausalLMPreprocessor, FeedbackTokenizer
-
-    keras_text, saved_models, onnx_dirs = {}, {}, {}
-    for shared_kv in (True, False):
-        name = f"feedback_dconv_{'shared' if shared_kv else 'per_layer'}"
-        keras.utils.set_random_seed(0)
-        backbone = FeedbackBackbone(
-            vocabulary_size=256,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=16,
-            intermediate_dim=32,
-            max_sequence_length=32,
-            activation="squared_relu",
-            shared_kv=shared_kv,
-            use_dconv=True,
-        )
-        preprocessor = FeedbackCausalLMPreprocessor(FeedbackTokenizer(), sequence_length=32)
-        lm = export_helpers._randomize(FeedbackCausalLM(backbone, preprocessor), 0)
-        path = str(tmp_path / f"{name}.keras")
-        lm.save(path)
-        written = export_model(
-            path, str(tmp_path / name), name=name, max_new_tokens=export_helpers.NEW_TOKENS
-        )
-        saved_models[name] = written["saved_model"]
-        onnx_dirs[name] = os.path.dirname(written["onnx"]["config"])
-        keras_text[name] = export_helpers.keras_greedy(lm, PROMPTS, export_helpers.NEW_TOKENS)
-    served = _fresh(SAVED_MODEL_SCRIPT, saved_models, tmp_path, "saved_model")
-    ort = _fresh(ORT_SCRIPT, onnx_dirs, tmp_path, "ort")
-    for name, text in keras_text.items():
-        assert len({len(x) for x in text}) == 3, text  # non-trivial, different lengths
-        assert served[name]["greedy"] == text, name
-        assert ort[name]["greedy"] == text, name

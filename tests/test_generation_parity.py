@@ -1,17 +1,22 @@
-"""Parity matrix: {Primer EZ, Feedback} x {bytes, SentencePiece}.
+"""Parity matrix: {Keras on TensorFlow, JAX, PyTorch} x {Primer EZ, Feedback,
+Feedback + MDHA (shared and per-layer K/V)} x {bytes, SentencePiece} x
+{Keras, SavedModel, ONNX Runtime}.
 
-Each model is saved on the current backend and exported (`export_model`,
-which runs the export under TensorFlow). The greedy text of Keras `generate`,
-of the SavedModel `generate` signature in a fresh process that can import
-only TensorFlow and tensorflow-text, and of `OrtGenerator` in a fresh process
-that can import no framework at all, must be identical, for a batch of
-prompts of different lengths. In each runtime a fixed seed repeats, and bad
-options and prompts that are not valid Unicode (the contract's Unicode rule)
-fail with the contract's error text.
+Each model (numpy-drawn random weights) is saved once and exported once
+(`export_model`, under TensorFlow). Keras loads the saved file and generates
+on every backend (TensorFlow in the test process, JAX and PyTorch in fresh
+processes); the SavedModel `generate` signature runs in a fresh process that
+can import only TensorFlow and tensorflow-text, and `OrtGenerator` in a fresh
+process that can import no framework at all. The greedy text must be
+identical everywhere, for a batch of prompts of different lengths. In each
+runtime a fixed seed repeats, and bad options and prompts that are not valid
+Unicode (the contract's Unicode rule) fail with the contract's error text.
+Runs once, in the TensorFlow-backend pass (it covers every backend itself).
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,8 +26,18 @@ from export_helpers import BLOCK_IMPORTS, FRAMEWORKS, keras_greedy, make_lm
 from keras_primer_runtime import decoding
 
 pytestmark = pytest.mark.slow
+# A hang guard only: many times the normal time on a loaded 2-core machine.
+HANG_GUARD_S = 1800
 
-CASES = [(f, t) for f in ("primer", "feedback") for t in ("bytes", "sentencepiece")]
+# name -> `make_lm` arguments.
+CASES = {
+    f"{family}_{tokenizer}": dict(family=family, tokenizer=tokenizer)
+    for family in ("primer", "feedback")
+    for tokenizer in ("bytes", "sentencepiece")
+}
+CASES["feedback_primer_ez_shared"] = dict(family="feedback_primer_ez", shared_kv=True)
+CASES["feedback_primer_ez_per_layer"] = dict(family="feedback_primer_ez", shared_kv=False)
+KERAS_BACKENDS = ("tensorflow", "jax", "torch")
 PROMPTS = ["Hello", "Hi", "To be, or not"]
 NEW_TOKENS = 6
 SAMPLING = dict(temperature=1.0, top_k=8, top_p=0.9, seed=11)
@@ -129,57 +144,113 @@ def _fresh(script, cases, tmp_path, name):
         [cases, PROMPTS, NEW_TOKENS, SAMPLING, [b for b, _ in BAD], bad_unicode, str(out)]
     )
     result = subprocess.run(
-        [sys.executable, "-c", script, args], capture_output=True, text=True, env=env, timeout=1800
+        [sys.executable, "-c", script, args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())
 
 
-def test_same_text_in_keras_savedmodel_and_ort(tmp_path):
+def keras_side(lm, name):
+    """Keras greedy text of `lm`, after checking that it refuses the bad
+    options and the prompts that are not valid Unicode with the contract's
+    text (run on every backend)."""
     from keras_hub.samplers import TopPSampler
+
+    text = keras_greedy(lm, PROMPTS, NEW_TOKENS)
+    for options, message in BAD:
+        if options.get("top_k", 0) < 0:
+            continue  # keras-hub's TopPSampler has no negative k; checked in the contract tests
+        lm.compile(
+            sampler=TopPSampler(
+                p=options.get("top_p", 0.9),
+                k=options.get("top_k") or None,
+                temperature=options.get("temperature", 1.0),
+            )
+        )
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            lm.generate("Hi", max_length=8)
+    lm.compile(sampler="greedy")
+    for prompt in BAD_UNICODE:
+        with pytest.raises(ValueError) as error:
+            lm.generate(prompt, max_length=8)
+        assert str(error.value).startswith(decoding.UNICODE_ERROR), name
+    return text
+
+
+# Keras on another backend, in a fresh process: loads the files the test wrote.
+KERAS_SCRIPT = r"""
+import json, sys
+cases, tests_dir, out_path = json.loads(sys.argv[1])
+sys.path.insert(0, tests_dir)
+import keras
+import keras_primer  # noqa: F401  (registers the classes the files name)
+from test_generation_parity import keras_side
+result = {name: keras_side(keras.saving.load_model(path), name) for name, path in cases.items()}
+json.dump({"backend": keras.backend.backend(), "text": result}, open(out_path, "w"))
+"""
+
+
+def _start_keras(backend, paths, tmp_path):
+    out = tmp_path / f"keras_{backend}.json"
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    args = json.dumps([paths, os.path.dirname(__file__), str(out)])
+    process = subprocess.Popen(
+        [sys.executable, "-c", KERAS_SCRIPT, args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return process, out
+
+
+def _finish_keras(backend, process, out):
+    _, stderr = process.communicate(timeout=HANG_GUARD_S)
+    assert process.returncode == 0, f"{backend}: {stderr[-3000:]}"
+    result = json.loads(out.read_text())
+    assert result["backend"] == backend
+    return result["text"]
+
+
+@pytest.mark.tensorflow_only
+def test_same_text_in_keras_savedmodel_and_ort(tmp_path):
+    import keras
 
     from keras_primer.export import export_model
 
-    keras_text, saved_models, onnx_dirs = {}, {}, {}
-    for family, tokenizer in CASES:
-        name = f"{family}_{tokenizer}"
-        lm = make_lm(family, tokenizer)
-        path = str(tmp_path / f"{name}.keras")
-        lm.save(path)
+    paths = {}
+    for name, options in CASES.items():
+        paths[name] = str(tmp_path / f"{name}.keras")
+        make_lm(**options).save(paths[name])
+    # JAX and PyTorch work in fresh processes while this one exports.
+    started = {b: _start_keras(b, paths, tmp_path) for b in KERAS_BACKENDS if b != "tensorflow"}
+    keras_text = {
+        "tensorflow": {
+            name: keras_side(keras.saving.load_model(path), name) for name, path in paths.items()
+        }
+    }
+    saved_models, onnx_dirs = {}, {}
+    for name, path in paths.items():
         written = export_model(path, str(tmp_path / name), name=name, max_new_tokens=NEW_TOKENS)
         saved_models[name] = written["saved_model"]
         onnx_dirs[name] = os.path.dirname(written["onnx"]["config"])
-        keras_text[name] = keras_greedy(lm, PROMPTS, NEW_TOKENS)
-        # Keras refuses the same bad options with the same text.
-        for options, text in BAD:
-            lm.compile(
-                sampler=TopPSampler(
-                    p=options.get("top_p", 0.9),
-                    k=options.get("top_k") or None,
-                    temperature=options.get("temperature", 1.0),
-                )
-            )
-            if options.get("top_k", 0) < 0:
-                continue  # keras-hub's TopPSampler has no negative k; checked in the contract tests
-            with pytest.raises(
-                ValueError, match="^" + text.replace("(", r"\(").replace(")", r"\)")
-            ):
-                lm.generate("Hi", max_length=8)
-        lm.compile(sampler="greedy")
-        for prompt in BAD_UNICODE:
-            with pytest.raises(ValueError) as error:
-                lm.generate(prompt, max_length=8)
-            assert str(error.value).startswith(decoding.UNICODE_ERROR), name
-
+    for backend, (process, out) in started.items():
+        keras_text[backend] = _finish_keras(backend, process, out)
     served = _fresh(SAVED_MODEL_SCRIPT, saved_models, tmp_path, "saved_model")
     ort = _fresh(ORT_SCRIPT, onnx_dirs, tmp_path, "ort")
     assert served.pop("modules") == []
-    for name in keras_text:
-        assert (
-            len({len(x) for x in keras_text[name]}) == 3
-        )  # prompts of different lengths, non-trivial text
-        assert served[name]["greedy"] == keras_text[name], name
-        assert ort[name]["greedy"] == keras_text[name], name
+    for name in CASES:
+        reference = keras_text["tensorflow"][name]
+        # prompts of different lengths, non-trivial text
+        assert len({len(x) for x in reference}) == 3, (name, reference)
+        for backend in KERAS_BACKENDS:
+            assert keras_text[backend][name] == reference, (name, backend)
+        assert served[name]["greedy"] == reference, name
+        assert ort[name]["greedy"] == reference, name
         for runtime in (served, ort):
             first, second = runtime[name]["sampled"]
             assert first == second and all(t.startswith(p) for t, p in zip(first, PROMPTS))

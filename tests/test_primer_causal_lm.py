@@ -115,10 +115,15 @@ def test_backbone_is_causal():
 
 
 def naive_greedy(lm, prompt_ids, steps):
+    """Greedy decoding by one full forward pass per new token. Each pass sees
+    the sequence right-padded to its final length (exact for a causal model,
+    see `test_backbone_is_causal`), so every pass has one shape (one trace)."""
     ids = list(prompt_ids)
+    total = len(ids) + steps
     for _ in range(steps):
-        logits = full_logits(lm, np.array([ids], "int32"))
-        ids.append(int(np.argmax(logits[0, -1])))
+        padded = np.array([ids + [0] * (total - len(ids))], "int32")
+        logits = full_logits(lm, padded)
+        ids.append(int(np.argmax(logits[0, len(ids) - 1])))
     return ids
 
 

@@ -63,6 +63,8 @@ the states as zeros, so left padding still gives the unpadded outputs. The
 states are part of the decoding cache (`cache_layout`).
 """
 
+import contextlib
+
 import keras
 from keras import ops
 from keras.src import backend as keras_backend  # AutocastScope: not in the public API
@@ -575,13 +577,18 @@ class FeedbackStack(keras.layers.Layer):
     def _rows_with_values(self, variables, values, x, position, keys, vals, key_mask, masks):
         """`_step_rows` as a function of the trainable variables' values.
 
-        The backward pass runs after `__call__` has returned, so the autocast
-        of mixed precision (the stack's compute dtype) is entered here too.
+        `variables` ends with the frozen ones (a LoRA base kernel, say),
+        whose values are read outside the differentiated function. The
+        backward pass runs after `__call__` has returned, so the autocast of
+        mixed precision (the stack's compute dtype) is entered here too, and
+        only then: an `AutocastScope(None)` makes every variable report
+        float32.
         """
-        autocast = self.compute_dtype if self.compute_dtype != self.variable_dtype else None
+        mapping = list(zip(variables, values))
+        mixed = self.compute_dtype != self.variable_dtype
         with (
-            keras.StatelessScope(state_mapping=list(zip(variables, values))),
-            keras_backend.AutocastScope(autocast),
+            keras.StatelessScope(state_mapping=mapping),
+            keras_backend.AutocastScope(self.compute_dtype) if mixed else contextlib.nullcontext(),
         ):
             out, _, new_keys, new_values, _ = self._step_rows(
                 x, position, {"key": keys, "value": vals}, key_mask, masks
@@ -629,14 +636,20 @@ class FeedbackStack(keras.layers.Layer):
         length; compute: one extra forward pass of the loop. Equal to
         differentiating the loop directly up to float rounding (tested).
         """
-        variables = list(self.trainable_variables)
-        values = [v.value for v in variables]
+        # Each variable's own flag: keras-hub's `enable_lora` freezes the stack
+        # (its `trainable_variables` is then empty) and unfreezes sublayers.
+        trainable = [v for v in self.variables if v.trainable]
+        frozen = [v for v in self.variables if not v.trainable]
+        variables = trainable + frozen  # every variable mapped, only the first ones differentiated
+        values = [v.value for v in trainable]
+        frozen_values = [v.value for v in frozen]
         inputs = ops.cast(inputs, self.compute_dtype)  # as `__call__` does (not stateless_call)
-        if keras.backend.backend() == "jax":
-            return self._recompute_jax(variables, values, inputs, key_mask, drop_masks)
-        return self._recompute_tensorflow(variables, values, inputs, key_mask, drop_masks)
+        recompute = self._recompute_jax
+        if keras.backend.backend() == "tensorflow":
+            recompute = self._recompute_tensorflow
+        return recompute(variables, values, frozen_values, inputs, key_mask, drop_masks)
 
-    def _recompute_jax(self, variables, values, inputs, key_mask, drop_masks):
+    def _recompute_jax(self, variables, values, frozen_values, inputs, key_mask, drop_masks):
         import jax
         import jax.numpy as jnp
 
@@ -645,11 +658,13 @@ class FeedbackStack(keras.layers.Layer):
 
         @jax.custom_vjp
         def run(values, inputs, drop_masks):
-            return self._forward_loop(variables, values, inputs, key_mask, drop_masks, length)[0]
+            return self._forward_loop(
+                variables, values + frozen_values, inputs, key_mask, drop_masks, length
+            )[0]
 
         def forward(values, inputs, drop_masks):
             outputs, keys, vals = self._forward_loop(
-                variables, values, inputs, key_mask, drop_masks, length
+                variables, values + frozen_values, inputs, key_mask, drop_masks, length
             )
             return outputs, (values, inputs, drop_masks, keys, vals)
 
@@ -664,7 +679,7 @@ class FeedbackStack(keras.layers.Layer):
 
                 def step(values, x, keys, vals):
                     return self._rows_with_values(
-                        variables, values, x, t, keys, vals, key_mask, masks
+                        variables, values + frozen_values, x, t, keys, vals, key_mask, masks
                     )
 
                 rows, vjp = jax.vjp(step, values, inputs[:, t], keys, vals)
@@ -692,7 +707,7 @@ class FeedbackStack(keras.layers.Layer):
         run.defvjp(forward, backward)
         return run(values, inputs, drop_masks)
 
-    def _recompute_tensorflow(self, variables, values, inputs, key_mask, drop_masks):
+    def _recompute_tensorflow(self, variables, values, frozen_values, inputs, key_mask, drop_masks):
         import tensorflow as tf
 
         length = tf.shape(inputs)[1]
@@ -702,11 +717,16 @@ class FeedbackStack(keras.layers.Layer):
                 return tf.zeros_like(like)
             return tf.convert_to_tensor(grad)  # the relative tables' gathers give slices
 
+        num_trainable = len(values)
+
+        # The frozen values are inputs too (without a gradient): a tensor the
+        # function captured would make TensorFlow look for variables behind it.
         @tf.custom_gradient
-        def run(inputs, *values):
-            values = list(values)
+        def run(inputs, *all_values):
+            values = list(all_values[:num_trainable])
+            frozen_values = list(all_values[num_trainable:])
             outputs, keys, vals = self._forward_loop(
-                variables, values, inputs, key_mask, drop_masks, length
+                variables, values + frozen_values, inputs, key_mask, drop_masks, length
             )
 
             def grad(upstream):
@@ -717,7 +737,7 @@ class FeedbackStack(keras.layers.Layer):
                     with tf.GradientTape() as tape:
                         tape.watch([x, keys, vals] + values)
                         out, new_keys, new_values = self._rows_with_values(
-                            variables, values, x, t, keys, vals, key_mask, masks
+                            variables, values + frozen_values, x, t, keys, vals, key_mask, masks
                         )
                     sources = [x, keys, vals] + values
                     rows = [out, new_keys, new_values]
@@ -753,11 +773,11 @@ class FeedbackStack(keras.layers.Layer):
                     ),
                     maximum_iterations=length,
                 )
-                return [grad_inputs] + list(grad_values)
+                return [grad_inputs] + list(grad_values) + [None] * len(frozen_values)
 
             return outputs, grad
 
-        return run(inputs, *values)
+        return run(inputs, *values, *frozen_values)
 
     def compute_output_shape(self, input_shape, *args, **kwargs):
         return input_shape

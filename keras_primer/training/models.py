@@ -1,4 +1,5 @@
-"""Model factory: `primer_ez`, `transformer` and `feedback` (and keras-hub's
+"""Model factory: `primer_ez`, `transformer`, `feedback` and
+`feedback_primer_ez` (and keras-hub's
 `gpt2`, the reference of `recipes.compare`) from one preset."""
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ def build_backbone(model: str, preset, vocabulary_size: int, dtype=None):
     `primer_ez` is `PrimerBackbone` with its defaults (squared ReLU,
     multi-DConv-head attention); `transformer` is the same code with
     `activation="gelu", use_dconv=False`; `feedback` is
-    `FeedbackBackbone` (shared key/value projections, ReLU); `gpt2` is
+    `FeedbackBackbone` (shared key/value projections, ReLU);
+    `feedback_primer_ez` is the same with Primer EZ's two changes (squared
+    ReLU, causal depthwise convolutions on queries and memory); `gpt2` is
     keras-hub's `GPT2Backbone` of the same size (random weights, nothing
     downloaded), the model a Keras user would otherwise train.
 
@@ -35,9 +38,11 @@ def build_backbone(model: str, preset, vocabulary_size: int, dtype=None):
         if model == "transformer":
             common.update(activation="gelu", use_dconv=False)
         return PrimerBackbone(**common)
-    if model == "feedback":
+    if model in ("feedback", "feedback_primer_ez"):
         from keras_primer.models.feedback import FeedbackBackbone
 
+        if model == "feedback_primer_ez":
+            common.update(activation="squared_relu", use_dconv=True)
         return FeedbackBackbone(**common)
     if model == "gpt2":
         import keras_hub
@@ -65,7 +70,7 @@ def build_causal_lm(model: str, preset, tokenizer, dtype=None):
     vocabulary_size = int(tokenizer.vocabulary_size())
     backbone = build_backbone(model, preset, vocabulary_size, dtype=dtype)
     preprocessor = PrimerCausalLMPreprocessor(tokenizer, sequence_length=preset.sequence_length)
-    if model == "feedback":
+    if model in ("feedback", "feedback_primer_ez"):
         from keras_primer.models.feedback import FeedbackCausalLM
 
         return FeedbackCausalLM(backbone=backbone, preprocessor=preprocessor)
