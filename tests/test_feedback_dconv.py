@@ -2,7 +2,6 @@
 backend, training and saving. Its export parity (shared and per-layer K/V) is
 in the parity matrix, `test_generation_parity.py`."""
 
-
 import keras
 import numpy as np
 import pytest
