@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from keras_primer_runtime.run_config import MODELS, REFERENCE_MODELS
 
+# The models built on `FeedbackBackbone` / `FeedbackCausalLM`.
+FEEDBACK_MODELS = ("feedback", "feedback_primer_ez")
+
 
 def build_backbone(model: str, preset, vocabulary_size: int, dtype=None):
     """The backbone of `model` sized by `preset` (a `TrainPreset`).
@@ -38,7 +41,7 @@ def build_backbone(model: str, preset, vocabulary_size: int, dtype=None):
         if model == "transformer":
             common.update(activation="gelu", use_dconv=False)
         return PrimerBackbone(**common)
-    if model in ("feedback", "feedback_primer_ez"):
+    if model in FEEDBACK_MODELS:
         from keras_primer.models.feedback import FeedbackBackbone
 
         if model == "feedback_primer_ez":
@@ -70,7 +73,7 @@ def build_causal_lm(model: str, preset, tokenizer, dtype=None):
     vocabulary_size = int(tokenizer.vocabulary_size())
     backbone = build_backbone(model, preset, vocabulary_size, dtype=dtype)
     preprocessor = PrimerCausalLMPreprocessor(tokenizer, sequence_length=preset.sequence_length)
-    if model in ("feedback", "feedback_primer_ez"):
+    if model in FEEDBACK_MODELS:
         from keras_primer.models.feedback import FeedbackCausalLM
 
         return FeedbackCausalLM(backbone=backbone, preprocessor=preprocessor)
