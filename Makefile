@@ -10,7 +10,7 @@ BACKENDS ?= tensorflow jax torch
 LINT_PATHS ?= .
 # Public docstring examples run as doctests in the TensorFlow pass.
 DOCTEST_PATHS ?= keras_primer keras_primer_runtime
-# pytest-xdist workers per backend pass: one per logical CPU, at most 4 (each
+# pytest-xdist workers per backend pass (scheduling: tests/conftest.py): one per logical CPU, at most 4 (each
 # worker holds a framework, about 1 GB). PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= logical
 # Each pass ends with its slowest tests, to see where the time goes.
@@ -22,12 +22,14 @@ export KERAS_PRIMER_SHAKESPEARE ?= $(wildcard $(CURDIR)/../shared/data/tinyshake
 
 setup: $(VENV)/.installed
 
+# --no-compile: Python compiles only the modules a process imports, on first
+# import, instead of every file of TensorFlow, JAX and PyTorch at install.
 $(VENV)/.installed: pyproject.toml requirements/test.txt requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements/test.txt
-	$(PY) -m pip install -q --no-deps -r requirements/no-deps.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --no-compile -r requirements/test.txt
+	$(PY) -m pip install -q --no-compile --no-deps -r requirements/no-deps.txt
+	$(PY) -m pip install -q --no-compile --no-deps --no-build-isolation -e .
 	touch $@
 
 demo: setup
@@ -43,15 +45,25 @@ lint: setup
 check-install: setup
 	$(PY) tools/check_install.py
 
-test: lint check-install
-	@status=0; for backend in $(BACKENDS); do \
+# The install check waits on the package index, not the CPU: it runs beside
+# the tests and its verdict is printed (and counted) at the end. One JAX
+# compilation cache for every process of the run (workers and the
+# subprocesses they start), removed at the end.
+test: lint
+	@status=0; check_log=$$(mktemp); jax_cache=$$(mktemp -d); \
+	$(PY) tools/check_install.py > $$check_log 2>&1 & check=$$!; \
+	export JAX_COMPILATION_CACHE_DIR=$$jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+	  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1; \
+	for backend in $(BACKENDS); do \
 	  echo "=== pytest, KERAS_BACKEND=$$backend ==="; start=$$(date +%s); \
 	  extra=""; if [ $$backend = tensorflow ]; then extra="--doctest-modules $(DOCTEST_PATHS) tests"; fi; \
 	  KERAS_BACKEND=$$backend $(PY) -m pytest -q -p no:cacheprovider \
-	    -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadgroup --durations $(PYTEST_DURATIONS) \
+	    -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadscope --durations $(PYTEST_DURATIONS) \
 	    $$extra $(PYTEST_ARGS) || status=1; \
 	  echo "=== KERAS_BACKEND=$$backend: $$(( $$(date +%s) - start )) s ==="; \
-	done; exit $$status
+	done; \
+	echo "=== check-install ==="; wait $$check || status=1; cat $$check_log; \
+	rm -rf $$check_log $$jax_cache; exit $$status
 
 bench: setup
 	$(PY) benchmarks/primer_speed.py --backends $(shell echo $(BACKENDS) | tr ' ' ',')

@@ -30,14 +30,15 @@ import pytest
 
 BACKEND = keras.backend.backend()
 
-if BACKEND == "jax":
+if BACKEND == "jax" and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     import jax
 
     # Keras traces every new model again, and JAX compiles each trace again, even
     # when an identical model was compiled before. A compilation cache keyed on
     # the program reuses the executable (a second identical tiny model compiles
-    # in a tenth of the CPU time). One folder per test process: no two processes
-    # write one entry; subprocesses compile on their own.
+    # in a tenth of the CPU time). `make test` names one folder for all its
+    # processes (JAX_COMPILATION_CACHE_DIR, read by JAX itself, so that the
+    # subprocesses share it too); a plain `pytest` gets one folder per process.
     _JAX_CACHE = tempfile.mkdtemp(prefix="keras-primer-jax-cache-")
     atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
     jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
@@ -45,14 +46,35 @@ if BACKEND == "jax":
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+# Modules whose tests share module-scoped fixtures (an export, a reference
+# training run): each runs whole on one xdist worker, so the fixture is built
+# once. Every other test is scheduled on its own.
+SHARED_FIXTURE_MODULES = ("test_export_onnx.py", "test_export_savedmodel.py", "test_faults.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's `loadgroup` with the groups above. (pytest-xdist 3.8 marks a
+    group by rewriting `item._nodeid`, which pytest 9 no longer reads: its
+    `xdist_group` marks are silently ignored.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            return module if os.path.basename(module) in SHARED_FIXTURE_MODULES else nodeid
+
+    return SharedFixtureScheduling(config, log)
+
+
+def _runs_long(item):
+    return item.get_closest_marker("slow") or os.path.basename(item.path) in SHARED_FIXTURE_MODULES
+
+
 def pytest_collection_modifyitems(config, items):
-    # Long tests first (end-to-end ones and whole xdist groups), so that
+    # Long tests first (end-to-end ones and whole module groups), so that
     # parallel workers do not end the run waiting on one long test.
-    items.sort(
-        key=lambda item: (
-            not (item.get_closest_marker("slow") or item.get_closest_marker("xdist_group"))
-        )
-    )
+    items.sort(key=lambda item: not _runs_long(item))
     if BACKEND == "tensorflow":
         return
     skip = pytest.mark.skip(reason="runs once, in the TensorFlow-backend pass")

@@ -336,7 +336,6 @@ def test_every_arm_sees_the_same_batches(tmp_path, sample_text_path, monkeypatch
         sample_tokens=0,
         verbose=0,
         tensorboard=False,
-        jit_compile=False,
     )
     result = compare_module.compare(base, ("gpt2", "primer_ez"), seeds=(0, 1))
 

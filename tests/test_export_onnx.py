@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from export_helpers import NEW_TOKENS, PROMPTS, keras_greedy, make_model, sample_ids
 
-pytestmark = [pytest.mark.tensorflow_only, pytest.mark.xdist_group("export_onnx")]
+pytestmark = pytest.mark.tensorflow_only
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -346,67 +346,3 @@ def test_model_trained_on_other_backend(backend, where, exported, tmp_path):
     # replayed its warmup requests before moving the SavedModel into place.
     out = loaded.signatures["generate"](prompts=tf.constant(["To be, or", "Hi"]))
     assert out["num_new_tokens"].numpy().max() <= 15
-
-
-def test_feedback_model_exports(tmp_path):
-    """The Feedback Transformer goes through the same exporters (its adapter:
-    state = keys/values of the memory of past steps)."""
-    import keras
-    import tensorflow as tf
-
-    from keras_primer.export import export_model
-    from keras_primer.models.feedback import (
-        FeedbackBackbone,
-        FeedbackCausalLM,
-        FeedbackCausalLMPreprocessor,
-        FeedbackTokenizer,
-    )
-    from keras_primer_runtime.ort_generator import OrtGenerator
-
-    backbone = FeedbackBackbone(
-        vocabulary_size=256,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=32,
-    )
-    lm = FeedbackCausalLM(
-        backbone, FeedbackCausalLMPreprocessor(FeedbackTokenizer(), sequence_length=32)
-    )
-    rng = np.random.default_rng(1)
-    lm.set_weights(
-        [
-            (rng.normal(0, 0.3, w.shape) + (1.0 if "gamma" in v.path else 0.0)).astype("float32")
-            for v, w in zip(lm.weights, lm.get_weights())
-        ]
-    )
-    lm.save(str(tmp_path / "feedback.keras"))
-    written = export_model(
-        str(tmp_path / "feedback.keras"), str(tmp_path / "out"), max_new_tokens=4
-    )
-    config = json.load(open(written["onnx"]["config"]))
-    assert config["family"] == "feedback" and [s["name"] for s in config["states"]] == [
-        "key",
-        "value",
-    ]
-
-    token_ids, padding_mask = sample_ids()
-    padding_mask = np.ones_like(padding_mask)
-    expected = keras.ops.convert_to_numpy(
-        lm({"token_ids": token_ids, "padding_mask": padding_mask})
-    )
-    generator = OrtGenerator(os.path.dirname(written["onnx"]["config"]))
-    np.testing.assert_allclose(
-        generator.logits(token_ids, padding_mask), expected, atol=1e-4, rtol=0
-    )
-    loaded = tf.saved_model.load(written["saved_model"])
-    sm_logits = loaded.signatures["serving_default"](
-        token_ids=tf.constant(token_ids), padding_mask=tf.constant(padding_mask)
-    )["logits"].numpy()
-    np.testing.assert_allclose(sm_logits, expected, atol=1e-4, rtol=0)
-
-    greedy = keras_greedy(lm, PROMPTS[:2], 4)
-    assert generator.generate(PROMPTS[:2], max_new_tokens=4) == greedy
-    outputs = loaded.signatures["generate"](prompts=tf.constant(PROMPTS[:2]))["outputs"].numpy()
-    assert [x.decode() for x in outputs] == greedy

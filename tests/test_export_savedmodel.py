@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from export_helpers import NEW_TOKENS, PROMPTS, keras_greedy, make_model, sample_ids
 
-pytestmark = [pytest.mark.tensorflow_only, pytest.mark.xdist_group("export_savedmodel")]
+pytestmark = pytest.mark.tensorflow_only
 
 # Runs in a fresh interpreter in which keras, keras_hub, keras_primer and
 # tensorflow_text cannot be imported: walks the graph against the core op

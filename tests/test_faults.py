@@ -54,8 +54,7 @@ def _config(out, **kwargs):
         preset=TINY,
         sample_tokens=0,
         verbose=0,
-        tensorboard=False,
-        jit_compile=False,
+        tensorboard=False,  # jit_compile "auto", as in test_training
     )
     values.update(kwargs)
     return RunConfig(**values)
@@ -103,7 +102,7 @@ _KILLED_RUN = textwrap.dedent("""
     from keras_primer.training import RunConfig, TrainPreset, train
     preset = TrainPreset(**json.loads(sys.argv[2]))
     train(RunConfig(out=sys.argv[1], data=sys.argv[3], preset=preset, sample_tokens=0,
-                    verbose=0, tensorboard=False, jit_compile=False))
+                    verbose=0, tensorboard=False))
 """)
 
 

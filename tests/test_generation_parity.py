@@ -8,7 +8,8 @@ on every backend (TensorFlow in the test process, JAX and PyTorch in fresh
 processes); the SavedModel `generate` signature runs in a fresh process that
 can import only TensorFlow and tensorflow-text, and `OrtGenerator` in a fresh
 process that can import no framework at all. The greedy text must be
-identical everywhere, for a batch of prompts of different lengths. In each
+identical everywhere, for a batch of prompts of different lengths, and so
+must the full forward pass's logits (`model.onnx`, `serving_default`). In each
 runtime a fixed seed repeats, and bad options and prompts that are not valid
 Unicode (the contract's Unicode rule) fail with the contract's error text.
 Runs once, in the TensorFlow-backend pass (it covers every backend itself).
@@ -20,8 +21,9 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-from export_helpers import BLOCK_IMPORTS, FRAMEWORKS, keras_greedy, make_lm
+from export_helpers import BLOCK_IMPORTS, FRAMEWORKS, keras_greedy, make_lm, sample_ids
 
 from keras_primer_runtime import decoding
 
@@ -51,6 +53,9 @@ BAD = [  # (options, expected text)
 # Not valid Unicode: invalid UTF-8, and a lone surrogate (a str; a client that
 # sends it to TF Serving can only send its "surrogatepass" bytes).
 BAD_UNICODE = [b"\xff\xfeA", "a\udcff"]
+# The full forward pass (Keras `call`, the SavedModel's `serving_default`,
+# ORT's `model.onnx`) on these ids, without padding: the same logits.
+LOGITS_IDS = sample_ids()[0]
 
 
 def _as_bytes(prompt):
@@ -67,10 +72,13 @@ import tensorflow as tf
 # (its package imports tf.keras layers), which this process cannot.
 text_dir = importlib.util.find_spec("tensorflow_text").submodule_search_locations[0]
 tf.load_op_library(os.path.join(text_dir, "python", "ops", "_sentencepiece_tokenizer.so"))
-cases, prompts, new_tokens, sampling, bad, bad_unicode, out_path = json.loads(sys.argv[1])
+cases, prompts, new_tokens, sampling, bad, bad_unicode, ids, out_path = json.loads(sys.argv[1])
 result = {}
 for name, sm_dir in cases.items():
     loaded = tf.saved_model.load(sm_dir)
+    logits = loaded.signatures["serving_default"](
+        token_ids=tf.constant(ids, tf.int32), padding_mask=tf.ones([len(ids), len(ids[0])], tf.int32)
+    )["logits"].numpy().tolist()
     greedy = loaded.signatures["generate"](prompts=tf.constant(prompts))["outputs"].numpy()
     options = loaded.signatures["generate_with_options"]
     def run(temperature=0.0, top_k=0, top_p=1.0, seed=0, max_new_tokens=new_tokens):
@@ -92,7 +100,7 @@ for name, sm_dir in cases.items():
         except tf.errors.InvalidArgumentError as e:
             errors.append(e.message)
     result[name] = {"greedy": [x.decode("utf-8") for x in greedy], "sampled": [run(**sampling), run(**sampling)],
-                    "errors": errors}
+                    "errors": errors, "logits": logits}
 result["modules"] = sorted(m for m in sys.modules
                            if m.split(".")[0] in ("keras", "keras_primer", "jax", "torch") and sys.modules[m])
 json.dump(result, open(out_path, "w"))
@@ -106,11 +114,13 @@ block_imports(*{FRAMEWORKS!r})
 """
     + r"""
 import json
+import numpy as np
 from keras_primer_runtime.ort_generator import OrtGenerator
-cases, prompts, new_tokens, sampling, bad, bad_unicode, out_path = json.loads(sys.argv[1])
+cases, prompts, new_tokens, sampling, bad, bad_unicode, ids, out_path = json.loads(sys.argv[1])
 result = {}
 for name, onnx_dir in cases.items():
     gen = OrtGenerator(onnx_dir, providers=["CPUExecutionProvider"])
+    logits = gen.logits(np.array(ids, np.int32)).tolist()
     errors = []
     for options in bad:
         try:
@@ -124,8 +134,9 @@ for name, onnx_dir in cases.items():
             errors.append(None)
         except ValueError as e:
             errors.append(str(e))
-    result[name] = {"greedy": gen.generate(prompts, new_tokens),
-                    "sampled": [gen.generate(prompts, new_tokens, **sampling) for _ in range(2)], "errors": errors}
+    result[name] = {"greedy": gen.generate(prompts, new_tokens), "logits": logits,
+                    "sampled": [gen.generate(prompts, new_tokens, **sampling) for _ in range(2)], "errors": errors,
+                    "config": {k: gen.config[k] for k in ("family", "states")}}
 json.dump(result, open(out_path, "w"))
 """
 )
@@ -141,7 +152,16 @@ def _fresh(script, cases, tmp_path, name):
     else:
         bad_unicode = [["hex", _as_bytes(p).hex()] for p in BAD_UNICODE]
     args = json.dumps(
-        [cases, PROMPTS, NEW_TOKENS, SAMPLING, [b for b, _ in BAD], bad_unicode, str(out)]
+        [
+            cases,
+            PROMPTS,
+            NEW_TOKENS,
+            SAMPLING,
+            [b for b, _ in BAD],
+            bad_unicode,
+            LOGITS_IDS.tolist(),
+            str(out),
+        ]
     )
     result = subprocess.run(
         [sys.executable, "-c", script, args],
@@ -198,19 +218,23 @@ def _start_keras(backend, paths, tmp_path):
     out = tmp_path / f"keras_{backend}.json"
     env = dict(os.environ, KERAS_BACKEND=backend)
     args = json.dumps([paths, os.path.dirname(__file__), str(out)])
+    # Output to a file: a pipe read only at the end could fill and stall the child.
+    log = open(tmp_path / f"keras_{backend}.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-c", KERAS_SCRIPT, args],
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         text=True,
     )
+    log.close()  # the child holds its own copy
     return process, out
 
 
 def _finish_keras(backend, process, out):
-    _, stderr = process.communicate(timeout=HANG_GUARD_S)
-    assert process.returncode == 0, f"{backend}: {stderr[-3000:]}"
+    process.wait(timeout=HANG_GUARD_S)
+    log = out.with_name(f"keras_{backend}.log").read_text()
+    assert process.returncode == 0, f"{backend}: {log[-3000:]}"
     result = json.loads(out.read_text())
     assert result["backend"] == backend
     return result["text"]
@@ -228,10 +252,13 @@ def test_same_text_in_keras_savedmodel_and_ort(tmp_path):
         make_lm(**options).save(paths[name])
     # JAX and PyTorch work in fresh processes while this one exports.
     started = {b: _start_keras(b, paths, tmp_path) for b in KERAS_BACKENDS if b != "tensorflow"}
-    keras_text = {
-        "tensorflow": {
-            name: keras_side(keras.saving.load_model(path), name) for name, path in paths.items()
-        }
+    loaded = {name: keras.saving.load_model(path) for name, path in paths.items()}
+    keras_text = {"tensorflow": {name: keras_side(lm, name) for name, lm in loaded.items()}}
+    keras_logits = {
+        name: keras.ops.convert_to_numpy(
+            lm({"token_ids": LOGITS_IDS, "padding_mask": np.ones_like(LOGITS_IDS)})
+        )
+        for name, lm in loaded.items()
     }
     saved_models, onnx_dirs = {}, {}
     for name, path in paths.items():
@@ -251,6 +278,16 @@ def test_same_text_in_keras_savedmodel_and_ort(tmp_path):
             assert keras_text[backend][name] == reference, (name, backend)
         assert served[name]["greedy"] == reference, name
         assert ort[name]["greedy"] == reference, name
+        for runtime in (served, ort):
+            np.testing.assert_allclose(
+                runtime[name]["logits"], keras_logits[name], atol=1e-4, rtol=0, err_msg=name
+            )
+        # The ONNX config names the family and its decoding state (the
+        # Feedback state: keys/values of the memory of past steps).
+        family = CASES[name]["family"].split("_")[0]
+        assert ort[name]["config"]["family"] == family, name
+        if name.startswith("feedback_bytes"):
+            assert [s["name"] for s in ort[name]["config"]["states"]] == ["key", "value"]
         for runtime in (served, ort):
             first, second = runtime[name]["sampled"]
             assert first == second and all(t.startswith(p) for t, p in zip(first, PROMPTS))
