@@ -1,9 +1,13 @@
 """Many devices on CPU: JAX with 4 host devices, TensorFlow with 2 logical CPUs.
 
 Device counts must be fixed before JAX/TensorFlow start, so each check runs
-in a fresh subprocess (once, in the TensorFlow-backend pass).
+in a fresh subprocess (once, in the TensorFlow-backend pass). One process per
+device setup runs both the library (`distribution_scope`) and the recipe
+(`keras-primer train`'s `main`, in the same process) on one device and on
+all of them.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -16,9 +20,34 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 # for a wrong result, never for a slow box (issue 20).
 HANG_GUARD_S = 1800
 
+# `keras-primer train` flags of every recipe run here (--jit-compile stays
+# auto: XLA on JAX, where eager steps compile every op; graph mode on
+# TensorFlow's CPU).
+CLI_FLAGS = [
+    "--preset",
+    "tiny",
+    "--steps",
+    "4",
+    "--batch-size",
+    "8",
+    "--sequence-length",
+    "16",
+    "--eval-interval",
+    "4",
+    "--sample-tokens",
+    "8",
+    "--no-tensorboard",
+    "--verbose",
+    "0",
+    "--seed",
+    "3",
+]
+
 COMMON = """
+import contextlib, io, json, sys
 import numpy as np, keras
 from keras_primer import PrimerBackbone, PrimerCausalLM, PrimerCausalLMPreprocessor, PrimerTokenizer
+from keras_primer_runtime.train_cli import main
 
 def build(optimizer=None):
     keras.utils.set_random_seed(0)
@@ -35,6 +64,14 @@ y = np.roll(ids, -1, axis=1)
 
 def loss(lm):
     return keras.Model.evaluate(lm, x, y, batch_size=8, verbose=0, return_dict=True)["loss"]
+
+out_root, data, cli_flags = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+
+def cli(name, *flags):  # `keras-primer train` in this process: (exit status, stderr)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(["--out", f"{out_root}/{name}", "--data", data, *cli_flags, *flags])
+    return status, err.getvalue()
 """
 
 JAX_SCRIPT = (
@@ -55,6 +92,13 @@ for kind in ("data_parallel", "model_parallel"):
         out = generate(lm, ["ROMEO:", "JULIET:", "A"], max_length=12)  # 3 prompts, 4 devices
         assert len(out) == 3 and out[1].startswith("JULIET:"), out
     print(kind, "ok", value, reference)
+# The recipe: one device (no --distribution), then sharded over the four.
+for name, flags in (("single", ()), ("data_parallel", ("--distribution", "data_parallel")),
+                    ("model_parallel", ("--distribution", "model_parallel"))):
+    status, err = cli(name, *flags)
+    assert status == 0, err
+status, err = cli("bad", "--distribution", "data_parallel", "--batch-size", "6")
+print(json.dumps({"bad": [status, err]}))
 """
 )
 
@@ -87,94 +131,23 @@ keras.Model.fit(two, x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
 for a, b in zip(one.weights, two.weights):
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.path)
 print("mirrored ok", value, reference)
+# The recipe on one device (no --distribution). Mirrored runs in a process of
+# its own: a second MirroredStrategy in one process reuses the first one's
+# collective instance keys.
+status, err = cli("single")
+assert status == 0, err
 """
 )
 
-
-def _run(script, backend, extra_env=None):
-    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT, **(extra_env or {}))
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout
-
-
-@pytest.mark.tensorflow_only
-@pytest.mark.slow
-def test_jax_data_and_model_parallel_match_single_device():
-    out = _run(JAX_SCRIPT, "jax", {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
-    assert "data_parallel ok" in out and "model_parallel ok" in out
-
-
-@pytest.mark.tensorflow_only
-@pytest.mark.slow
-def test_tensorflow_mirrored_strategy_matches_single_device():
-    assert "mirrored ok" in _run(TF_SCRIPT, "tensorflow")
-
-
-@pytest.mark.tensorflow_only
-def test_distribution_errors_name_the_backend():
-    import keras
-
-    from keras_primer.training.distribution import distribution_scope
-
-    with pytest.raises(ValueError, match="Unknown distribution"):
-        with distribution_scope("pipeline"):
-            pass
-    assert keras.backend.backend() == "tensorflow"
-    with pytest.raises(ValueError, match="needs the JAX backend; use `mirrored`"):
-        with distribution_scope("data_parallel"):
-            pass
-
-
-# ----- `keras-primer train --distribution ...`: the whole recipe on many devices -----
-
-CLI_FLAGS = [
-    "--preset",
-    "tiny",
-    "--steps",
-    "4",
-    "--batch-size",
-    "8",
-    "--sequence-length",
-    "16",
-    "--eval-interval",
-    "4",
-    "--sample-tokens",
-    "8",
-    "--no-tensorboard",
-    "--verbose",
-    "0",
-    # --jit-compile stays auto: XLA on JAX (eager JAX compiles every op), graph
-    # mode on TensorFlow's CPU.
-    "--seed",
-    "3",
-]
-
-
-@pytest.fixture(scope="module")
-def small_corpus(sample_text_path):
-    return sample_text_path
-
-
-def _train_command(out, data, *flags):
-    return [
-        sys.executable,
-        "-m",
-        "keras_primer_runtime.train_cli",
-        "--out",
-        str(out),
-        "--data",
-        data,
-        *CLI_FLAGS,
-        *flags,
-    ]
+# The recipe mirrored over two logical CPUs, set up before TensorFlow starts.
+TF_MIRRORED_CLI = """
+import sys, json, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from keras_primer_runtime.train_cli import main
+out_root, data, cli_flags = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.exit(main(["--out", f"{out_root}/mirrored", "--data", data, *cli_flags, "--distribution", "mirrored"]))
+"""
 
 
 def _env(backend, **extra):
@@ -183,22 +156,30 @@ def _env(backend, **extra):
     return env
 
 
-def _cli_train(out, data, *flags, backend="jax", env=None):
-    result = subprocess.run(
-        _train_command(out, data, *flags),
-        env=env or _env(backend),
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
+def _start(script, out_root, data, env, log_name="process.log"):
+    """Starts `script` in a fresh interpreter (output to a file, not a pipe
+    that could fill while the test waits on something else)."""
+    log = open(os.path.join(out_root, log_name), "w")
+    process = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), str(out_root), data, json.dumps(CLI_FLAGS)],
+        env=env,
         cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return _summary(out)
+    log.close()
+    return process
+
+
+def _finish(process, out_root, log_name="process.log"):
+    process.wait(timeout=HANG_GUARD_S)
+    output = open(os.path.join(out_root, log_name)).read()
+    assert process.returncode == 0, output[-6000:]
+    return output
 
 
 def _summary(out):
-    import json
-
     with open(os.path.join(out, "summary.json")) as f:
         return json.load(f)
 
@@ -215,101 +196,101 @@ def _free_ports(n):
     return ports
 
 
-def _run_together(commands_and_envs, timeout=HANG_GUARD_S):
-    """Starts every process at once (they wait for each other) and checks all exit 0."""
-    procs = [
-        subprocess.Popen(
-            cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for cmd, env in commands_and_envs
-    ]
-    try:
-        outputs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (stdout, stderr) in zip(procs, outputs):
-        assert p.returncode == 0, stdout[-2000:] + stderr[-5000:]
-
-
 @pytest.mark.tensorflow_only
 @pytest.mark.slow
-def test_cli_jax_sharded_and_multi_host_match_one_device(tmp_path, small_corpus):
-    """The recipe on four JAX devices (data and model parallel) and on two
-    JAX processes with two devices each (keras.distribution.initialize)
-    trains the same model as on one device."""
-    four_devices = _env("jax", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    # --backend picks JAX although the environment says TensorFlow (set before Keras loads).
-    single = _cli_train(tmp_path / "single", small_corpus, "--backend", "jax", backend="tensorflow")
-    assert single["backend"] == "jax"
-    sharded = {}
-    for kind in ("data_parallel", "model_parallel"):
-        sharded[kind] = summary = _cli_train(
-            tmp_path / kind, small_corpus, "--distribution", kind, env=four_devices
-        )
-        assert summary["distribution"] == kind and summary["steps"] == 4
-        # Same batches, same seed: the same training run, sharded.
-        assert summary["val_loss"] == pytest.approx(single["val_loss"], abs=2e-3), kind
-        assert summary["samples"]["ROMEO:"].startswith("ROMEO:")  # 1 prompt on 4 devices
-    # A batch that does not split over the devices is refused, with the fix.
-    result = subprocess.run(
-        _train_command(
-            tmp_path / "bad", small_corpus, "--distribution", "data_parallel", "--batch-size", "6"
-        ),
-        env=four_devices,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-        cwd=ROOT,
+def test_jax_sharded_and_multi_host_match_one_device(tmp_path, sample_text_path):
+    """On four JAX devices, data and model parallel give the loss of one
+    device, through the library and through the recipe; two JAX processes
+    with two devices each (keras.distribution.initialize) train as the four."""
+    four = tmp_path / "four"
+    four.mkdir()
+    sharded = _start(
+        JAX_SCRIPT,
+        four,
+        sample_text_path,
+        _env("jax", XLA_FLAGS="--xla_force_host_platform_device_count=4"),
     )
-    assert result.returncode == 2
-    assert "Batch size 6 does not divide by the 4 batch shards" in result.stderr
-
-    # Two processes, two devices each, against the four-device run above.
+    # Meanwhile: two processes, two devices each. --backend picks JAX although
+    # the environment says TensorFlow (set before Keras loads).
     (port,) = _free_ports(1)
-    out = tmp_path / "two"
-    runs = []
+    two = tmp_path / "two"
+    hosts = []
     for process_id in range(2):
         env = _env(
-            "jax",
+            "tensorflow",
             XLA_FLAGS="--xla_force_host_platform_device_count=2",
             KERAS_DISTRIBUTION_JOB_ADDRESSES=f"localhost:{port}",
             KERAS_DISTRIBUTION_NUM_PROCESSES="2",
             KERAS_DISTRIBUTION_PROCESS_ID=str(process_id),
         )
-        command = _train_command(
-            out, small_corpus, "--distribution", "data_parallel", "--multi-host"
+        command = [sys.executable, "-m", "keras_primer_runtime.train_cli", "--out", str(two)]
+        command += ["--data", sample_text_path, *CLI_FLAGS, "--backend", "jax"]
+        command += ["--distribution", "data_parallel", "--multi-host"]
+        hosts.append(
+            subprocess.Popen(
+                command,
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         )
-        runs.append((command, env))
-    _run_together(runs)
-    chief, other = _summary(out), _summary(out / "worker-1")
-    assert chief["val_loss"] == pytest.approx(sharded["data_parallel"]["val_loss"], abs=2e-3)
+    try:
+        host_errors = [p.communicate(timeout=HANG_GUARD_S)[1] for p in hosts]
+    finally:
+        for p in hosts:
+            p.kill()
+    output = _finish(sharded, four)
+    assert "data_parallel ok" in output and "model_parallel ok" in output
+
+    single = _summary(four / "single")
+    assert single["backend"] == "jax"
+    for kind in ("data_parallel", "model_parallel"):
+        summary = _summary(four / kind)
+        assert summary["distribution"] == kind and summary["steps"] == 4
+        # Same batches, same seed: the same training run, sharded.
+        assert summary["val_loss"] == pytest.approx(single["val_loss"], abs=2e-3), kind
+        assert summary["samples"]["ROMEO:"].startswith("ROMEO:")  # 1 prompt on 4 devices
+    # A batch that does not split over the devices is refused, with the fix.
+    status, err = json.loads(output.strip().splitlines()[-1])["bad"]
+    assert status == 2
+    assert "Batch size 6 does not divide by the 4 batch shards" in err
+
+    for p, err in zip(hosts, host_errors):
+        assert p.returncode == 0, err[-5000:]
+    chief, other = _summary(two), _summary(two / "worker-1")
+    assert chief["backend"] == "jax"
+    data_parallel = _summary(four / "data_parallel")
+    assert chief["val_loss"] == pytest.approx(data_parallel["val_loss"], abs=2e-3)
     assert other["val_loss"] == pytest.approx(chief["val_loss"], abs=1e-6)
     assert chief["samples"] == {}  # generation is refused across processes, with a note
 
 
 @pytest.mark.tensorflow_only
 @pytest.mark.slow
-def test_cli_tensorflow_mirrored_matches_one_device(tmp_path, small_corpus):
-    single = _cli_train(tmp_path / "single", small_corpus, backend="tensorflow")
-    # Two logical CPUs must exist before TensorFlow starts: set them up, then
-    # run the command in the same process.
-    script = textwrap.dedent(f"""
-        import sys, tensorflow as tf
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from keras_primer_runtime.train_cli import main
-        sys.exit(main({_train_command(tmp_path / "mirrored", small_corpus, "--distribution", "mirrored")[3:]!r}))
-    """)
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        env=_env("tensorflow"),
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
+def test_tensorflow_mirrored_matches_one_device(tmp_path, sample_text_path):
+    """Two logical CPUs under MirroredStrategy give the loss and, with
+    clipping, the weights of one device, through the library and the recipe."""
+    one = _start(TF_SCRIPT, tmp_path, sample_text_path, _env("tensorflow"))
+    two = _start(TF_MIRRORED_CLI, tmp_path, sample_text_path, _env("tensorflow"), "mirrored.log")
+    assert "mirrored ok" in _finish(one, tmp_path)
+    _finish(two, tmp_path, "mirrored.log")
     summary = _summary(tmp_path / "mirrored")
     assert summary["distribution"] == "mirrored"
-    assert summary["val_loss"] == pytest.approx(single["val_loss"], abs=2e-3)
+    assert summary["val_loss"] == pytest.approx(_summary(tmp_path / "single")["val_loss"], abs=2e-3)
+
+
+@pytest.mark.tensorflow_only
+def test_distribution_errors_name_the_backend():
+    import keras
+
+    from keras_primer.training.distribution import distribution_scope
+
+    with pytest.raises(ValueError, match="Unknown distribution"):
+        with distribution_scope("pipeline"):
+            pass
+    assert keras.backend.backend() == "tensorflow"
+    with pytest.raises(ValueError, match="needs the JAX backend; use `mirrored`"):
+        with distribution_scope("data_parallel"):
+            pass
