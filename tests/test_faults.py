@@ -10,8 +10,7 @@ and the history with one uninterrupted run.
 
 Backends: the whole kill matrix runs on TensorFlow and PyTorch; on JAX one
 case (a kill mid-epoch, after a commit) runs, because every JAX subprocess
-pays XLA compilation again (about a minute per killed run on a 2-core CI
-machine). The in-process cases run on every backend.
+pays XLA compilation again. The in-process cases run on every backend.
 """
 
 import dataclasses
