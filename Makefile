@@ -10,8 +10,9 @@ BACKENDS ?= tensorflow jax torch
 LINT_PATHS ?= .
 # Public docstring examples run as doctests in the TensorFlow pass.
 DOCTEST_PATHS ?= keras_primer keras_primer_runtime
-# pytest-xdist workers per backend pass (scheduling: tests/conftest.py): one per logical CPU, at most 4 (each
-# worker holds a framework, about 1 GB). PYTEST_WORKERS=0: one process.
+# pytest-xdist workers per backend pass: one per logical CPU, at most 4 (each
+# worker holds a framework, about 1 GB). PYTEST_WORKERS=0: one process. Which
+# tests share a worker: SHARED_FIXTURE_MODULES in tests/conftest.py.
 PYTEST_WORKERS ?= logical
 # Each pass ends with its slowest tests, to see where the time goes.
 PYTEST_DURATIONS ?= 25
