@@ -102,12 +102,15 @@ print(json.dumps({"bad": [status, err]}))
 """
 )
 
-TF_SCRIPT = (
-    """
+# Two logical CPUs must exist before TensorFlow starts.
+TWO_LOGICAL_CPUS = """
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 """
+
+TF_SCRIPT = (
+    TWO_LOGICAL_CPUS
     + COMMON
     + """
 reference = loss(build())
@@ -131,23 +134,21 @@ keras.Model.fit(two, x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
 for a, b in zip(one.weights, two.weights):
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.path)
 print("mirrored ok", value, reference)
-# The recipe on one device (no --distribution). Mirrored runs in a process of
-# its own: a second MirroredStrategy in one process reuses the first one's
-# collective instance keys.
+# The recipe on one device (no --distribution); mirrored: TF_MIRRORED_CLI.
 status, err = cli("single")
 assert status == 0, err
 """
 )
 
-# The recipe mirrored over two logical CPUs, set up before TensorFlow starts.
-TF_MIRRORED_CLI = """
-import sys, json, tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from keras_primer_runtime.train_cli import main
-out_root, data, cli_flags = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-sys.exit(main(["--out", f"{out_root}/mirrored", "--data", data, *cli_flags, "--distribution", "mirrored"]))
+# The recipe mirrored over the two logical CPUs.
+TF_MIRRORED_CLI = (
+    TWO_LOGICAL_CPUS
+    + COMMON
+    + """
+status, err = cli("mirrored", "--distribution", "mirrored")
+assert status == 0, err
 """
+)
 
 
 def _env(backend, **extra):
@@ -156,25 +157,31 @@ def _env(backend, **extra):
     return env
 
 
-def _start(script, out_root, data, env, log_name="process.log"):
-    """Starts `script` in a fresh interpreter (output to a file, not a pipe
-    that could fill while the test waits on something else)."""
-    log = open(os.path.join(out_root, log_name), "w")
-    process = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(script), str(out_root), data, json.dumps(CLI_FLAGS)],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    log.close()
-    return process
+def _start(argv, env, log_path):
+    """Starts `argv` with its output in `log_path`: a pipe read only at the
+    end could fill while the test waits on another process, and stall it."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
 
 
-def _finish(process, out_root, log_name="process.log"):
+def _script(script, out_root, data):
+    """The argv that runs `script` (COMMON's arguments: run folder, corpus, flags)."""
+    return [
+        sys.executable,
+        "-c",
+        textwrap.dedent(script),
+        str(out_root),
+        data,
+        json.dumps(CLI_FLAGS),
+    ]
+
+
+def _finish(process, log_path):
+    """Waits for `process`; its output, after checking that it exited 0."""
     process.wait(timeout=HANG_GUARD_S)
-    output = open(os.path.join(out_root, log_name)).read()
+    output = open(log_path).read()
     assert process.returncode == 0, output[-6000:]
     return output
 
@@ -205,10 +212,9 @@ def test_jax_sharded_and_multi_host_match_one_device(tmp_path, sample_text_path)
     four = tmp_path / "four"
     four.mkdir()
     sharded = _start(
-        JAX_SCRIPT,
-        four,
-        sample_text_path,
+        _script(JAX_SCRIPT, four, sample_text_path),
         _env("jax", XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        tmp_path / "four.log",
     )
     # Meanwhile: two processes, two devices each. --backend picks JAX although
     # the environment says TensorFlow (set before Keras loads).
@@ -226,22 +232,14 @@ def test_jax_sharded_and_multi_host_match_one_device(tmp_path, sample_text_path)
         command = [sys.executable, "-m", "keras_primer_runtime.train_cli", "--out", str(two)]
         command += ["--data", sample_text_path, *CLI_FLAGS, "--backend", "jax"]
         command += ["--distribution", "data_parallel", "--multi-host"]
-        hosts.append(
-            subprocess.Popen(
-                command,
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    try:
-        host_errors = [p.communicate(timeout=HANG_GUARD_S)[1] for p in hosts]
+        hosts.append(_start(command, env, tmp_path / f"host-{process_id}.log"))
+    try:  # the hosts wait for each other: one failing must not leave the other
+        for process_id, host in enumerate(hosts):
+            _finish(host, tmp_path / f"host-{process_id}.log")
+        output = _finish(sharded, tmp_path / "four.log")
     finally:
-        for p in hosts:
-            p.kill()
-    output = _finish(sharded, four)
+        for process in (*hosts, sharded):
+            process.kill()
     assert "data_parallel ok" in output and "model_parallel ok" in output
 
     single = _summary(four / "single")
@@ -257,8 +255,6 @@ def test_jax_sharded_and_multi_host_match_one_device(tmp_path, sample_text_path)
     assert status == 2
     assert "Batch size 6 does not divide by the 4 batch shards" in err
 
-    for p, err in zip(hosts, host_errors):
-        assert p.returncode == 0, err[-5000:]
     chief, other = _summary(two), _summary(two / "worker-1")
     assert chief["backend"] == "jax"
     data_parallel = _summary(four / "data_parallel")
@@ -272,10 +268,22 @@ def test_jax_sharded_and_multi_host_match_one_device(tmp_path, sample_text_path)
 def test_tensorflow_mirrored_matches_one_device(tmp_path, sample_text_path):
     """Two logical CPUs under MirroredStrategy give the loss and, with
     clipping, the weights of one device, through the library and the recipe."""
-    one = _start(TF_SCRIPT, tmp_path, sample_text_path, _env("tensorflow"))
-    two = _start(TF_MIRRORED_CLI, tmp_path, sample_text_path, _env("tensorflow"), "mirrored.log")
-    assert "mirrored ok" in _finish(one, tmp_path)
-    _finish(two, tmp_path, "mirrored.log")
+    # One process per MirroredStrategy: a second one in a process reuses the
+    # first one's collective instance keys.
+    one = _start(
+        _script(TF_SCRIPT, tmp_path, sample_text_path), _env("tensorflow"), tmp_path / "one.log"
+    )
+    two = _start(
+        _script(TF_MIRRORED_CLI, tmp_path, sample_text_path),
+        _env("tensorflow"),
+        tmp_path / "mirrored.log",
+    )
+    try:
+        assert "mirrored ok" in _finish(one, tmp_path / "one.log")
+        _finish(two, tmp_path / "mirrored.log")
+    finally:
+        for process in (one, two):
+            process.kill()
     summary = _summary(tmp_path / "mirrored")
     assert summary["distribution"] == "mirrored"
     assert summary["val_loss"] == pytest.approx(_summary(tmp_path / "single")["val_loss"], abs=2e-3)
