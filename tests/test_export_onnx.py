@@ -273,6 +273,40 @@ def test_single_thread_session_gives_the_same_text(exported, generator):
         OrtGenerator(exported["dir"], intra_op_num_threads=0)
 
 
+def test_conversion_survives_a_failing_tf2onnx_optimizer(monkeypatch, tmp_path):
+    """The export turns off tf2onnx's copy of the graph before each optimizer
+    (most of its time); when an optimizer then fails, the conversion runs
+    again on tf2onnx's safe path, which skips that optimizer. The environment
+    variable it sets is restored either way."""
+    import onnxruntime as ort
+    import tensorflow as tf
+    import tf2onnx.convert
+    import tf2onnx.optimizer
+
+    from keras_primer.export import onnx_export
+
+    class FailingOptimizer:
+        graph_been_opt = False
+
+        def optimize(self, graph, iteration):
+            raise RuntimeError("optimizer bug")
+
+    monkeypatch.setitem(tf2onnx.optimizer._optimizers, "failing", FailingOptimizer)
+    monkeypatch.delenv(onnx_export.CATCH_ERRORS_VARIABLE, raising=False)
+    function = tf.function(lambda x: {"y": tf.nn.relu(x) * 2.0})
+    signature = [tf.TensorSpec([None, 3], tf.float32, name="x")]
+    # Without the copies, the failure reaches the caller...
+    with pytest.raises(RuntimeError, match="optimizer bug"), onnx_export._optimizers_in_place():
+        tf2onnx.convert.from_function(function, input_signature=signature, opset=onnx_export.OPSET)
+    assert onnx_export.CATCH_ERRORS_VARIABLE not in os.environ
+    # ...and `_convert` falls back to the safe path: a correct model.
+    path = onnx_export._convert(function, signature, ["y"], str(tmp_path / "relu.onnx"))
+    assert onnx_export.CATCH_ERRORS_VARIABLE not in os.environ
+    x = np.array([[-1.0, 0.5, 2.0]], np.float32)
+    (y,) = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["y"], {"x": x})
+    np.testing.assert_allclose(y, [[0.0, 1.0, 4.0]])
+
+
 OTHER_BACKEND_SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
