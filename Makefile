@@ -25,8 +25,9 @@ setup: $(VENV)/.installed
 
 # --no-compile: Python compiles only the modules a process imports, on first
 # import, instead of every file of TensorFlow, JAX and PyTorch at install
-# (2.5 -> 1 minute). So that it compiles them once, not in every process of
-# the suite, the byte code is written (an environment that sets
+# (2.5 -> 1 minute). tools/write_bytecode.py then imports what the tests
+# import, once, so that the parallel first processes of `make test` do not
+# each compile it. The byte code is written (an environment that sets
 # PYTHONDONTWRITEBYTECODE would otherwise compile TensorFlow at every start).
 unexport PYTHONDONTWRITEBYTECODE
 $(VENV)/.installed: pyproject.toml requirements/test.txt requirements/no-deps.txt
@@ -35,6 +36,7 @@ $(VENV)/.installed: pyproject.toml requirements/test.txt requirements/no-deps.tx
 	$(PY) -m pip install -q --no-compile -r requirements/test.txt
 	$(PY) -m pip install -q --no-compile --no-deps -r requirements/no-deps.txt
 	$(PY) -m pip install -q --no-compile --no-deps --no-build-isolation -e .
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) tools/write_bytecode.py
 	touch $@
 
 demo: setup

@@ -109,7 +109,18 @@ def test_rows_against_gpt2():
     }
     assert rows["primer_ez"]["steps_to_target"] == pytest.approx(13.0)  # 2.5 -> 1.5 crosses 2.2
     assert rows["transformer"]["step_ratio"] == 1.0
-    # Neither: no target, no time-to-target columns.
+    # Feedback + MDHA against the Feedback Transformer, its baseline: the same
+    # curves under the Feedback names (the target: 2.2 after 20 steps).
+    rows = {
+        r["model"]: r
+        for r in comparison_rows(
+            {"feedback_primer_ez": BY_SEED[0]["primer_ez"], "feedback": BY_SEED[0]["transformer"]}
+        )
+    }
+    assert rows["feedback_primer_ez"]["steps_to_target"] == pytest.approx(13.0)
+    assert rows["feedback_primer_ez"]["step_ratio"] == pytest.approx(0.65)
+    assert rows["feedback"]["step_ratio"] == 1.0
+    # None of them: no target, no time-to-target columns.
     rows = comparison_rows({"primer_ez": BY_SEED[0]["primer_ez"]})
     assert rows[0]["step_ratio"] is None
 

@@ -4,7 +4,8 @@ Every model trains through the same `train()` pipeline: the same corpus,
 tokenizer, batches (a function of the seed and the step alone), optimizer,
 schedule, precision, evaluation windows and seed. The reference is keras-hub's
 `GPT2CausalLM` of the same size (`gpt2`, random weights) when it is among the
-models, else our Transformer baseline. For every model the report gives the
+models, else our Transformer baseline, else the Feedback Transformer (the
+baseline of Feedback + MDHA). For every model the report gives the
 steps and the wall-clock seconds it needs to reach the reference's final
 validation loss, and those as fractions of the reference's own steps and
 seconds (`step_ratio`, `time_ratio`).
@@ -38,18 +39,28 @@ REFERENCE = "gpt2"
 # The target of a comparison without GPT-2.
 BASELINE = "transformer"
 DEFAULT_MODELS = (REFERENCE, "primer_ez", BASELINE, "feedback")
+# The possible targets, first present wins, with their names in reports: the
+# Feedback Transformer is the baseline of Feedback + MDHA (`feedback_primer_ez`).
+REFERENCES = {
+    REFERENCE: "keras-hub GPT-2",
+    BASELINE: "our Transformer",
+    "feedback": "our Feedback Transformer",
+}
 
 
 def reference_model(models) -> str | None:
-    """The model whose final validation loss is every model's target:
-    `gpt2` if it trains, else the Transformer baseline, else None.
+    """The model whose final validation loss is every model's target: the
+    first of `REFERENCES` that trains (`gpt2`, else the Transformer
+    baseline, else the Feedback Transformer), else None.
 
     >>> reference_model(["primer_ez", "transformer", "gpt2"])
     'gpt2'
     >>> reference_model(["primer_ez", "transformer"])
     'transformer'
+    >>> reference_model(["feedback_primer_ez", "feedback"])
+    'feedback'
     """
-    for model in (REFERENCE, BASELINE):
+    for model in REFERENCES:
         if model in models:
             return model
     return None
@@ -464,8 +475,8 @@ def _positive(value) -> bool:
 
 def _legend(reference: str | None) -> str:
     if reference is None:
-        return "\nNo reference run (gpt2 or transformer): no time-to-target columns.\n"
-    name = "keras-hub GPT-2" if reference == REFERENCE else "our Transformer"
+        return f"\nNo reference run ({', '.join(REFERENCES)}): no time-to-target columns.\n"
+    name = REFERENCES[reference]
     return (
         f"\nTarget: the final validation loss of {name} (`{reference}`) of the same seed. "
         "steps_to_target / seconds_to_target: where a model's validation curve first "
