@@ -17,10 +17,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         "TF_NUM_INTRAOP_THREADS": "1",
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
-        "XLA_FLAGS": (
-            "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1 "
-            "--xla_backend_optimization_level=0"
-        ),
+        # Flags only: XLA stops reading XLA_FLAGS at the first word that is
+        # not a `--flag` (the common `intra_op_parallelism_threads=1` is not
+        # one, and silently dropped every flag after it).
+        "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=0",
     }.items():
         os.environ.setdefault(_name, _value)
 

@@ -151,8 +151,14 @@ assert status == 0, err
 )
 
 
-def _env(backend, **extra):
+def _env(backend, devices=None, **extra):
+    """The environment of a child on `backend`; `devices`: that many JAX CPU
+    devices, added to the XLA flags the test process has (conftest's
+    compile settings)."""
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT, **extra)
+    if devices is not None:
+        flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = flags.strip()
     env.pop("TF_CONFIG", None)
     return env
 
@@ -213,7 +219,7 @@ def test_jax_sharded_and_multi_host_match_one_device(tmp_path, sample_text_path)
     four.mkdir()
     sharded = _start(
         _script(JAX_SCRIPT, four, sample_text_path),
-        _env("jax", XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        _env("jax", devices=4),
         tmp_path / "four.log",
     )
     # Meanwhile: two processes, two devices each. --backend picks JAX although
@@ -224,7 +230,7 @@ def test_jax_sharded_and_multi_host_match_one_device(tmp_path, sample_text_path)
     for process_id in range(2):
         env = _env(
             "tensorflow",
-            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+            devices=2,
             KERAS_DISTRIBUTION_JOB_ADDRESSES=f"localhost:{port}",
             KERAS_DISTRIBUTION_NUM_PROCESSES="2",
             KERAS_DISTRIBUTION_PROCESS_ID=str(process_id),
