@@ -306,6 +306,27 @@ def test_sampling_options_are_seeded_and_bounded(loaded):
         assert text.decode().startswith(prompt)
 
 
+def test_loaded_object_calls_what_the_signatures_call(loaded, exported):
+    """Each signature is also an attribute of the loaded object (the same
+    traced function), callable by keyword or position."""
+    import tensorflow as tf
+
+    prompts = tf.constant(["Hi", "To be"])
+    by_signature = loaded.signatures["generate"](prompts=prompts)["outputs"].numpy().tolist()
+    assert loaded.generate(prompts=prompts)["outputs"].numpy().tolist() == by_signature
+    assert loaded.generate(prompts)["outputs"].numpy().tolist() == by_signature
+    logits = loaded.serving_default(
+        token_ids=tf.constant(exported["token_ids"]),
+        padding_mask=tf.constant(exported["padding_mask"]),
+    )["logits"]
+    np.testing.assert_allclose(logits.numpy(), exported["logits"], atol=1e-4, rtol=0)
+    options = dict(max_new_tokens=4, temperature=1.0, top_k=3, top_p=0.9, seed=7)
+    as_tensors = {k: tf.constant(v) for k, v in options.items()}
+    by_attribute = loaded.generate_with_options(prompts=prompts, **options)
+    by_signature = loaded.signatures["generate_with_options"](prompts=prompts, **as_tensors)
+    assert by_attribute["outputs"].numpy().tolist() == by_signature["outputs"].numpy().tolist()
+
+
 def test_rest_and_grpc_client_requests(exported, loaded):
     import tensorflow as tf
 
