@@ -27,6 +27,7 @@ The models use opset 17 and IR version 8, which onnxruntime 1.30 loads.
 import contextlib
 import json
 import os
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -38,6 +39,9 @@ from keras_primer_runtime.ort_generator import CONFIG_FILE
 OPSET = 17
 IR_VERSION = 8
 CATCH_ERRORS_VARIABLE = "TF2ONNX_CATCH_ERRORS"
+# One conversion at a time in a process: tf2onnx builds in global graphs and
+# name counters, and `_optimizers_in_place` sets a process-wide variable.
+_CONVERSION_LOCK = threading.Lock()
 
 
 def state_tensors(specs):
@@ -103,11 +107,12 @@ def _convert(function, input_signature, output_names, path):
             function, input_signature=input_signature, opset=OPSET, output_path=None
         )[0]
 
-    try:
-        with _optimizers_in_place():
+    with _CONVERSION_LOCK:
+        try:
+            with _optimizers_in_place():
+                model_proto = convert()
+        except Exception:  # an optimizer failed: again on tf2onnx's safe path, which skips it
             model_proto = convert()
-    except Exception:  # an optimizer failed: again on tf2onnx's safe path, which skips it
-        model_proto = convert()
     # tf2onnx names graph outputs after TF tensors; rename them for clients.
     graph = model_proto.graph
     renames = {}
