@@ -13,8 +13,9 @@ import importlib
 import os
 import sys
 
-# Imported, so that each module's own imports are compiled too. Keras loads
-# the backend named by KERAS_BACKEND only: the others are compiled below.
+# Imported, so that each module's own imports are compiled too. Keras imports
+# only the backend KERAS_BACKEND names: every backend's modules are compiled
+# below, whichever that is.
 MODULES = (
     "keras_primer",
     "keras_primer.training",
