@@ -10,10 +10,13 @@ BACKENDS ?= tensorflow jax torch
 LINT_PATHS ?= .
 # Public docstring examples run as doctests in the TensorFlow pass.
 DOCTEST_PATHS ?= keras_primer keras_primer_runtime
-# pytest-xdist workers per backend pass: one per logical CPU, at most 4 (each
-# worker holds a framework, about 1 GB). PYTEST_WORKERS=0: one process. Which
-# tests share a worker: SHARED_FIXTURE_MODULES in tests/conftest.py.
-PYTEST_WORKERS ?= logical
+# pytest-xdist workers per backend pass: one more than the CPUs this process
+# may use (`nproc`), at most 4 (each worker holds a framework, about 1 GB).
+# The extra worker keeps the CPUs busy while another waits on its
+# subprocess's start, a file sync or the pass's last long test.
+# PYTEST_WORKERS=0: one process. Which tests share a worker:
+# SHARED_FIXTURE_MODULES in tests/conftest.py.
+PYTEST_WORKERS ?= $(shell n=$$(( $$(nproc) + 1 )); echo $$(( n < 4 ? n : 4 )))
 # Each pass ends with its slowest tests, to see where the time goes.
 PYTEST_DURATIONS ?= 25
 # Tests and the demo read Tiny Shakespeare from here when it exists (no download).
@@ -52,20 +55,21 @@ lint: setup
 check-install: setup
 	$(PY) tools/check_install.py
 
-# The install check waits on the package index, not the CPU: it runs beside
-# the tests and its verdict is printed (and counted) at the end. One JAX
+# The install check (about 110 CPU-seconds of pip resolving, and waits on the
+# package index) runs beside the tests at the lowest priority, in the CPU time
+# they leave; its verdict is printed (and counted) at the end. One JAX
 # compilation cache for every process of the run (workers and the
 # subprocesses they start), removed at the end.
 test: lint
 	@status=0; check_log=$$(mktemp); jax_cache=$$(mktemp -d); \
-	$(PY) tools/check_install.py > $$check_log 2>&1 & check=$$!; \
+	nice -n 19 $(PY) tools/check_install.py > $$check_log 2>&1 & check=$$!; \
 	export JAX_COMPILATION_CACHE_DIR=$$jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
 	  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1; \
 	for backend in $(BACKENDS); do \
 	  echo "=== pytest, KERAS_BACKEND=$$backend ==="; start=$$(date +%s); \
 	  extra=""; if [ $$backend = tensorflow ]; then extra="--doctest-modules $(DOCTEST_PATHS) tests"; fi; \
 	  KERAS_BACKEND=$$backend $(PY) -m pytest -q -p no:cacheprovider \
-	    -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadscope --durations $(PYTEST_DURATIONS) \
+	    -n $(PYTEST_WORKERS) --dist loadscope --durations $(PYTEST_DURATIONS) \
 	    $$extra $(PYTEST_ARGS) || status=1; \
 	  echo "=== KERAS_BACKEND=$$backend: $$(( $$(date +%s) - start )) s ==="; \
 	done; \
