@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Resolves every documented `pip install keras-primer[...]` and checks it is coherent.
 
-Resolution only (`pip install --dry-run --ignore-installed --report`): pip
-reads the packages' metadata from the index and downloads no large wheel.
+Resolution only (`pip install --dry-run --ignore-installed --report`, with
+pip's `fast-deps`): pip reads each wheel's metadata, from the index's metadata
+file or with HTTP range requests into the wheel, and downloads no large wheel
+(without `fast-deps`, an index that serves no metadata files has pip
+download every wheel whole: gigabytes for the GPU extras).
 For each install listed in `INSTALLS` it asserts
 
 * exactly one distribution provides the `tensorflow` module,
@@ -164,6 +167,10 @@ def resolve(reqs: list[str], timeout: float, python: str = sys.executable) -> di
             "--quiet",
             "--report",
             report,
+            # Reads each wheel's METADATA with HTTP range requests: an index
+            # without PEP 658 metadata files (some mirrors) would otherwise
+            # have pip download every wheel whole (tensorflow: 572 MB).
+            "--use-feature=fast-deps",
             "--timeout",
             "30",
             "--retries",
