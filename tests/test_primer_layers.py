@@ -225,6 +225,29 @@ def test_conv_formulation_choice_and_refusal():
         causal_depthwise_conv(np.ones((1, 2, 3), "float32"), np.ones((3, 3)), formulation="fft")
 
 
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch.compile: the PyTorch pass")
+def test_mdha_is_not_compiled_again_at_every_call_under_torch_compile():
+    """Keras' `jit_compile=True` on PyTorch is `torch.compile`. A call that
+    changes global state (`keras.ops.pad` names a new Keras `Operation` at
+    every call) fails Dynamo's guards at every step: the layer was compiled
+    again each step, then ran eagerly past Dynamo's recompile limit."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    layer = MultiDConvHeadAttention(num_heads=2, key_dim=4, use_dconv=True)
+    x = np.random.default_rng(0).random((2, 6, 8)).astype("float32")
+    expected = to_np(layer(x))
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="eager")  # Dynamo's tracing alone: fast
+    for _ in range(2):  # Keras' helpers meet new structures in the first calls
+        compiled(x)
+    frames = counters["frames"]["ok"]
+    for _ in range(3):
+        np.testing.assert_allclose(to_np(compiled(x)), expected, rtol=1e-6, atol=1e-6)
+    assert counters["frames"]["ok"] == frames, "frames compiled again in later calls"
+    torch._dynamo.reset()
+
+
 def test_conv_rejects_bad_kernel_size_and_rank():
     with pytest.raises(ValueError, match="kernel_size"):
         CausalDepthwiseConv(kernel_size=0)

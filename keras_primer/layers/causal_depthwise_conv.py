@@ -244,6 +244,19 @@ def _depthwise_op(padded, kernel, length):
     return ops.reshape(outputs, [ops.shape(padded)[0], length] + channel_shape)
 
 
+def _after_zero_history(inputs, history):
+    """`inputs` after `history` rows of zeros along axis 1.
+
+    Not `ops.pad`: it builds a named Keras `Operation` at every call, and
+    under `torch.compile` that global name counter is a guard that fails at
+    every call, so Dynamo compiled the attention layer again at each step
+    until its recompile limit and then ran it eagerly.
+    """
+    shape = ops.shape(inputs)
+    zeros = ops.zeros((shape[0], history, *shape[2:]), dtype=inputs.dtype)
+    return ops.concatenate([zeros, inputs], axis=1)
+
+
 def causal_depthwise_conv(
     inputs, kernel, bias=None, state=None, state_index=None, formulation=None
 ):
@@ -271,8 +284,7 @@ def causal_depthwise_conv(
     if history == 0:
         padded = inputs
     elif state is None:
-        pad = [[0, 0], [history, 0]] + [[0, 0]] * (len(inputs.shape) - 2)
-        padded = ops.pad(inputs, pad)
+        padded = _after_zero_history(inputs, history)
     else:
         padded = ops.concatenate([ops.cast(state, inputs.dtype), inputs], axis=1)
     formulation = formulation or conv_formulation()
