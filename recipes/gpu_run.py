@@ -12,6 +12,9 @@
 3. Exports Primer EZ to ONNX (`keras-primer export`, no SavedModel).
 4. Generates with ONNX Runtime's CUDA provider (`OrtGenerator`) and prints
    the decoding speed and the text.
+
+`--no-export` stops after step 2: on a machine without TensorFlow and tf2onnx
+(`WHEELS=DIR bash benchmarks/gpu_run.sh`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu-smoke",
         action="store_true",
         help="tiny preset, 20 steps, CPU providers: checks every step without a GPU",
+    )
+    parser.add_argument(
+        "--no-export",
+        action="store_true",
+        help="stop after training and MFU (no TensorFlow or tf2onnx on this machine)",
     )
     args = parser.parse_args(argv)
     smoke = args.cpu_smoke
@@ -92,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             f"TFLOP/s); val loss {s['val_loss']:.4f}, {s['steps']} steps, "
             f"{s['wall_time_s']:.0f} s"
         )
+
+    if args.no_export:
+        _say("done (--no-export: no ONNX steps)", start)
+        return 0
 
     _say("3. export Primer EZ to ONNX", start)
     from keras_primer.export.command import export_model

@@ -221,6 +221,15 @@ def test_conv_formulation_choice_and_refusal():
             return tf.constant(conv_formulation() == "shifted")
 
         assert bool(under_xla())
+    if backend == "torch":
+        import torch
+
+        @torch.compile(backend="eager", fullgraph=True)  # Dynamo's tracing alone
+        def under_compile(x):
+            return x + (1.0 if conv_formulation() == "shifted" else 0.0)
+
+        assert float(under_compile(torch.zeros(()))) == 1.0
+        torch._dynamo.reset()
     with pytest.raises(ValueError, match="formulation"):
         causal_depthwise_conv(np.ones((1, 2, 3), "float32"), np.ones((3, 3)), formulation="fft")
 
