@@ -158,7 +158,7 @@ def figures(args):
                     }
     makers = _models(args)
     for name in ("feedback_shared_kv", "feedback_per_layer_kv", "primer_ez"):
-        if name in chosen:
+        if name in chosen and args.decode_repeats > 0:
             yield {
                 **about,
                 "figure": "decode_ms_per_token",
@@ -180,7 +180,9 @@ def main(argv=None) -> None:
     parser.add_argument("--train-steps", type=int, default=5)
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--decode-length", type=int, default=64)
-    parser.add_argument("--decode-repeats", type=int, default=2)
+    parser.add_argument(
+        "--decode-repeats", type=int, default=2, help="generate() calls timed; 0 skips decoding"
+    )
     parser.add_argument("--modes", default="default,jit", help="compile modes: default,jit")
     parser.add_argument(
         "--models",

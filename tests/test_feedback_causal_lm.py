@@ -155,6 +155,32 @@ def test_jit_compiled_training_step_equals_default():
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's graph runtime")
+def test_fit_at_width_256_in_tensorflow_default_compile():
+    """`model.fit`'s compile on TensorFlow without XLA trains a model of width
+    256 at batch 16: Grappler's memory optimizer once rewrote the time loop's
+    gradient sums into temporary variables that collided across loop
+    iterations (`AlreadyExistsError ... tmp_var` at the first step)."""
+    keras.utils.set_random_seed(0)
+    length, vocabulary = 64, 256
+    lm = FeedbackCausalLM(
+        FeedbackBackbone(
+            vocabulary_size=vocabulary,
+            num_layers=4,
+            num_heads=8,
+            hidden_dim=256,
+            intermediate_dim=1024,
+            max_sequence_length=length,
+        )
+    )
+    lm.compile(optimizer=keras.optimizers.Adam(1e-3))  # the default metrics, as users get them
+    tokens = np.random.default_rng(0).integers(0, vocabulary, (16, length + 1)).astype("int32")
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((16, length), bool)}
+    y = tokens[:, 1:]
+    losses = [float(lm.train_on_batch(x, y, return_dict=True)["loss"]) for _ in range(2)]
+    assert np.isfinite(losses).all() and losses[1] < losses[0], losses
+
+
 def test_bad_inputs_raise_clear_errors():
     backbone = _backbone(randomize=False)
     with pytest.raises(ValueError, match="outside the vocabulary"):

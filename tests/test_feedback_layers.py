@@ -455,21 +455,37 @@ def test_recomputing_backward_equals_differentiating_the_loop(
     assert set(direct) == set(recomputed)
     for name, grad in direct.items():
         assert np.abs(grad).max() > 0 or "relative" in name, name
-        np.testing.assert_allclose(recomputed[name], grad, rtol=1e-4, atol=1e-6, err_msg=name)
+        # float32 rounding at the gradient's scale (TensorFlow's training
+        # path runs the loops compiled by XLA, which reorders sums).
+        atol = 1e-5 * np.abs(grad).max() + 1e-7
+        np.testing.assert_allclose(recomputed[name], grad, rtol=1e-4, atol=atol, err_msg=name)
 
 
-def test_recomputing_backward_under_mixed_precision():
-    stack = _stack(dtype="mixed_bfloat16")
+@pytest.mark.parametrize("training", [None, True])
+def test_recomputing_backward_under_mixed_precision(training):
+    """Under mixed_bfloat16 the recomputing backward pass is as close to the
+    float32 gradients as differentiating the loop directly (bfloat16 alone
+    is about 10% of each gradient's scale off here). training=True covers
+    TensorFlow's XLA-compiled loops outside XLA, traced in the autocast scope."""
     x = _inputs(length=5)
 
     def loss_fn(out):
         return ops.mean(ops.square(ops.cast(out, "float32")))
 
-    runs = []
+    reference = _gradients(_Calling(_stack()), x, loss_fn, training=training)
+    stack = _stack(dtype="mixed_bfloat16")
+    errors = []
     for recompute in (False, True):
         stack.recompute_backward = recompute
-        runs.append(_gradients(_Calling(stack), x, loss_fn))
-    for name, grad in runs[0].items():
-        assert np.isfinite(runs[1][name]).all(), name
-        scale = np.abs(grad).max() + 1e-6
-        np.testing.assert_allclose(runs[1][name], grad, atol=0.05 * scale, err_msg=name)
+        grads = _gradients(_Calling(stack), x, loss_fn, training=training)
+        assert set(grads) == set(reference)
+        for name, grad in grads.items():
+            assert np.isfinite(grad).all(), name
+        errors.append(
+            max(
+                np.abs(grads[n] - reference[n]).max() / (np.abs(reference[n]).max() + 1e-6)
+                for n in reference
+            )
+        )
+    direct, recomputed = errors
+    assert direct < 0.25 and recomputed <= max(1.5 * direct, 0.02), errors

@@ -40,7 +40,9 @@ Differences from labml, all documented options or implementation choices:
   the steps in reverse and recomputes each from the final key/value buffers
   (`_run_recomputing_backward`), so no per-step buffer copies are kept;
   `stack.recompute_backward = False` differentiates the loop as written
-  (PyTorch always does, and so do the convolution variants below).
+  (PyTorch always does, and so do the convolution variants below). On
+  TensorFlow without XLA (`model.fit` on a CPU), training runs the forward
+  and the backward loop as XLA-compiled functions inside the graph.
 * Attending to the current step (not in the paper or labml) is not offered:
   the current slot needs the outputs of all layers of the same step.
 
@@ -75,6 +77,7 @@ from keras_primer.layers.causal_depthwise_conv import CausalDepthwiseConv, causa
 from keras_primer.layers.feed_forward import FeedForward
 from keras_primer.layers.feedback_attention import FeedbackAttention
 from keras_primer.layers.residual import call_sublayer, pre_norm_residual
+from keras_primer.utils.tracing import in_tensorflow_xla_context
 
 
 def _fori_loop(num_steps, body, state, max_steps):
@@ -496,7 +499,7 @@ class FeedbackStack(keras.layers.Layer):
         if not use_cache and self._recomputes_backward():
             key_mask = None if padding_mask is None else ops.cast(padding_mask, "bool")
             drop_masks = self._dropout_masks(batch_size, length, training)
-            return self._run_recomputing_backward(inputs, key_mask, drop_masks)
+            return self._run_recomputing_backward(inputs, key_mask, drop_masks, training)
         if not use_cache:
             cache = self.empty_cache(batch_size, length)
             cache_update_index = 0
@@ -619,7 +622,7 @@ class FeedbackStack(keras.layers.Layer):
         )
         return outputs, keys, vals
 
-    def _run_recomputing_backward(self, inputs, key_mask, drop_masks):
+    def _run_recomputing_backward(self, inputs, key_mask, drop_masks, training=None):
         """The cache-less time loop whose gradient keeps no per-step copies.
 
         Differentiating the loop as written would keep, for every step, the
@@ -644,10 +647,14 @@ class FeedbackStack(keras.layers.Layer):
         values = [v.value for v in trainable]
         frozen_values = [v.value for v in frozen]
         inputs = ops.cast(inputs, self.compute_dtype)  # as `__call__` does (not stateless_call)
-        recompute = self._recompute_jax
         if keras.backend.backend() == "tensorflow":
-            recompute = self._recompute_tensorflow
-        return recompute(variables, values, frozen_values, inputs, key_mask, drop_masks)
+            # Training only: a plain graph (Keras' own `model.export`, which
+            # calls with training=False) keeps no XLA-compiled functions.
+            compile_loops = bool(training) and not in_tensorflow_xla_context()
+            return self._recompute_tensorflow(
+                variables, values, frozen_values, inputs, key_mask, drop_masks, compile_loops
+            )
+        return self._recompute_jax(variables, values, frozen_values, inputs, key_mask, drop_masks)
 
     def _recompute_jax(self, variables, values, frozen_values, inputs, key_mask, drop_masks):
         import jax
@@ -707,73 +714,95 @@ class FeedbackStack(keras.layers.Layer):
         run.defvjp(forward, backward)
         return run(values, inputs, drop_masks)
 
-    def _recompute_tensorflow(self, variables, values, frozen_values, inputs, key_mask, drop_masks):
+    def _recompute_tensorflow(
+        self, variables, values, frozen_values, inputs, key_mask, drop_masks, compile_loops
+    ):
         import tensorflow as tf
 
-        length = tf.shape(inputs)[1]
+        num_trainable = len(values)
 
         def dense(grad, like):
             if grad is None:
                 return tf.zeros_like(like)
             return tf.convert_to_tensor(grad)  # the relative tables' gathers give slices
 
-        num_trainable = len(values)
+        def forward(inputs, *all_values):
+            length = tf.shape(inputs)[1]
+            return self._forward_loop(
+                variables, list(all_values), inputs, key_mask, drop_masks, length
+            )
+
+        def backward(upstream, inputs, keys, vals, *all_values):
+            values = list(all_values[:num_trainable])
+            frozen_values = list(all_values[num_trainable:])
+            length = tf.shape(inputs)[1]
+
+            def body(j, grad_values, grad_inputs, grad_keys, grad_vals):
+                t = length - 1 - j
+                x = tf.gather(inputs, t, axis=1)
+                masks = None if drop_masks is None else tf.gather(drop_masks, t)
+                with tf.GradientTape() as tape:
+                    tape.watch([x, keys, vals] + values)
+                    out, new_keys, new_values = self._rows_with_values(
+                        variables, values + frozen_values, x, t, keys, vals, key_mask, masks
+                    )
+                sources = [x, keys, vals] + values
+                rows = [out, new_keys, new_values]
+                cotangents = [
+                    tf.gather(upstream, t, axis=1),
+                    tf.gather(grad_keys, t, axis=1),
+                    tf.gather(grad_vals, t, axis=1),
+                ]
+                grads = tape.gradient(
+                    rows,
+                    sources,
+                    output_gradients=[tf.cast(c, r.dtype) for c, r in zip(cotangents, rows)],
+                )
+                grads = [dense(g, s) for g, s in zip(grads, sources)]
+                d_x, d_keys, d_vals = grads[:3]
+                return (
+                    j + 1,
+                    [a + b for a, b in zip(grad_values, grads[3:])],
+                    write_rows(grad_inputs, d_x[:, None], t),
+                    grad_keys + d_keys,
+                    grad_vals + d_vals,
+                )
+
+            _, grad_values, grad_inputs, _, _ = tf.while_loop(
+                lambda j, *_: j < length,
+                body,
+                (
+                    tf.constant(0),
+                    [tf.zeros_like(v) for v in values],
+                    tf.zeros_like(inputs),
+                    tf.zeros_like(keys),
+                    tf.zeros_like(vals),
+                ),
+                maximum_iterations=length,
+            )
+            return [grad_inputs] + list(grad_values)
+
+        if compile_loops:
+            # Training outside XLA (`model.fit` on a CPU): each loop becomes
+            # one XLA computation. TensorFlow's graph executor would run the
+            # loop bodies op by op, and Grappler rewrites their large gradient
+            # sums into temporary variables that collide across iterations
+            # (`AlreadyExistsError ... tmp_var`) from about width 256, batch 16.
+            forward = tf.function(forward, jit_compile=True, autograph=False)
+            backward = tf.function(backward, jit_compile=True, autograph=False)
 
         # The frozen values are inputs too (without a gradient): a tensor the
         # function captured would make TensorFlow look for variables behind it.
         @tf.custom_gradient
         def run(inputs, *all_values):
-            values = list(all_values[:num_trainable])
-            frozen_values = list(all_values[num_trainable:])
-            outputs, keys, vals = self._forward_loop(
-                variables, values + frozen_values, inputs, key_mask, drop_masks, length
-            )
+            # `grad` is the gradient: a tape must not differentiate the loop
+            # (eagerly it would, and the compiled loop cannot hand it its
+            # per-step state).
+            outputs, keys, vals = forward(*(tf.stop_gradient(a) for a in (inputs, *all_values)))
 
             def grad(upstream):
-                def body(j, grad_values, grad_inputs, grad_keys, grad_vals):
-                    t = length - 1 - j
-                    x = tf.gather(inputs, t, axis=1)
-                    masks = None if drop_masks is None else tf.gather(drop_masks, t)
-                    with tf.GradientTape() as tape:
-                        tape.watch([x, keys, vals] + values)
-                        out, new_keys, new_values = self._rows_with_values(
-                            variables, values + frozen_values, x, t, keys, vals, key_mask, masks
-                        )
-                    sources = [x, keys, vals] + values
-                    rows = [out, new_keys, new_values]
-                    cotangents = [
-                        tf.gather(upstream, t, axis=1),
-                        tf.gather(grad_keys, t, axis=1),
-                        tf.gather(grad_vals, t, axis=1),
-                    ]
-                    grads = tape.gradient(
-                        rows,
-                        sources,
-                        output_gradients=[tf.cast(c, r.dtype) for c, r in zip(cotangents, rows)],
-                    )
-                    grads = [dense(g, s) for g, s in zip(grads, sources)]
-                    d_x, d_keys, d_vals = grads[:3]
-                    return (
-                        j + 1,
-                        [a + b for a, b in zip(grad_values, grads[3:])],
-                        write_rows(grad_inputs, d_x[:, None], t),
-                        grad_keys + d_keys,
-                        grad_vals + d_vals,
-                    )
-
-                _, grad_values, grad_inputs, _, _ = tf.while_loop(
-                    lambda j, *_: j < length,
-                    body,
-                    (
-                        tf.constant(0),
-                        [tf.zeros_like(v) for v in values],
-                        tf.zeros_like(inputs),
-                        tf.zeros_like(keys),
-                        tf.zeros_like(vals),
-                    ),
-                    maximum_iterations=length,
-                )
-                return [grad_inputs] + list(grad_values) + [None] * len(frozen_values)
+                grads = backward(upstream, inputs, keys, vals, *all_values)
+                return list(grads) + [None] * (len(all_values) - num_trainable)
 
             return outputs, grad
 
