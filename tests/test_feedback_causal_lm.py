@@ -181,6 +181,21 @@ def test_fit_at_width_256_in_tensorflow_default_compile():
     assert np.isfinite(losses).all() and losses[1] < losses[0], losses
 
 
+def test_evaluate_and_predict_equal_the_plain_forward_pass():
+    """`evaluate` and `predict` trace the time loop XLA-compiled on TensorFlow
+    (`compiled_time_loop`); they give the loss and logits of a direct call."""
+    lm = FeedbackCausalLM(_backbone())
+    lm.compile(weighted_metrics=[])
+    tokens = _tokens(batch=4, length=MAX_LEN + 1, seed=5)
+    x, y = _inputs(tokens[:, :-1]), tokens[:, 1:]
+    logits = _np(lm(x, training=False))
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected_loss = -np.take_along_axis(log_probs, y[..., None], -1).mean()
+    loss = lm.evaluate(x, y, batch_size=4, return_dict=True, verbose=0)["loss"]
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(lm.predict(x, batch_size=4, verbose=0), logits, atol=1e-5)
+
+
 def test_bad_inputs_raise_clear_errors():
     backbone = _backbone(randomize=False)
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -41,8 +41,9 @@ Differences from labml, all documented options or implementation choices:
   (`_run_recomputing_backward`), so no per-step buffer copies are kept;
   `stack.recompute_backward = False` differentiates the loop as written
   (PyTorch always does, and so do the convolution variants below). On
-  TensorFlow without XLA (`model.fit` on a CPU), training runs the forward
-  and the backward loop as XLA-compiled functions inside the graph.
+  TensorFlow without XLA (`model.fit` on a CPU), training, `evaluate` and
+  `predict` run the forward and the backward loop as XLA-compiled functions
+  inside the graph (`compiled_time_loop`); exported graphs keep plain ops.
 * Attending to the current step (not in the paper or labml) is not offered:
   the current slot needs the outputs of all layers of the same step.
 
@@ -66,6 +67,7 @@ states are part of the decoding cache (`cache_layout`).
 """
 
 import contextlib
+import threading
 
 import keras
 from keras import ops
@@ -95,6 +97,27 @@ def _fori_loop(num_steps, body, state, max_steps):
         (tf.constant(0), state),
         maximum_iterations=max_steps,
     )[1]
+
+
+_compiled_loop_requests = threading.local()
+
+
+@contextlib.contextmanager
+def compiled_time_loop():
+    """Runs cache-less time loops XLA-compiled on TensorFlow, training or not.
+
+    Training (`training=True`) always does outside XLA; calls with
+    training=False keep the plain loop unless traced inside this block, so a
+    graph someone exports (Keras' own `model.export`) holds no XLA-compiled
+    function. `FeedbackCausalLM`'s test and predict steps (`evaluate`,
+    `predict`) enter it. Read while tracing; nests; thread-local.
+    """
+    depth = getattr(_compiled_loop_requests, "depth", 0)
+    _compiled_loop_requests.depth = depth + 1
+    try:
+        yield
+    finally:
+        _compiled_loop_requests.depth = depth
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -648,9 +671,8 @@ class FeedbackStack(keras.layers.Layer):
         frozen_values = [v.value for v in frozen]
         inputs = ops.cast(inputs, self.compute_dtype)  # as `__call__` does (not stateless_call)
         if keras.backend.backend() == "tensorflow":
-            # Training only: a plain graph (Keras' own `model.export`, which
-            # calls with training=False) keeps no XLA-compiled functions.
-            compile_loops = bool(training) and not in_tensorflow_xla_context()
+            requested = bool(training) or getattr(_compiled_loop_requests, "depth", 0) > 0
+            compile_loops = requested and not in_tensorflow_xla_context()
             return self._recompute_tensorflow(
                 variables, values, frozen_values, inputs, key_mask, drop_masks, compile_loops
             )

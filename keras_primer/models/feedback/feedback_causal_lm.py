@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_primer.layers.feedback_stack import compiled_time_loop
 from keras_primer.models.base import TiedHeadCausalLM
 from keras_primer.models.feedback.feedback_backbone import FeedbackBackbone
 from keras_primer.models.feedback.feedback_causal_lm_preprocessor import (
@@ -41,6 +42,16 @@ class FeedbackCausalLM(TiedHeadCausalLM):
 
     backbone_cls = FeedbackBackbone
     preprocessor_cls = FeedbackCausalLMPreprocessor
+
+    # `evaluate` and `predict` run the time loop as fast as `fit` does
+    # (XLA-compiled on TensorFlow; see `compiled_time_loop`).
+    def test_step(self, *args, **kwargs):
+        with compiled_time_loop():
+            return super().test_step(*args, **kwargs)
+
+    def predict_step(self, *args, **kwargs):
+        with compiled_time_loop():
+            return super().predict_step(*args, **kwargs)
 
     def _score_hidden_states(self, token_ids, padding_mask, layer_intercept_fn):
         """`score`'s forward pass. The intercept sees the embeddings (-1) and
