@@ -27,18 +27,14 @@ one-hot form drops them. Out-of-place runtimes still copy the whole cache
 into the result; XLA updates in place where it can (loop-carried buffers).
 """
 
-import contextlib
-import threading
-
 import keras
 from keras import ops
 
-from keras_primer.utils.tracing import in_tensorflow_xla_context
+from keras_primer.utils.tracing import TraceFlag, in_tensorflow_xla_context
 
-_state = threading.local()
+_export_safe = TraceFlag()
 
 
-@contextlib.contextmanager
 def export_safe_cache_writes():
     """Makes `write_rows` use the export-safe form while the block runs.
 
@@ -46,17 +42,12 @@ def export_safe_cache_writes():
     read while tracing; a traced graph keeps the form it was traced with).
     Nests; thread-local, as tracing happens on the calling thread.
     """
-    depth = getattr(_state, "depth", 0)
-    _state.depth = depth + 1
-    try:
-        yield
-    finally:
-        _state.depth = depth
+    return _export_safe.on()
 
 
 def export_safe_cache_writes_active() -> bool:
     """True inside `export_safe_cache_writes()` (on this thread)."""
-    return getattr(_state, "depth", 0) > 0
+    return _export_safe.active
 
 
 def write_rows(cache, rows, start_index):

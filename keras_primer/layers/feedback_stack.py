@@ -67,7 +67,6 @@ states are part of the decoding cache (`cache_layout`).
 """
 
 import contextlib
-import threading
 
 import keras
 from keras import ops
@@ -79,7 +78,7 @@ from keras_primer.layers.causal_depthwise_conv import CausalDepthwiseConv, causa
 from keras_primer.layers.feed_forward import FeedForward
 from keras_primer.layers.feedback_attention import FeedbackAttention
 from keras_primer.layers.residual import call_sublayer, pre_norm_residual
-from keras_primer.utils.tracing import in_tensorflow_xla_context
+from keras_primer.utils.tracing import TraceFlag, in_tensorflow_xla_context
 
 
 def _fori_loop(num_steps, body, state, max_steps):
@@ -99,10 +98,9 @@ def _fori_loop(num_steps, body, state, max_steps):
     )[1]
 
 
-_compiled_loop_requests = threading.local()
+_compiled_loop = TraceFlag()
 
 
-@contextlib.contextmanager
 def compiled_time_loop():
     """Runs cache-less time loops XLA-compiled on TensorFlow, training or not.
 
@@ -112,12 +110,7 @@ def compiled_time_loop():
     function. `FeedbackCausalLM`'s test and predict steps (`evaluate`,
     `predict`) enter it. Read while tracing; nests; thread-local.
     """
-    depth = getattr(_compiled_loop_requests, "depth", 0)
-    _compiled_loop_requests.depth = depth + 1
-    try:
-        yield
-    finally:
-        _compiled_loop_requests.depth = depth
+    return _compiled_loop.on()
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -671,7 +664,7 @@ class FeedbackStack(keras.layers.Layer):
         frozen_values = [v.value for v in frozen]
         inputs = ops.cast(inputs, self.compute_dtype)  # as `__call__` does (not stateless_call)
         if keras.backend.backend() == "tensorflow":
-            requested = bool(training) or getattr(_compiled_loop_requests, "depth", 0) > 0
+            requested = bool(training) or _compiled_loop.active
             compile_loops = requested and not in_tensorflow_xla_context()
             return self._recompute_tensorflow(
                 variables, values, frozen_values, inputs, key_mask, drop_masks, compile_loops
@@ -805,11 +798,12 @@ class FeedbackStack(keras.layers.Layer):
             return [grad_inputs] + list(grad_values)
 
         if compile_loops:
-            # Training outside XLA (`model.fit` on a CPU): each loop becomes
-            # one XLA computation. TensorFlow's graph executor would run the
-            # loop bodies op by op, and Grappler rewrites their large gradient
-            # sums into temporary variables that collide across iterations
-            # (`AlreadyExistsError ... tmp_var`) from about width 256, batch 16.
+            # Outside XLA (`fit`, `evaluate`, `predict` on a CPU): each loop
+            # becomes one XLA computation. TensorFlow's graph executor would
+            # run the loop bodies op by op, and Grappler rewrites their large
+            # gradient sums into temporary variables that collide across
+            # iterations (`AlreadyExistsError ... tmp_var`) from about width
+            # 256, batch 16.
             forward = tf.function(forward, jit_compile=True, autograph=False)
             backward = tf.function(backward, jit_compile=True, autograph=False)
 

@@ -4,7 +4,32 @@ Some ops have a fast form that only XLA (or only TensorFlow's graph runtime)
 runs well; layers ask here, at trace time, which one they are building for.
 """
 
+import contextlib
+import threading
+
 import keras
+
+
+class TraceFlag:
+    """A switch that layers read while tracing: on inside `with flag.on():`
+    (nests), off elsewhere. Thread-local, as tracing runs on the calling
+    thread; a traced graph keeps what the flag said when it was traced."""
+
+    def __init__(self):
+        self._state = threading.local()
+
+    @contextlib.contextmanager
+    def on(self):
+        depth = getattr(self._state, "depth", 0)
+        self._state.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._state.depth = depth
+
+    @property
+    def active(self) -> bool:
+        return getattr(self._state, "depth", 0) > 0
 
 
 def in_tensorflow_xla_context() -> bool:
