@@ -164,8 +164,9 @@ def test_fit_at_width_256_in_tensorflow_default_compile():
     keras.utils.set_random_seed(0)
     length, vocabulary = 64, 256
     lm = FeedbackCausalLM(
-        FeedbackBackbone(
-            vocabulary_size=vocabulary,
+        _backbone(
+            vocabulary,
+            randomize=False,
             num_layers=4,
             num_heads=8,
             hidden_dim=256,

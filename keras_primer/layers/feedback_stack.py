@@ -818,7 +818,7 @@ class FeedbackStack(keras.layers.Layer):
 
             def grad(upstream):
                 grads = backward(upstream, inputs, keys, vals, *all_values)
-                return list(grads) + [None] * (len(all_values) - num_trainable)
+                return list(grads) + [None] * len(frozen_values)
 
             return outputs, grad
 
