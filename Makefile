@@ -9,7 +9,7 @@ BACKENDS ?= tensorflow jax torch
 # Files ruff checks (the whole repository; settings in pyproject.toml).
 LINT_PATHS ?= .
 # Public docstring examples run as doctests in the TensorFlow pass.
-DOCTEST_PATHS ?= keras_primer keras_primer_runtime
+DOCTEST_PATHS ?= keras_primer keras_primer_cli runtime/keras_primer_runtime
 # pytest-xdist workers per backend pass: one more than the CPUs this process
 # may use (`nproc`), at most 4 (each worker holds a framework, about 1 GB).
 # The extra worker keeps the CPUs busy while another waits (measured: a
@@ -26,21 +26,13 @@ export KERAS_PRIMER_SHAKESPEARE ?= $(wildcard $(CURDIR)/../shared/data/tinyshake
 
 setup: $(VENV)/.installed
 
-# --no-compile: Python compiles only the modules a process imports, on first
-# import, instead of every file of TensorFlow, JAX and PyTorch at install
-# (2.5 -> 1 minute). tools/write_bytecode.py then imports what the tests
-# import, once, so that the parallel first processes of `make test` do not
-# each compile it. The byte code is written (an environment that sets
-# PYTHONDONTWRITEBYTECODE would otherwise compile TensorFlow at every start).
+# Byte code is written (an environment that sets PYTHONDONTWRITEBYTECODE would
+# otherwise compile TensorFlow in every test process; see tools/setup_venv.sh).
 unexport PYTHONDONTWRITEBYTECODE
-$(VENV)/.installed: pyproject.toml requirements/test.txt requirements/no-deps.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -r requirements/test.txt
-	$(PY) -m pip install -q --no-compile --no-deps -r requirements/no-deps.txt
-	$(PY) -m pip install -q --no-compile --no-deps --no-build-isolation -e .
-	TF_CPP_MIN_LOG_LEVEL=3 $(PY) tools/write_bytecode.py
-	touch $@
+
+# The pinned test environment (requirements/), both distributions editable.
+$(VENV)/.installed: pyproject.toml runtime/pyproject.toml requirements/test.txt requirements/no-deps.txt
+	bash tools/setup_venv.sh $(PYTHON) $(VENV)
 
 demo: setup
 	$(PY) recipes/demo.py --out runs/demo
@@ -55,31 +47,12 @@ lint: setup
 check-install: setup
 	$(PY) tools/check_install.py
 
-# The install check (pip resolving eight installs: about 80 CPU-seconds, and
-# waits on the package index) runs beside the tests; its verdict is printed
-# (and counted) at the end. One JAX
-# compilation cache for every process of the run (workers and the
-# subprocesses they start), removed at the end.
+# Lint first, then tools/run_tests.sh: one pytest run per backend, the install check beside them.
 test: lint
-	@status=0; check_log=$$(mktemp); jax_cache=$$(mktemp -d); \
-	$(PY) tools/check_install.py > $$check_log 2>&1 & check=$$!; \
-	export JAX_COMPILATION_CACHE_DIR=$$jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
-	  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1; \
-	for backend in $(BACKENDS); do \
-	  echo "=== pytest, KERAS_BACKEND=$$backend ==="; start=$$(date +%s); \
-	  extra=""; if [ $$backend = tensorflow ]; then extra="--doctest-modules $(DOCTEST_PATHS) tests"; fi; \
-	  KERAS_BACKEND=$$backend $(PY) -m pytest -q -p no:cacheprovider \
-	    -n $(PYTEST_WORKERS) --dist loadscope --durations $(PYTEST_DURATIONS) \
-	    $$extra $(PYTEST_ARGS) || status=1; \
-	  echo "=== KERAS_BACKEND=$$backend: $$(( $$(date +%s) - start )) s ==="; \
-	done; \
-	echo "=== check-install ==="; wait $$check || status=1; cat $$check_log; \
-	rm -rf $$check_log $$jax_cache; exit $$status
+	bash tools/run_tests.sh $(PY) $(PYTEST_WORKERS) $(PYTEST_DURATIONS) "$(BACKENDS)" "$(DOCTEST_PATHS)" $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) benchmarks/primer_speed.py --backends $(shell echo $(BACKENDS) | tr ' ' ',')
-	for backend in $(BACKENDS); do KERAS_BACKEND=$$backend $(PY) benchmarks/feedback_speed.py; done
-	KERAS_BACKEND=tensorflow $(PY) benchmarks/export_speed.py
+	bash tools/run_benchmarks.sh $(PY) "$(BACKENDS)"
 
 clean:
 	rm -rf $(VENV) runs

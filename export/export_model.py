@@ -6,7 +6,7 @@ python export/export_model.py model.keras --out exported --name primer --version
 
 import sys
 
-from keras_primer_runtime.export_cli import main
+from keras_primer_cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

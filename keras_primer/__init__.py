@@ -13,23 +13,20 @@ from keras_primer.activations import squared_relu
 
 # Registers the sampler a compiled causal LM may hold (`compile(sampler=...)`).
 from keras_primer.generation import ContractSampler
-from keras_primer.layers import (
-    CausalDepthwiseConv,
-    FeedbackAttention,
-    FeedbackStack,
-    FeedForward,
-    MultiDConvHeadAttention,
-    PrimerDecoderBlock,
-)
+from keras_primer.layers import CausalDepthwiseConv, FeedForward
 from keras_primer.models.feedback import (
+    FeedbackAttention,
     FeedbackBackbone,
     FeedbackCausalLM,
     FeedbackCausalLMPreprocessor,
+    FeedbackStack,
 )
 from keras_primer.models.primer import (
+    MultiDConvHeadAttention,
     PrimerBackbone,
     PrimerCausalLM,
     PrimerCausalLMPreprocessor,
+    PrimerDecoderBlock,
 )
 from keras_primer.tokenizers import FeedbackTokenizer, PrimerSentencePieceTokenizer, PrimerTokenizer
 

@@ -8,16 +8,13 @@
 
 Each describes itself as the decoding contract's `TokenizerSpec`
 (`tokenizer.tokenizer_spec()`) and gives the matching framework-free codec of
-`keras_primer_runtime.decoding` (`tokenizer.codec()`), the one codec per kind
+`keras_primer_runtime.generation` (`tokenizer.codec()`), the one codec per kind
 that corpus encoding, the ONNX Runtime generator and the tests use. The
 exporters accept exactly the tokenizers that can describe themselves
 (`tokenizer_spec(model)`). All share the special ids pad 0, start 2, end 3.
 
-The old import paths (`keras_primer.models.primer.PrimerTokenizer`,
-`keras_primer.models.feedback.FeedbackTokenizer`,
-`keras_primer.data.PrimerSentencePieceTokenizer`) still work, and the
-registered names (`keras_primer>PrimerTokenizer`, ...) are unchanged, so
-existing `.keras` files load.
+The registered names (`keras_primer>PrimerTokenizer`, ...) are what `.keras`
+files name, so a file written by any version of the package loads.
 
 >>> tokenizer = PrimerTokenizer()
 >>> tokenizer.tokenizer_spec().special_ids
@@ -31,7 +28,7 @@ from __future__ import annotations
 import keras
 from keras_hub.tokenizers import ByteTokenizer, SentencePieceTokenizer
 
-from keras_primer_runtime.decoding import (
+from keras_primer_runtime.generation import (
     END_ID,
     PAD_ID,
     START_ID,
@@ -207,14 +204,21 @@ class PrimerSentencePieceTokenizer(_DescribedTokenizer, SentencePieceTokenizer):
         return SentencePieceCodec(bytes(self.proto), self.tokenizer_spec(add_start_token))
 
 
-def keras_tokenizer(codec) -> PrimerTokenizer | PrimerSentencePieceTokenizer:
-    """The keras-hub tokenizer of a codec (for a model's preprocessor).
+def keras_tokenizer(
+    codec, byte_tokenizer_cls: type = None
+) -> PrimerTokenizer | PrimerSentencePieceTokenizer:
+    """The keras-hub tokenizer of a codec (for a model's preprocessor): the
+    family's byte tokenizer (`byte_tokenizer_cls`, default `PrimerTokenizer`)
+    or a `PrimerSentencePieceTokenizer` of the codec's proto.
 
     >>> type(keras_tokenizer(ByteCodec())).__name__
     'PrimerTokenizer'
     """
     if codec.kind == "bytes":
-        return PrimerTokenizer()
+        cls = byte_tokenizer_cls if byte_tokenizer_cls is not None else PrimerTokenizer
+        if not issubclass(cls, PrimerTokenizer):  # e.g. a SentencePiece tokenizer class
+            cls = PrimerTokenizer
+        return cls()
     if codec.kind == "sentencepiece":
         return PrimerSentencePieceTokenizer(proto=codec.proto)
     raise ValueError(f"Unknown codec kind {codec.kind!r}; expected 'bytes' or 'sentencepiece'.")

@@ -26,8 +26,8 @@ import dataclasses
 import os
 import sys
 
-from keras_primer_runtime.run_config import build_train_parser, config_from_args
-from keras_primer_runtime.train_cli import quiet_backend_logs
+from keras_primer_cli.logging_setup import quiet_backend_logs
+from keras_primer_cli.run_config import build_train_parser, config_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             report,
             report_seeds,
         )
-        from keras_primer.training.presets import get_preset
+        from keras_primer_cli.presets import get_preset
 
         if args.warmup_steps is not None and args.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be 0 or more. Received: {args.warmup_steps}.")

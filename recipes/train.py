@@ -9,7 +9,7 @@ repository root (or with keras-primer installed).
 
 import sys
 
-from keras_primer_runtime.train_cli import main
+from keras_primer_cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

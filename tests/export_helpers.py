@@ -22,7 +22,7 @@ _WORDS = (
 @functools.cache
 def sentencepiece_proto():
     """Proto of a 320-piece BPE model trained on ~15 KB of generated lines."""
-    from keras_primer.data.tokenizers import train_sentencepiece
+    from keras_primer.data.sentencepiece_training import train_sentencepiece
 
     rng = np.random.default_rng(0)
     lines = [
@@ -45,21 +45,19 @@ def make_lm(family="primer", tokenizer="bytes", seed=0, use_dconv=True, shared_k
     import keras
 
     from keras_primer import (
+        FeedbackBackbone,
+        FeedbackCausalLM,
+        FeedbackCausalLMPreprocessor,
+        FeedbackTokenizer,
         PrimerBackbone,
         PrimerCausalLM,
         PrimerCausalLMPreprocessor,
         PrimerTokenizer,
     )
-    from keras_primer.models.feedback import (
-        FeedbackBackbone,
-        FeedbackCausalLM,
-        FeedbackCausalLMPreprocessor,
-        FeedbackTokenizer,
-    )
 
     keras.utils.set_random_seed(seed)
     if tokenizer == "sentencepiece":
-        from keras_primer.data.tokenizers import PrimerSentencePieceTokenizer
+        from keras_primer.tokenizers import PrimerSentencePieceTokenizer
 
         tok, vocab = PrimerSentencePieceTokenizer(proto=sentencepiece_proto()), SENTENCEPIECE_VOCAB
     else:

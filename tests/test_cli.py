@@ -18,7 +18,7 @@ FRAMEWORKS = ("keras", "tensorflow", "jax", "torch", "keras_hub", "keras_primer"
 # and which framework modules it imported.
 PROBE = textwrap.dedent(f"""
     import json, sys
-    from keras_primer_runtime.cli import main
+    from keras_primer_cli.main import main
     try:
         status = main(sys.argv[1:])
     except SystemExit as exit:
@@ -103,7 +103,7 @@ def test_backend_logs_silenced_unless_verbose(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "keras_primer_runtime.cli",
+        "keras_primer_cli.main",
         "export",
         str(bad),
         "--out",
@@ -124,7 +124,7 @@ def test_backend_logs_silenced_unless_verbose(tmp_path):
 
 
 def test_quiet_backend_logs_keeps_user_settings(monkeypatch):
-    from keras_primer_runtime import logging_setup
+    from keras_primer_cli import logging_setup
 
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")
     monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
@@ -136,10 +136,3 @@ def test_quiet_backend_logs_keeps_user_settings(monkeypatch):
         logging_setup.quiet_backend_logs(True)
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1" and "GRPC_VERBOSITY" not in os.environ
     assert logging_setup._FINDER not in sys.meta_path
-
-
-def test_old_entry_points_are_aliases():
-    from keras_primer import cli
-    from keras_primer_runtime import cli as runtime_cli
-
-    assert cli.main is runtime_cli.main

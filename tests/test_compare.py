@@ -228,9 +228,10 @@ def test_report_only_reads_every_seed(tmp_path):
 def test_gpt2_arm_is_keras_hub_gpt2_of_the_same_size():
     import keras_hub
 
-    from keras_primer.data import ByteCodec, keras_tokenizer
-    from keras_primer.training.models import build_causal_lm
-    from keras_primer.training.presets import get_preset
+    from keras_primer.models.registry import build_causal_lm
+    from keras_primer.tokenizers import keras_tokenizer
+    from keras_primer_cli.presets import get_preset
+    from keras_primer_runtime.generation import ByteCodec
 
     preset = get_preset("tiny")
     tokenizer = keras_tokenizer(ByteCodec())
@@ -258,10 +259,11 @@ def test_gpt2_arm_is_keras_hub_gpt2_of_the_same_size():
 def test_feedback_primer_ez_arm_is_feedback_with_primer_ez_changes():
     import numpy as np
 
-    from keras_primer.data import ByteCodec, keras_tokenizer
     from keras_primer.models.feedback import FeedbackCausalLM
-    from keras_primer.training.models import build_causal_lm
-    from keras_primer.training.presets import get_preset
+    from keras_primer.models.registry import build_causal_lm
+    from keras_primer.tokenizers import keras_tokenizer
+    from keras_primer_cli.presets import get_preset
+    from keras_primer_runtime.generation import ByteCodec
 
     preset = get_preset("tiny")
     tokenizer = keras_tokenizer(ByteCodec())
@@ -309,7 +311,7 @@ def test_every_arm_sees_the_same_batches(tmp_path, sample_text_path, monkeypatch
     from keras_primer.data import pipeline
     from keras_primer.training import compare as compare_module
     from keras_primer.training.driver import RunConfig
-    from keras_primer.training.presets import get_preset
+    from keras_primer_cli.presets import get_preset
 
     batches = {}  # (model, seed) -> [(global step, digest of the batch)]
     current = {}

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from keras_primer.data import (
-    ByteCodec,
     DataFileError,
     WindowDataset,
     list_text_files,
@@ -14,6 +13,7 @@ from keras_primer.data import (
     shakespeare_path,
     validation_arrays,
 )
+from keras_primer_runtime.generation import ByteCodec
 
 
 def _write(path, text):
@@ -101,7 +101,9 @@ def test_tf_dataset_matches_py_dataset():
 
 @pytest.mark.tensorflow_only
 def test_sentencepiece_round_trip_and_model_tokenizer(tmp_path, sample_text_path):
-    from keras_primer.data import SentencePieceCodec, keras_tokenizer, train_sentencepiece
+    from keras_primer.data import train_sentencepiece
+    from keras_primer.tokenizers import keras_tokenizer
+    from keras_primer_runtime.generation import SentencePieceCodec
 
     text = open(sample_text_path, encoding="utf-8").read()
     # A comma in the path used to split it in two (`input="a,b"`).

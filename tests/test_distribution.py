@@ -47,7 +47,7 @@ COMMON = """
 import contextlib, io, json, sys
 import numpy as np, keras
 from keras_primer import PrimerBackbone, PrimerCausalLM, PrimerCausalLMPreprocessor, PrimerTokenizer
-from keras_primer_runtime.train_cli import main
+from keras_primer_cli.train import main
 
 def build(optimizer=None):
     keras.utils.set_random_seed(0)
@@ -235,7 +235,7 @@ def test_jax_sharded_and_multi_host_match_one_device(tmp_path, sample_text_path)
             KERAS_DISTRIBUTION_NUM_PROCESSES="2",
             KERAS_DISTRIBUTION_PROCESS_ID=str(process_id),
         )
-        command = [sys.executable, "-m", "keras_primer_runtime.train_cli", "--out", str(two)]
+        command = [sys.executable, "-m", "keras_primer_cli.train", "--out", str(two)]
         command += ["--data", sample_text_path, *CLI_FLAGS, "--backend", "jax"]
         command += ["--distribution", "data_parallel", "--multi-host"]
         hosts.append(_start(command, env, tmp_path / f"host-{process_id}.log"))

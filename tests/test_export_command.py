@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from keras_primer_runtime import export_cli
+from keras_primer_cli import errors, export_options
 
 pytestmark = pytest.mark.tensorflow_only
 
@@ -49,7 +49,7 @@ def fakes(monkeypatch):
     def fake_replay(version_dir):
         state["calls"].append(("replay", version_dir))
         if state["fail"] == "replay":
-            raise export_cli.ExportError("Warmup request 2 (generate) fails")
+            raise errors.ExportError("Warmup request 2 (generate) fails")
 
     def fake_onnx(model, out_dir, int8=False):
         os.makedirs(out_dir)
@@ -68,7 +68,7 @@ def fakes(monkeypatch):
 
 
 def _run(capsys, *argv):
-    from keras_primer_runtime.export_cli import main
+    from keras_primer_cli.export import main
 
     status = main([str(a) for a in argv])
     captured = capsys.readouterr()
@@ -95,7 +95,7 @@ def test_versions_and_models_are_merged_not_overwritten(model_path, fakes, tmp_p
     status, stdout, _ = _run(capsys, model_path, "--out", out, "--name", "other", "--no-onnx")
     assert status == 0 and str(out / "serving" / "other" / "1") in stdout
     assert sorted(os.listdir(out / "serving" / "tiny")) == ["1", "2"]
-    config = export_cli.read_models_config((out / "serving" / "models.config").read_text())
+    config = export_options.read_models_config((out / "serving" / "models.config").read_text())
     assert [(c.name, c.base_path) for c in config.model_config_list.config] == [
         ("tiny", "/models/tiny"),
         ("other", "/models/other"),
@@ -199,7 +199,7 @@ def test_bad_inputs_are_one_line_with_exit_2(model_path, fakes, tmp_path, capsys
         assert status == 2 and expected in err and err.count("\n") == 1, (argv, err)
         assert err.startswith("keras-primer export: error: ")
     assert not out.exists() and not fakes["calls"]
-    with pytest.raises(export_cli.ExportError):
+    with pytest.raises(errors.ExportError):
         _run(capsys, not_zip, "--out", out, "--debug")
 
 
@@ -208,16 +208,16 @@ def test_models_config_merge_escapes_and_keeps_entries():
         'model_config_list { config { name: "old" base_path: "/srv/old" '
         'model_platform: "tensorflow" model_version_policy { all {} } } }'
     )
-    config = export_cli.read_models_config(existing)
-    merged = export_cli.add_model(config, 'a"b', '/models/a"b')
-    again = export_cli.add_model(export_cli.read_models_config(merged), 'a"b', "/elsewhere")
+    config = export_options.read_models_config(existing)
+    merged = export_options.add_model(config, 'a"b', '/models/a"b')
+    again = export_options.add_model(export_options.read_models_config(merged), 'a"b', "/elsewhere")
     assert again == merged
-    config = export_cli.read_models_config(merged)
+    config = export_options.read_models_config(merged)
     assert [c.name for c in config.model_config_list.config] == ["old", 'a"b']
     assert config.model_config_list.config[0].model_version_policy.HasField("all")
     assert 'name: "a\\"b"' in merged
-    with pytest.raises(export_cli.ExportError, match="not a TF Serving model config"):
-        export_cli.read_models_config("model_config_list { oops", "/x/models.config")
+    with pytest.raises(errors.ExportError, match="not a TF Serving model config"):
+        export_options.read_models_config("model_config_list { oops", "/x/models.config")
 
 
 def test_unreadable_models_config_is_refused_before_writing(model_path, fakes, tmp_path, capsys):
@@ -231,7 +231,7 @@ def test_unreadable_models_config_is_refused_before_writing(model_path, fakes, t
 def test_export_model_api_raises_export_error(model_path, tmp_path):
     from keras_primer.export import export_model
 
-    with pytest.raises(export_cli.ExportError, match="is not a TF Serving model name"):
+    with pytest.raises(errors.ExportError, match="is not a TF Serving model name"):
         export_model(model_path, str(tmp_path / "out"), name="../up")
 
 
@@ -268,17 +268,17 @@ def test_options_are_declared_once():
 
     from keras_primer.export import export_model
 
-    fields = [f.name for f in dataclasses.fields(export_cli.ExportOptions)]
+    fields = [f.name for f in dataclasses.fields(export_options.ExportOptions)]
     assert list(inspect.signature(export_model).parameters) == fields
-    options = export_cli.ExportOptions(
+    options = export_options.ExportOptions(
         "m.keras", "out", name="x", version=3, max_new_tokens=5, int8=True, onnx=False
     )
-    args = export_cli.build_parser().parse_args(options.argv())
-    assert export_cli.options_from_args(args) == options
-    defaults = export_cli.options_from_args(
-        export_cli.build_parser().parse_args(["m.keras", "--out", "o"])
+    args = export_options.build_parser().parse_args(options.argv())
+    assert export_options.options_from_args(args) == options
+    defaults = export_options.options_from_args(
+        export_options.build_parser().parse_args(["m.keras", "--out", "o"])
     )
-    assert defaults == export_cli.ExportOptions("m.keras", "o")
+    assert defaults == export_options.ExportOptions("m.keras", "o")
 
 
 def _export_in_thread(model_path, out, results, **options):
@@ -286,9 +286,9 @@ def _export_in_thread(model_path, out, results, **options):
 
     def run():
         try:
-            opts = export_cli.ExportOptions(model_path, str(out), **options)
-            results.append(run_export(export_cli.check_options(opts)))
-        except export_cli.ExportError as error:
+            opts = export_options.ExportOptions(model_path, str(out), **options)
+            results.append(run_export(export_options.check_options(opts)))
+        except errors.ExportError as error:
             results.append(error)
 
     thread = threading.Thread(target=run)
@@ -323,10 +323,10 @@ def test_two_exports_into_one_out_leave_both_or_one_refusal(
     first.join(600)
     second.join(600)
     assert isinstance(results[0], dict)
-    config = export_cli.read_models_config((out / "serving" / "models.config").read_text())
+    config = export_options.read_models_config((out / "serving" / "models.config").read_text())
     names = [c.name for c in config.model_config_list.config]
     if same_name:
-        assert isinstance(results[1], export_cli.ExportError)
+        assert isinstance(results[1], errors.ExportError)
         assert "already exists: pass --overwrite" in str(results[1])
         assert names == ["a"]
     else:
@@ -346,7 +346,7 @@ def test_onnx_folder_is_not_replaced_without_overwrite(model_path, fakes, tmp_pa
 
 def test_stale_staging_folders_are_removed(model_path, fakes, tmp_path, capsys):
     out = tmp_path / "out"
-    stale = out / (export_cli.STAGING_PREFIX + "killed")
+    stale = out / (export_options.STAGING_PREFIX + "killed")
     (stale / "serving").mkdir(parents=True)
     (stale / "serving" / "big.bin").write_bytes(b"x" * 1000)
     status, _, err = _run(capsys, model_path, "--out", out, "--name", "m")
@@ -359,7 +359,7 @@ def test_model_too_small_or_too_many_new_tokens_name_the_numbers(
 ):
     from keras_primer.export.command import fit_max_new_tokens
 
-    with pytest.raises(export_cli.ExportError, match="max_sequence_length=2 holds 1 start"):
+    with pytest.raises(errors.ExportError, match="max_sequence_length=2 holds 1 start"):
         fit_max_new_tokens(None, 2, 1)
     assert fit_max_new_tokens(None, 3, 1) == 1
     # The tiny model has max_sequence_length=32: 1 start token, >= 1 prompt token.
@@ -428,7 +428,7 @@ def test_subprocess_export_error_comes_from_the_result_not_stderr(
     from keras_primer.export import command
 
     monkeypatch.setattr(command, "_backend", lambda: "jax")
-    with pytest.raises(export_cli.ExportError) as caught:
+    with pytest.raises(errors.ExportError) as caught:
         command.export_model(model_path, str(tmp_path / "out"), name="../up")
     assert str(caught.value).startswith("--name '../up' is not a TF Serving model name")
     assert not (tmp_path / "out").exists()
@@ -474,7 +474,7 @@ def test_onnx_state_names_and_config_file_are_declared_once():
     import keras_primer
     import keras_primer_runtime
     from keras_primer.export import onnx_export
-    from keras_primer_runtime.decoding import StateSpec
+    from keras_primer_runtime.generation import StateSpec
 
     with open(onnx_export.__file__) as f:
         tree = ast.parse(f.read())

@@ -82,7 +82,7 @@ json.dump(res, open(out_path, "w"))
 def exported(tmp_path_factory):
     import keras
 
-    from keras_primer_runtime.export_cli import main
+    from keras_primer_cli.export import main
 
     root = tmp_path_factory.mktemp("sm_export")
     lm = make_model()
@@ -441,7 +441,7 @@ def test_saved_model_cli_show_and_run(exported, tmp_path):
 
 
 def test_export_refuses_existing_version_and_bad_file(exported, capsys):
-    from keras_primer_runtime.export_cli import main
+    from keras_primer_cli.export import main
 
     model_path = str(exported["root"] / "tiny.keras")
     out = str(exported["root"] / "out")
@@ -457,8 +457,8 @@ def test_a_failing_warmup_record_fails_the_export(exported, tmp_path):
     import shutil
 
     from keras_primer.export.saved_model import replay_warmup, write_warmup
+    from keras_primer_cli.errors import ExportError
     from keras_primer_runtime import serving_client as sc
-    from keras_primer_runtime.export_cli import ExportError
 
     copy = str(tmp_path / "copy")
     shutil.copytree(exported["sm_dir"], copy)

@@ -277,7 +277,7 @@ def test_concurrent_trainers_one_wins_the_other_exits_2(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "keras_primer_runtime.train_cli",
+        "keras_primer_cli.train",
         "--out",
         str(out),
         "--data",
@@ -380,7 +380,7 @@ def test_damaged_run_json_is_one_line_naming_the_file(
     tmp_path, reference, capsys, content, problem
 ):
     # Issue 20: TypeError / AttributeError / "Expecting value" without the file or the fix.
-    from keras_primer_runtime.train_cli import main
+    from keras_primer_cli.train import main
 
     out = _copy(reference, tmp_path)
     (out / "run.json").write_text(content)

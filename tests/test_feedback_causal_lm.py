@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_primer.activations import squared_relu
-from keras_primer.models.feedback import (
+from keras_primer import (
     FeedbackBackbone,
     FeedbackCausalLM,
     FeedbackCausalLMPreprocessor,
     FeedbackTokenizer,
 )
+from keras_primer.activations import squared_relu
 
 VOCAB, LAYERS, HIDDEN, MAX_LEN = 48, 2, 16, 12
 

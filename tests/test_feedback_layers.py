@@ -6,8 +6,8 @@ import pytest
 from keras import ops
 
 from keras_primer.activations import squared_relu
-from keras_primer.layers.feedback_attention import FeedbackAttention
-from keras_primer.layers.feedback_stack import FeedbackStack
+from keras_primer.models.feedback.feedback_attention import FeedbackAttention
+from keras_primer.models.feedback.feedback_stack import FeedbackStack
 
 BACKEND = keras.backend.backend()
 HIDDEN, HEADS, FF, LAYERS, MAX_LEN = 16, 2, 24, 2, 12

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from export_helpers import BLOCK_IMPORTS, FRAMEWORKS, make_lm
 
-from keras_primer_runtime import decoding
+from keras_primer_runtime import generation
 
 OPTIONS = [
     dict(temperature=1.0, top_k=0, top_p=1.0),
@@ -24,13 +24,13 @@ OPTIONS = [
     dict(temperature=1.0, top_k=0, top_p=1e-6),
 ]
 BAD_OPTIONS = [
-    (dict(temperature=-1.0), decoding.TEMPERATURE_ERROR),
-    (dict(temperature=math.nan), decoding.TEMPERATURE_ERROR),
-    (dict(temperature=math.inf), decoding.TEMPERATURE_ERROR),
-    (dict(temperature=1.0, top_p=0.0), decoding.TOP_P_ERROR),
-    (dict(temperature=1.0, top_p=1.5), decoding.TOP_P_ERROR),
-    (dict(temperature=1.0, top_p=math.nan), decoding.TOP_P_ERROR),
-    (dict(temperature=1.0, top_k=-2), decoding.TOP_K_ERROR),
+    (dict(temperature=-1.0), generation.TEMPERATURE_ERROR),
+    (dict(temperature=math.nan), generation.TEMPERATURE_ERROR),
+    (dict(temperature=math.inf), generation.TEMPERATURE_ERROR),
+    (dict(temperature=1.0, top_p=0.0), generation.TOP_P_ERROR),
+    (dict(temperature=1.0, top_p=1.5), generation.TOP_P_ERROR),
+    (dict(temperature=1.0, top_p=math.nan), generation.TOP_P_ERROR),
+    (dict(temperature=1.0, top_k=-2), generation.TOP_K_ERROR),
 ]
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,7 +47,7 @@ def test_filtered_distribution_numpy_port_matches_keras_ops(options):
     from keras_primer.generation import filtered_probabilities
 
     logits = _logits()
-    expected = decoding.filtered_probabilities(logits, decoding.check_sampling(**options))
+    expected = generation.filtered_probabilities(logits, generation.check_sampling(**options))
     got = keras.ops.convert_to_numpy(filtered_probabilities(logits, **options))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(expected.sum(-1), 1.0, atol=1e-5)
@@ -58,11 +58,13 @@ def test_filtered_distribution_oracle():
     """Hand-computed: softmax([2, 1, 0, -1] / 1) keeps ranks whose preceding mass < 0.7."""
     logits = np.array([[2.0, 1.0, 0.0, -1.0]], "float32")
     p = np.exp(logits[0]) / np.exp(logits[0]).sum()  # 0.644, 0.237, 0.087, 0.032
-    got = decoding.filtered_probabilities(logits, decoding.check_sampling(1.0, top_p=0.7))
+    got = generation.filtered_probabilities(logits, generation.check_sampling(1.0, top_p=0.7))
     np.testing.assert_allclose(
         got[0], [p[0] / (p[0] + p[1]), p[1] / (p[0] + p[1]), 0, 0], atol=1e-6
     )
-    got = decoding.filtered_probabilities(logits[:, ::-1], decoding.check_sampling(1.0, top_k=1))
+    got = generation.filtered_probabilities(
+        logits[:, ::-1], generation.check_sampling(1.0, top_k=1)
+    )
     np.testing.assert_allclose(got[0], [0, 0, 0, 1], atol=0)
 
 
@@ -81,7 +83,7 @@ def test_filtered_distribution_savedmodel_graph_matches(options):
         tf.constant(options["top_k"]),
         tf.constant(options["top_p"]),
     ).numpy()
-    expected = decoding.filtered_probabilities(_logits(1), decoding.check_sampling(**options))
+    expected = generation.filtered_probabilities(_logits(1), generation.check_sampling(**options))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
@@ -92,7 +94,7 @@ def test_bad_options_same_text_in_keras_and_runtime(bad, message):
     from keras_primer.generation import ContractSampler, check_sampler
 
     with pytest.raises(ValueError) as runtime_error:
-        decoding.check_sampling(**bad)
+        generation.check_sampling(**bad)
     assert str(runtime_error.value).startswith(message)
     with pytest.raises(ValueError) as keras_error:
         ContractSampler(**bad)
@@ -144,7 +146,7 @@ def test_keras_contract_sampler_is_seeded_and_greedy_at_zero():
     lm.compile(sampler="greedy")
     assert greedy == lm.generate("Hello", max_length=14)
     restored = ContractSampler.from_config(ContractSampler(0.5, 3, 0.8, 9).get_config())
-    assert restored.options == decoding.check_sampling(0.5, 3, 0.8, 9)
+    assert restored.options == generation.check_sampling(0.5, 3, 0.8, 9)
 
 
 @pytest.mark.parametrize("family", ["primer", "feedback"])
@@ -159,8 +161,8 @@ def test_state_specs_describe_empty_cache(family):
 
 
 def test_tokenizer_spec_round_trip_and_refusals():
-    from keras_primer.generation import tokenizer_spec
     from keras_primer.models.primer.primer_causal_lm_preprocessor import PrimerCausalLMPreprocessor
+    from keras_primer.tokenizers import tokenizer_spec
 
     spec, proto = tokenizer_spec(make_lm("primer", "bytes"))
     assert (spec.kind, spec.vocabulary_size, spec.special_ids, proto) == (
@@ -169,7 +171,7 @@ def test_tokenizer_spec_round_trip_and_refusals():
         [0, 2, 3],
         None,
     )
-    assert decoding.TokenizerSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    assert generation.TokenizerSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
     spec, proto = tokenizer_spec(make_lm("feedback", "sentencepiece"))
     assert spec.kind == "sentencepiece" and proto[:2] and spec.special_ids == [0, 2, 3]
     lm = make_lm("primer", "bytes")
@@ -185,19 +187,19 @@ def test_tokenizer_spec_round_trip_and_refusals():
 
 @pytest.mark.tensorflow_only  # backend-independent: runs once
 def test_length_and_prompt_checks():
-    assert decoding.check_max_new_tokens(2**31 - 1) == 2**31 - 1
+    assert generation.check_max_new_tokens(2**31 - 1) == 2**31 - 1
     with pytest.raises(ValueError, match="max_sequence_length=32"):
-        decoding.check_max_new_tokens(2**31 - 1, longest_prompt=3, max_sequence_length=32)
+        generation.check_max_new_tokens(2**31 - 1, longest_prompt=3, max_sequence_length=32)
     for bad in (0, -1, 1.5, True, "3"):
         with pytest.raises(ValueError, match="max_new_tokens"):
-            decoding.check_max_new_tokens(bad)
+            generation.check_max_new_tokens(bad)
     with pytest.raises(
-        ValueError, match=decoding.EMPTY_PROMPT_ERROR.replace("(", r"\(").replace(")", r"\)")
+        ValueError, match=generation.EMPTY_PROMPT_ERROR.replace("(", r"\(").replace(")", r"\)")
     ):
-        decoding.check_prompts(["a", ""])
+        generation.check_prompts(["a", ""])
     for bad in ([], [3], None):
         with pytest.raises(ValueError, match="list of strings"):
-            decoding.check_prompts(bad)
+            generation.check_prompts(bad)
 
 
 @pytest.mark.tensorflow_only
@@ -208,9 +210,9 @@ def test_runtime_imports_without_any_framework():
         + f"""
 block_imports(*{FRAMEWORKS!r})
 import numpy as np
-from keras_primer_runtime import decoding, ort_generator, serving_client
+from keras_primer_runtime import generation, ort_generator, serving_client
 import onnxruntime, sentencepiece
-probs = decoding.filtered_probabilities(np.array([[1.0, 2.0]]), decoding.check_sampling(1.0))
+probs = generation.filtered_probabilities(np.array([[1.0, 2.0]]), generation.check_sampling(1.0))
 try:
     import tensorflow
     print("tensorflow importable")
@@ -251,13 +253,13 @@ def test_export_refuses_unknown_tokenizer_before_writing(tmp_path):
 def test_tokenizer_classes_live_in_one_module_and_keep_their_names():
     import keras_primer
     from keras_primer import tokenizers
-    from keras_primer.data import tokenizers as data_tokenizers
-    from keras_primer.models.feedback import FeedbackBackbone, FeedbackTokenizer
-    from keras_primer.models.primer import PrimerBackbone, PrimerTokenizer
+    from keras_primer.models.feedback import FeedbackBackbone
+    from keras_primer.models.primer import PrimerBackbone
+    from keras_primer.tokenizers import FeedbackTokenizer, PrimerTokenizer
 
     assert PrimerTokenizer is tokenizers.PrimerTokenizer is keras_primer.PrimerTokenizer
     assert FeedbackTokenizer is tokenizers.FeedbackTokenizer
-    assert data_tokenizers.PrimerSentencePieceTokenizer is tokenizers.PrimerSentencePieceTokenizer
+    assert keras_primer.PrimerSentencePieceTokenizer is tokenizers.PrimerSentencePieceTokenizer
     for cls in (PrimerTokenizer, FeedbackTokenizer, tokenizers.PrimerSentencePieceTokenizer):
         assert cls.__module__ == "keras_primer.tokenizers"
         assert keras.saving.get_registered_name(cls) == f"keras_primer>{cls.__name__}"
@@ -272,12 +274,10 @@ def test_one_codec_per_kind_for_corpus_keras_and_ort(tmp_path):
     from keras_primer import data
     from keras_primer.tokenizers import PrimerSentencePieceTokenizer, PrimerTokenizer
 
-    assert data.ByteCodec is decoding.ByteCodec
-    assert data.SentencePieceCodec is decoding.SentencePieceCodec
     text = "ROMEO: é 你 😀\nthe end"
     corpus = tmp_path / "c.txt"
     corpus.write_text(text, encoding="utf-8")
-    meta = data.encode_corpus(str(corpus), decoding.ByteCodec(), str(tmp_path / "cache"))
+    meta = data.encode_corpus(str(corpus), generation.ByteCodec(), str(tmp_path / "cache"))
     assert meta["codec"] == {"kind": "bytes", "vocabulary_size": 256}
     cached = np.fromfile(str(tmp_path / "cache" / "tokens.bin"), dtype=np.uint8)
     keras_ids = np.asarray(PrimerTokenizer()(text))
@@ -292,10 +292,10 @@ def test_one_codec_per_kind_for_corpus_keras_and_ort(tmp_path):
         export_dir = tmp_path / spec.kind
         export_dir.mkdir()
         spec.save(str(export_dir), None if spec.kind == "bytes" else bytes(tokenizer.proto))
-        loaded_spec, codec = decoding.load_tokenizer(str(export_dir))
+        loaded_spec, codec = generation.load_tokenizer(str(export_dir))
         assert loaded_spec == spec
         assert type(codec) is type(tokenizer.codec())
-        assert type(codec) in (decoding.ByteCodec, decoding.SentencePieceCodec)
+        assert type(codec) in (generation.ByteCodec, generation.SentencePieceCodec)
         sample = "To be, or not é"
         np.testing.assert_array_equal(codec.encode(sample), np.asarray(tokenizer(sample)))
         assert codec.decode([spec.start_id, *codec.encode(sample), spec.end_id]) == sample
@@ -354,12 +354,12 @@ BAD_UNICODE = [b"\xff\xfeA", "a\udcff", [b"ok", b"a\xed\xb3\xbf"]]
 @pytest.mark.parametrize("prompt", BAD_UNICODE)
 def test_unicode_rule_in_the_contract_and_codecs(prompt):
     with pytest.raises(ValueError) as error:
-        decoding.check_prompts(prompt)
-    assert str(error.value).startswith(decoding.UNICODE_ERROR)
-    assert decoding.check_prompts([b"caf\xc3\xa9", "ok \ufffd"]) == ["café", "ok \ufffd"]
+        generation.check_prompts(prompt)
+    assert str(error.value).startswith(generation.UNICODE_ERROR)
+    assert generation.check_prompts([b"caf\xc3\xa9", "ok \ufffd"]) == ["café", "ok \ufffd"]
     if isinstance(prompt, str):
         with pytest.raises(ValueError, match="lone surrogate"):
-            decoding.ByteCodec().encode(prompt)
+            generation.ByteCodec().encode(prompt)
 
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "sentencepiece"])
@@ -372,4 +372,4 @@ def test_unicode_rule_in_keras_generate(tokenizer):
         with pytest.raises(ValueError) as error:
             lm.generate(prompt, max_length=12)
         message = str(error.value)
-        assert message.startswith(decoding.UNICODE_ERROR) and "\x1b[" not in message
+        assert message.startswith(generation.UNICODE_ERROR) and "\x1b[" not in message

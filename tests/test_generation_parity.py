@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from export_helpers import BLOCK_IMPORTS, FRAMEWORKS, keras_greedy, make_lm, sample_ids
 
-from keras_primer_runtime import decoding
+from keras_primer_runtime import generation
 
 pytestmark = pytest.mark.slow
 # A hang guard only: many times the normal time on a loaded 2-core machine.
@@ -44,11 +44,11 @@ PROMPTS = ["Hello", "Hi", "To be, or not"]
 NEW_TOKENS = 6
 SAMPLING = dict(temperature=1.0, top_k=8, top_p=0.9, seed=11)
 BAD = [  # (options, expected text)
-    (dict(temperature=-1.0), decoding.TEMPERATURE_ERROR),
-    (dict(temperature=float("nan")), decoding.TEMPERATURE_ERROR),
-    (dict(temperature=1.0, top_p=1.5), decoding.TOP_P_ERROR),
-    (dict(temperature=1.0, top_p=0.0), decoding.TOP_P_ERROR),
-    (dict(temperature=1.0, top_k=-1), decoding.TOP_K_ERROR),
+    (dict(temperature=-1.0), generation.TEMPERATURE_ERROR),
+    (dict(temperature=float("nan")), generation.TEMPERATURE_ERROR),
+    (dict(temperature=1.0, top_p=1.5), generation.TOP_P_ERROR),
+    (dict(temperature=1.0, top_p=0.0), generation.TOP_P_ERROR),
+    (dict(temperature=1.0, top_k=-1), generation.TOP_K_ERROR),
 ]
 # Not valid Unicode: invalid UTF-8, and a lone surrogate (a str; a client that
 # sends it to TF Serving can only send its "surrogatepass" bytes).
@@ -197,7 +197,7 @@ def keras_side(lm, name):
     for prompt in BAD_UNICODE:
         with pytest.raises(ValueError) as error:
             lm.generate(prompt, max_length=8)
-        assert str(error.value).startswith(decoding.UNICODE_ERROR), name
+        assert str(error.value).startswith(generation.UNICODE_ERROR), name
     return text
 
 
@@ -291,7 +291,7 @@ def test_same_text_in_keras_savedmodel_and_ort(tmp_path):
         for runtime in (served, ort):
             first, second = runtime[name]["sampled"]
             assert first == second and all(t.startswith(p) for t, p in zip(first, PROMPTS))
-            expected = [text for _, text in BAD] + [decoding.UNICODE_ERROR] * len(BAD_UNICODE)
+            expected = [text for _, text in BAD] + [generation.UNICODE_ERROR] * len(BAD_UNICODE)
             assert len(runtime[name]["errors"]) == len(expected)
             for text, message in zip(expected, runtime[name]["errors"]):
                 assert message is not None and text in message, (name, text, message)

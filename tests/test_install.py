@@ -88,6 +88,34 @@ print(json.dumps(missing))
     return result.stdout.strip()
 
 
+def build_wheels(src, dist) -> list:
+    """The wheels of both distributions built from the checkout `src`:
+    keras-primer and keras-primer-runtime (from `src/runtime`)."""
+    for project in (src / "runtime", src):
+        built = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                "-q",
+                "-w",
+                str(dist),
+                str(project),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        assert built.returncode == 0, built.stderr[-3000:]
+    (library,) = dist.glob("keras_primer-*.whl")
+    (runtime,) = dist.glob("keras_primer_runtime-*.whl")
+    return [library, runtime]
+
+
 @pytest.mark.slow
 def test_wheel_installs_and_first_run_works(tmp_path):
     # Build the wheel from a copy of the sources (the checkout stays clean).
@@ -99,26 +127,7 @@ def test_wheel_installs_and_first_run_works(tmp_path):
             ".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".ruff_cache"
         ),
     )
-    built = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "-q",
-            "-w",
-            str(tmp_path / "dist"),
-            str(src),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert built.returncode == 0, built.stderr[-3000:]
-    (wheel,) = (tmp_path / "dist").glob("keras_primer-*.whl")
+    wheels = build_wheels(src, tmp_path / "dist")
 
     # A fresh environment that sees this one's packages (a path entry, whose own
     # .pth files, such as an editable keras-primer, are not processed).
@@ -136,7 +145,7 @@ def test_wheel_installs_and_first_run_works(tmp_path):
     with open(os.path.join(site_dir, "test_environment.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
     installed = subprocess.run(
-        [python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        [python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", *map(str, wheels)],
         capture_output=True,
         text=True,
         timeout=1800,

@@ -12,27 +12,23 @@ from keras.src.testing import TestCase as KerasTestCase
 from keras_hub.src.tests import test_case as hub_test_case  # needs `grain`
 
 import keras_primer  # noqa: F401  (registers the serializable classes)
-from keras_primer.layers import (
-    CausalDepthwiseConv,
-    FeedbackAttention,
-    FeedbackStack,
-    FeedForward,
-    MultiDConvHeadAttention,
-    PrimerDecoderBlock,
-)
+from keras_primer.layers import CausalDepthwiseConv, FeedForward
 from keras_primer.layers.position_embedding import PaddingAwarePositionEmbedding
 from keras_primer.models.feedback import (
+    FeedbackAttention,
     FeedbackBackbone,
     FeedbackCausalLM,
     FeedbackCausalLMPreprocessor,
-    FeedbackTokenizer,
+    FeedbackStack,
 )
 from keras_primer.models.primer import (
+    MultiDConvHeadAttention,
     PrimerBackbone,
     PrimerCausalLM,
     PrimerCausalLMPreprocessor,
-    PrimerTokenizer,
+    PrimerDecoderBlock,
 )
+from keras_primer.tokenizers import FeedbackTokenizer, PrimerTokenizer
 
 
 class TestCase(hub_test_case.TestCase):
@@ -212,7 +208,8 @@ class PreprocessorHarnessTest(TestCase):
     def test_sentencepiece_tokenizer(self):
         import sentencepiece as spm
 
-        from keras_primer.data.tokenizers import PrimerSentencePieceTokenizer, train_sentencepiece
+        from keras_primer.data import train_sentencepiece
+        from keras_primer.tokenizers import PrimerSentencePieceTokenizer
 
         sonnets = os.path.join(os.path.dirname(__file__), "data", "sonnets.txt")
         proto = train_sentencepiece([sonnets], vocabulary_size=400).proto

@@ -13,19 +13,19 @@ from keras import ops
 
 import keras_primer  # noqa: F401
 from keras_primer.activations import squared_relu
-from keras_primer.layers import MultiDConvHeadAttention, PrimerDecoderBlock
 from keras_primer.models.feedback import (
     FeedbackBackbone,
     FeedbackCausalLM,
     FeedbackCausalLMPreprocessor,
-    FeedbackTokenizer,
 )
 from keras_primer.models.primer import (
+    MultiDConvHeadAttention,
     PrimerBackbone,
     PrimerCausalLM,
     PrimerCausalLMPreprocessor,
-    PrimerTokenizer,
+    PrimerDecoderBlock,
 )
+from keras_primer.tokenizers import FeedbackTokenizer, PrimerTokenizer
 from keras_primer.utils import validation
 
 BACKEND = keras.backend.backend()

@@ -8,17 +8,13 @@ import pytest
 from keras import ops
 
 from keras_primer.activations import squared_relu
-from keras_primer.layers import (
-    CausalDepthwiseConv,
-    FeedForward,
-    MultiDConvHeadAttention,
-    PrimerDecoderBlock,
-)
+from keras_primer.layers import CausalDepthwiseConv, FeedForward
 from keras_primer.layers.causal_depthwise_conv import (
     FORMULATIONS,
     causal_depthwise_conv,
     conv_formulation,
 )
+from keras_primer.models.primer import MultiDConvHeadAttention, PrimerDecoderBlock
 
 
 def to_np(x):

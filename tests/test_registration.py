@@ -88,7 +88,7 @@ def test_package_import_registers_every_serializable():
 def test_trained_file_loads_compiled_in_fresh_process(tmp_path):
     """`keras-primer train` on this backend (in this process: the load is what
     needs a fresh one), then `import keras_primer; load_model` in a fresh process."""
-    from keras_primer_runtime.train_cli import main
+    from keras_primer_cli.train import main
 
     (tmp_path / "corpus.txt").write_text(CORPUS)
     run = tmp_path / "run"
@@ -107,102 +107,3 @@ def test_trained_file_loads_compiled_in_fresh_process(tmp_path):
     assert loaded["compiled"] is True
     assert loaded["optimizer"] == "keras_primer.training.optimizer.AdamW"
     assert loaded["iterations"] == 2
-
-
-# === Import layering (issue 21 item 1) ===
-# layers < models / tokenizers / samplers < data < training / export: a module
-# imports only from its own layer or below, at module level or in a function.
-LOWER_LAYERS = (
-    "keras_primer.activations",
-    "keras_primer.layers",
-    "keras_primer.models",
-    "keras_primer.tokenizers",
-    "keras_primer.generation",
-    "keras_primer.utils",
-)
-UPPER_LAYERS = ("keras_primer.data", "keras_primer.training", "keras_primer.export")
-
-
-def _package_imports():
-    """`{module: {(imported module, at_module_level)}}` for `keras_primer`'s
-    own imports, read from the source (nothing is imported)."""
-    import ast
-
-    modules = {}
-    package_dir = os.path.join(ROOT, "keras_primer")
-    for folder, _, files in os.walk(package_dir):
-        for name in files:
-            if name.endswith(".py"):
-                path = os.path.join(folder, name)
-                module = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
-                modules[module.removesuffix(".__init__")] = path
-    graph = {}
-    for module, path in modules.items():
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read())
-        top_level = set(map(id, tree.body))
-        edges = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            else:
-                continue
-            for target in targets:
-                if target in modules and target != module:
-                    edges.add((target, id(node) in top_level))
-        graph[module] = edges
-    return graph
-
-
-def _within(module, prefixes):
-    return any(module == p or module.startswith(p + ".") for p in prefixes)
-
-
-def test_lower_layers_never_import_data_training_or_export():
-    """Regression: `data/tokenizers` -> `models/primer` -> `models/base` ->
-    `models/generation` -> `generation` -> `data/tokenizers` was a cycle,
-    broken only by imports inside functions."""
-    graph = _package_imports()
-    upward = sorted(
-        (module, target)
-        for module, edges in graph.items()
-        if _within(module, LOWER_LAYERS)
-        for target, _ in edges
-        if _within(target, UPPER_LAYERS)
-    )
-    assert upward == []
-
-
-def test_lower_layers_import_graph_has_no_cycle():
-    """No cycle among the lower layers' module-level imports (each package's
-    `__init__` counts, as Python runs it before its submodules)."""
-    graph = _package_imports()
-
-    def imports(module):
-        found = set()
-        for target, top in graph[module]:
-            if not top:
-                continue
-            found.add(target)
-            parts = target.split(".")
-            for i in range(2, len(parts)):
-                parent = ".".join(parts[:i])
-                if parent in graph and not _within(module, [parent]):
-                    found.add(parent)
-        return {m for m in found if _within(m, LOWER_LAYERS)}
-
-    state = {}
-
-    def visit(module, trail):
-        if state.get(module) == "done":
-            return
-        assert state.get(module) != "open", " -> ".join(trail + [module])
-        state[module] = "open"
-        for target in sorted(imports(module)):
-            visit(target, trail + [module])
-        state[module] = "done"
-
-    for module in sorted(m for m in graph if _within(m, LOWER_LAYERS)):
-        visit(module, [])

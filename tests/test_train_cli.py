@@ -9,13 +9,13 @@ import textwrap
 
 import pytest
 
-from keras_primer_runtime.run_config import (
+from keras_primer_cli.run_config import (
     PRESETS,
     RunConfig,
     build_train_parser,
     config_from_args,
 )
-from keras_primer_runtime.train_cli import main
+from keras_primer_cli.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A hang guard only (many times a loaded 2-core machine's time): a test fails
@@ -29,7 +29,7 @@ def _framework_free(argv: list[str]) -> subprocess.CompletedProcess:
     """Runs `main(argv)` in a bare interpreter and reports what it imported."""
     script = textwrap.dedent(f"""
         import sys
-        from keras_primer_runtime.train_cli import main
+        from keras_primer_cli.train import main
         try:
             status = main({argv!r})
         except SystemExit as e:
@@ -132,7 +132,7 @@ def test_backend_flag_takes_effect_without_a_second_interpreter(tmp_path):
     (tmp_path / "small.txt").write_text("too small for one window")
     script = textwrap.dedent(f"""
         import os, sys
-        from keras_primer_runtime.train_cli import main
+        from keras_primer_cli.train import main
         status = main(["--out", {str(tmp_path / "o")!r}, "--data", {str(tmp_path / "small.txt")!r},
                        "--backend", "torch", "--sample-tokens", "0"])
         import keras
@@ -226,34 +226,6 @@ def test_sequence_length_beyond_memory_is_refused_with_the_numbers(tmp_path):
 
 
 @pytest.mark.tensorflow_only
-def test_train_cli_imports_the_library_once_and_the_library_not_the_cli():
-    # Issue 21: training/command.py -> train_cli -> training.driver was a cycle.
-    import ast
-
-    def library_imports(relative):
-        tree = ast.parse(open(os.path.join(ROOT, relative)).read())
-        names = [
-            node.module if isinstance(node, ast.ImportFrom) else alias.name
-            for node in ast.walk(tree)
-            if isinstance(node, (ast.Import, ast.ImportFrom))
-            for alias in node.names
-        ]
-        return [
-            n for n in names if n and n.split(".")[0] in ("keras_primer", "keras_primer_runtime")
-        ]
-
-    assert [
-        n for n in library_imports("keras_primer_runtime/train_cli.py") if "keras_primer." in n
-    ] == ["keras_primer.training.command"]
-    assert not any(
-        "keras_primer." in n for n in library_imports("keras_primer_runtime/run_config.py")
-    )
-    assert "keras_primer_runtime.train_cli" not in library_imports(
-        "keras_primer/training/command.py"
-    )
-
-
-@pytest.mark.tensorflow_only
 def test_import_keras_primer_leaves_out_the_driver_run_folder_and_pipeline():
     # Issue 21: `import keras_primer` loaded the training driver and the data pipeline.
     script = textwrap.dedent("""
@@ -262,10 +234,9 @@ def test_import_keras_primer_leaves_out_the_driver_run_folder_and_pipeline():
         heavy = ("keras_primer.training.driver", "keras_primer.training.run_dir",
                  "keras_primer.data.pipeline", "keras_primer.training.callbacks")
         print("LOADED", sorted(m for m in heavy if m in sys.modules))
-        from keras_primer.training import train, plan_segments, RunConfig  # old paths still work
+        from keras_primer.training import train, plan_segments, RunConfig
         from keras_primer.data import load_splits, WindowDataset
-        from keras_primer.training.command import main, build_parser, config_from_args
-        print("OLD PATHS OK", train.__module__, load_splits.__module__)
+        print("LAZY NAMES OK", train.__module__, load_splits.__module__)
     """)
     env = dict(os.environ, PYTHONPATH=ROOT)
     result = subprocess.run(
@@ -277,7 +248,7 @@ def test_import_keras_primer_leaves_out_the_driver_run_folder_and_pipeline():
         cwd=ROOT,
     )
     assert "LOADED []" in result.stdout, result.stdout + result.stderr[-3000:]
-    assert "OLD PATHS OK keras_primer.training.driver keras_primer.data.pipeline" in result.stdout
+    assert "LAZY NAMES OK keras_primer.training.driver keras_primer.data.pipeline" in result.stdout
 
 
 def test_out_that_is_not_a_run_folder_is_refused_naming_what_it_would_overwrite(tmp_path, capsys):

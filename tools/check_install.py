@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Resolves every documented `pip install keras-primer[...]` and checks it is coherent.
+"""Resolves every documented `pip install keras-primer[...]` (and `keras-primer-runtime[...]`)
+and checks it is coherent.
 
 Resolution only (`pip install --dry-run --ignore-installed --report`, with
 pip's `fast-deps`): pip reads each wheel's metadata, from the index's metadata
@@ -13,7 +14,12 @@ For each install listed in `INSTALLS` it asserts
 * at most one CUDA major across every CUDA package pulled in,
 
 and, for `pyproject.toml` itself, that the library's requirements are
-ranges (no `==` pins: exact pins belong to requirements/, the test env).
+ranges (no `==` pins: exact pins belong to requirements/, the test env),
+but for its sibling `keras-primer-runtime`, built from runtime/ and released
+with the same version. The runtime's own installs (`RUNTIME_INSTALLS`) must
+resolve to no deep-learning framework at all. Until the sibling is on the
+index, a requirement of it is replaced by its requirements, read from
+runtime/pyproject.toml.
 
 The requirements are read from `pyproject.toml` (no build needed) and
 resolved against the public index as a user sees it (`pip --isolated`, so
@@ -23,6 +29,7 @@ check with the pip output, it never hangs.
 
     python tools/check_install.py            # all documented installs
     python tools/check_install.py onnx gpu   # only these extras sets (comma-separated)
+    python tools/check_install.py runtime:cpu  # keras-primer-runtime[cpu]
 """
 
 from __future__ import annotations
@@ -51,6 +58,12 @@ INSTALLS = (
     "jax,train,onnx,serving",
     "torch,gpu,onnx-gpu,serving,train",
 )
+
+# The runtime's documented installs (README "Install"): no framework may come with them.
+RUNTIME_INSTALLS = ("runtime:cpu", "runtime:cpu,sentencepiece", "runtime:gpu")
+RUNTIME = "keras-primer-runtime"
+RUNTIME_PYPROJECT = os.path.join(ROOT, "runtime", "pyproject.toml")
+FRAMEWORKS = {"keras", "keras-hub", "jax", "jaxlib", "torch", "tf-keras"}
 
 # Distributions that install the `tensorflow` / `onnxruntime` top-level module.
 TENSORFLOW_PROVIDERS = {
@@ -92,7 +105,11 @@ def normalize(name: str) -> str:
 
 
 def requirements(extras: str, pyproject: str = os.path.join(ROOT, "pyproject.toml")) -> list[str]:
-    """The requirement strings of `keras-primer[extras]`, read from pyproject.toml."""
+    """The requirement strings of `keras-primer[extras]`, read from pyproject.toml
+    (`runtime:extras`: of `keras-primer-runtime[extras]`), with each requirement
+    of the sibling runtime replaced by the runtime's own requirements."""
+    if extras.startswith("runtime:"):
+        extras, pyproject = extras[len("runtime:") :], RUNTIME_PYPROJECT
     with open(pyproject, "rb") as f:
         project = tomllib.load(f)["project"]
     optional = project.get("optional-dependencies", {})
@@ -100,20 +117,28 @@ def requirements(extras: str, pyproject: str = os.path.join(ROOT, "pyproject.tom
     for extra in filter(None, extras.split(",")):
         if extra not in optional:
             raise SystemExit(
-                f"check_install: pyproject.toml has no extra {extra!r}; it has {sorted(optional)}"
+                f"check_install: {pyproject} has no extra {extra!r}; it has {sorted(optional)}"
             )
         reqs += optional[extra]
-    return reqs
+    expanded = []
+    for req in reqs:
+        sibling = re.fullmatch(rf"{RUNTIME}(?:\[([^\]]*)\])?==[^;]+", req.strip())
+        if sibling:
+            expanded += requirements("runtime:" + (sibling.group(1) or ""))
+        else:
+            expanded.append(req)
+    return expanded
 
 
 def pinned(pyproject: str = os.path.join(ROOT, "pyproject.toml")) -> list[str]:
-    """Requirements in pyproject.toml pinned with `==` or `===` (a library must give ranges)."""
+    """Requirements pinned with `==` or `===` (a library must give ranges),
+    but the sibling `keras-primer-runtime`, released with the same version."""
     with open(pyproject, "rb") as f:
         project = tomllib.load(f)["project"]
     every = list(project["dependencies"])
     for reqs in project.get("optional-dependencies", {}).values():
         every += reqs
-    return [r for r in every if "==" in r.split(";")[0]]
+    return [r for r in every if "==" in r.split(";")[0] and not r.startswith(RUNTIME)]
 
 
 def cuda_majors(names_versions: dict[str, str]) -> dict[str, set[str]]:
@@ -131,11 +156,19 @@ def cuda_majors(names_versions: dict[str, str]) -> dict[str, set[str]]:
     return majors
 
 
-def problems(names_versions: dict[str, str]) -> list[str]:
-    """What is incoherent in one resolved set of distributions (empty when fine)."""
+def problems(names_versions: dict[str, str], runtime_only: bool = False) -> list[str]:
+    """What is incoherent in one resolved set of distributions (empty when fine).
+
+    `runtime_only`: an install of the runtime alone, where no TensorFlow and
+    no other deep-learning framework may appear.
+    """
     found = []
     tf = sorted(TENSORFLOW_PROVIDERS & names_versions.keys())
-    if len(tf) != 1:
+    if runtime_only:
+        frameworks = sorted((TENSORFLOW_PROVIDERS | FRAMEWORKS) & names_versions.keys())
+        if frameworks:
+            found.append(f"the runtime alone pulls in deep-learning frameworks: {frameworks}")
+    elif len(tf) != 1:
         found.append(
             f"{len(tf)} distributions provide the `tensorflow` module: {tf} (need exactly one)"
         )
@@ -190,12 +223,14 @@ def resolve(reqs: list[str], timeout: float, python: str = sys.executable) -> di
 
 
 def check(extras: str, timeout: float) -> tuple[str, list[str], dict[str, str]]:
-    spec = f"keras-primer[{extras}]" if extras else "keras-primer"
+    runtime_only = extras.startswith("runtime:")
+    name, bare = (RUNTIME, extras[len("runtime:") :]) if runtime_only else ("keras-primer", extras)
+    spec = f"{name}[{bare}]" if bare else name
     try:
         resolved = resolve(requirements(extras), timeout)
     except RuntimeError as error:
         return spec, [str(error)], {}
-    return spec, problems(resolved), resolved
+    return spec, problems(resolved, runtime_only), resolved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         failed = True
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(lambda e: check(e, args.timeout), args.installs or INSTALLS))
+        installs = args.installs or INSTALLS + RUNTIME_INSTALLS
+        results = list(pool.map(lambda e: check(e, args.timeout), installs))
     for spec, found, resolved in results:
         if found:
             failed = True
@@ -224,11 +260,12 @@ def main(argv: list[str] | None = None) -> int:
             for line in found:
                 print("    " + line.replace("\n", "\n    "))
             continue
-        tf = next(n for n in resolved if n in TENSORFLOW_PROVIDERS)
+        tf = next((n for n in resolved if n in TENSORFLOW_PROVIDERS), None)
         ort = [n for n in resolved if n in ORT_PROVIDERS]
         cuda = sorted(cuda_majors(resolved)) or ["none"]
         print(
-            f"ok   pip install '{spec}': {len(resolved)} distributions, {tf} {resolved[tf]}, "
+            f"ok   pip install '{spec}': {len(resolved)} distributions, "
+            f"{f'{tf} {resolved[tf]}' if tf else 'no TensorFlow'}, "
             f"ONNX Runtime: {ort[0] + ' ' + resolved[ort[0]] if ort else 'none'}, CUDA: {cuda[0]}"
         )
         if args.verbose:

@@ -22,7 +22,7 @@ MODULES = (
     "keras_primer.training.compare",
     "keras_primer.export.saved_model",
     "keras_primer.export.onnx_export",
-    "keras_primer_runtime.cli",
+    "keras_primer_cli.main",
     "keras_primer_runtime.ort_generator",
     "keras_primer_runtime.serving_client",
     "tensorflow.python.tools.saved_model_cli",

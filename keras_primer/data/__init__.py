@@ -1,4 +1,4 @@
-"""Corpus loading, tokenization (bytes, SentencePiece), splits and streaming input.
+"""Corpus loading, SentencePiece training, token splits and streaming input.
 
 The pipeline's names (`load_splits`, `WindowDataset`, ...) load on first
 use (PEP 562): `import keras_primer` needs the tokenizers, not the pipeline.
@@ -15,13 +15,7 @@ from keras_primer.data.corpus import (
     read_text,
     shakespeare_path,
 )
-from keras_primer.data.tokenizers import (
-    ByteCodec,
-    PrimerSentencePieceTokenizer,
-    SentencePieceCodec,
-    keras_tokenizer,
-    train_sentencepiece,
-)
+from keras_primer.data.sentencepiece_training import train_sentencepiece
 
 # Names of `keras_primer.data.pipeline`, loaded when first used.
 _PIPELINE_NAMES = (

@@ -6,7 +6,7 @@
     out/serving/<name>/<version>/          (SavedModel, TF Serving layout)
     out/onnx/model.onnx, decoder_step.onnx, export_config.json (+ int8)
 
-The options are declared once (`keras_primer_runtime.export_cli.ExportOptions`,
+The options are declared once (`keras_primer_cli.export_options.ExportOptions`,
 the keywords of `export_model` and the flags of `keras-primer export`). One
 export writes into `out` at a time (`out/.lock`; a second one waits). Under
 the lock, the existing outputs are checked, everything is written into a

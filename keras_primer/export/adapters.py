@@ -5,22 +5,21 @@ An exporter never touches model internals. `get_adapter(model)` returns a
 
 * the decoding-state layout from `model.decoding_state_specs()` (each family
   describes its cache once, beside `empty_cache`/`call_with_cache`),
-* the tokenizer description from `keras_primer.generation.tokenizer_spec`
+* the tokenizer description from `keras_primer.tokenizers.tokenizer_spec`
   (unknown tokenizers are refused there),
+* the family from the model registry (`keras_primer.models.registry`),
 
 and offers `empty_state`, `step(token_ids, state, position)` (logits
 `[batch, n, vocab]` of `n` tokens at `position .. position + n - 1` and the
 next state) and `logits(token_ids, padding_mask)` (uncached). A new model
-family needs `empty_cache`, `call_with_cache` and `decoding_state_specs`,
-plus its class name in `FAMILIES`.
+family needs `empty_cache`, `call_with_cache` and `decoding_state_specs` on
+its causal LM, and its registry entry.
 """
 
 import keras
 
-from keras_primer.generation import tokenizer_spec
-
-#: Model class name -> family name written in the export metadata.
-FAMILIES = {"PrimerCausalLM": "primer", "FeedbackCausalLM": "feedback"}
+from keras_primer.models.registry import model_entry
+from keras_primer.tokenizers import tokenizer_spec
 
 
 class CausalLMAdapter:
@@ -63,12 +62,16 @@ class CausalLMAdapter:
 
 def get_adapter(model):
     """The adapter of `model`; clear error for unsupported models or tokenizers."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in FAMILIES:
-            return CausalLMAdapter(model, FAMILIES[cls.__name__])
-    raise ValueError(
-        f"Cannot export a {type(model).__name__}: supported model classes are {sorted(FAMILIES)}."
-    )
+    try:
+        entry = model_entry(model)
+    except ValueError as error:
+        raise ValueError(f"Cannot export a {type(model).__name__}: {error}") from None
+    if not entry.exportable:
+        raise ValueError(
+            f"Cannot export a {type(model).__name__}: it is the reference model "
+            f"{entry.name!r} of the comparisons, not a keras-primer model."
+        )
+    return CausalLMAdapter(model, entry.family)
 
 
 def load_float32(path):

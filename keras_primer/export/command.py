@@ -1,9 +1,9 @@
 """`keras-primer export` behind its front end: lock, check, write, replay, move into place.
 
-`keras_primer_runtime.export_cli` declares the options (`ExportOptions`) and
+`keras_primer_cli.export_options` declares the options (`ExportOptions`) and
 checks their values (`check_options`); `run_export(options)` then
 
-1. takes `--out`'s lock (`OUT/.lock`, `keras_primer_runtime.folder_lock`): a
+1. takes `--out`'s lock (`OUT/.lock`, `keras_primer_cli.folder_lock`): a
    second export into the same folder waits for the first, saying so;
 2. under it, removes temporary folders left by killed exports and checks
    the existing outputs once (`check_outputs`);
@@ -27,15 +27,15 @@ import sys
 import tempfile
 import warnings
 
-from keras_primer_runtime.export_cli import (
+from keras_primer_cli.errors import ExportError
+from keras_primer_cli.export_options import (
     STAGING_PREFIX,
-    ExportError,
     ExportOptions,
     add_model,
     check_options,
     check_outputs,
 )
-from keras_primer_runtime.folder_lock import FolderLock
+from keras_primer_cli.folder_lock import FolderLock
 
 #: The default `max_new_tokens` of the `generate` signature, when the model has room.
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -51,7 +51,7 @@ def export_model(model_path: str, out_dir: str, **options) -> dict:
     """Exports a `.keras` causal LM to TF Serving and ONNX; returns the written paths.
 
     Takes the options of `keras-primer export` as keywords (the fields of
-    `keras_primer_runtime.export_cli.ExportOptions`: `name`, `version`,
+    `keras_primer_cli.export_options.ExportOptions`: `name`, `version`,
     `max_new_tokens`, `int8`, `saved_model`, `onnx`, `overwrite`, `verbose`).
     Writes `out_dir/serving/<name>/<version>/` (SavedModel), merges
     `out_dir/serving/models.config`, and writes `out_dir/onnx/` (see
@@ -59,7 +59,7 @@ def export_model(model_path: str, out_dir: str, **options) -> dict:
     when this process uses another backend.
 
     Raises:
-        keras_primer_runtime.export_cli.ExportError: An expected failure
+        keras_primer_cli.errors.ExportError: An expected failure
             (missing file or optional package, bad name, existing output
             without `overwrite`, a model too small for its warmup); nothing
             was written.
@@ -72,7 +72,7 @@ def export_model(model_path: str, out_dir: str, **options) -> dict:
         result_file = os.path.join(scratch, "result.json")
         argv = [*options.argv(), "--result-file", result_file]
         process = subprocess.run(
-            [sys.executable, "-m", "keras_primer.export", *argv],
+            [sys.executable, "-m", "keras_primer_cli.export", *argv],
             env=env,
             capture_output=True,
             text=True,

@@ -26,7 +26,7 @@ Signatures (all traced with `jit_compile=False` and inside
 TF Serving requires every input of a signature in each request, so the
 optional inputs live in a second signature instead of being optional.
 The meaning of the options, their checks and error texts come from
-`keras_primer_runtime.decoding`; the next-token distribution from
+`keras_primer_runtime.generation`; the next-token distribution from
 `keras_primer.generation.filtered_probabilities`, as in Keras `generate`.
 Tokenization happens in the graph: byte models with core ops (`bytes_split`,
 `decode_raw`, a 256-entry byte table, `reduce_join`, `unicode_transcode`),
@@ -45,7 +45,7 @@ import tensorflow.experimental.numpy as tnp
 from keras_primer.export.adapters import get_adapter
 from keras_primer.generation import filtered_probabilities
 from keras_primer.layers.cache_utils import export_safe_cache_writes
-from keras_primer_runtime import decoding
+from keras_primer_runtime import generation
 
 FORBIDDEN_OPS = ("PyFunc", "EagerPyFunc", "PyFuncStateless", "_XlaCompile", "_XlaRun", "XlaLaunch")
 #: The only non-core ops a SavedModel may hold (SentencePiece models only).
@@ -152,11 +152,11 @@ class GenerationGraph:
         finite = lambda x: tf.reduce_all(tf.math.is_finite(x))  # noqa: E731
         return [
             _assert(
-                tf.logical_and(finite(temperature), temperature >= 0), decoding.TEMPERATURE_ERROR
+                tf.logical_and(finite(temperature), temperature >= 0), generation.TEMPERATURE_ERROR
             ),
-            _assert(top_k >= 0, decoding.TOP_K_ERROR),
-            _assert(tf.logical_and(top_p > 0, top_p <= 1), decoding.TOP_P_ERROR),
-            _assert(seed >= 0, decoding.SEED_ERROR),
+            _assert(top_k >= 0, generation.TOP_K_ERROR),
+            _assert(tf.logical_and(top_p > 0, top_p <= 1), generation.TOP_P_ERROR),
+            _assert(seed >= 0, generation.SEED_ERROR),
         ]
 
     def choose(self, logits, options, step):
@@ -179,15 +179,17 @@ class GenerationGraph:
             tf.debugging.assert_equal(
                 tf.rank(prompts), 1, message="`prompts` must be a 1-D batch of strings."
             ),
-            _assert(tf.size(prompts) > 0, decoding.PROMPTS_ERROR),
+            _assert(tf.size(prompts) > 0, generation.PROMPTS_ERROR),
             _assert(
                 tf.reduce_all(tf.strings.length(prompts, unit="BYTE") > 0),
-                decoding.EMPTY_PROMPT_ERROR,
+                generation.EMPTY_PROMPT_ERROR,
             ),
-            _assert(max_new_tokens >= 1, decoding.MAX_NEW_TOKENS_ERROR),
+            _assert(max_new_tokens >= 1, generation.MAX_NEW_TOKENS_ERROR),
             # The contract's Unicode rule: a valid UTF-8 prompt transcodes to
             # itself; invalid bytes (encoded surrogates too) would be replaced.
-            _assert(tf.reduce_all(tf.equal(_valid_utf8(prompts), prompts)), decoding.UNICODE_ERROR),
+            _assert(
+                tf.reduce_all(tf.equal(_valid_utf8(prompts), prompts)), generation.UNICODE_ERROR
+            ),
         ]
         if options is not None:
             checks += self.option_checks(*options)
@@ -196,16 +198,16 @@ class GenerationGraph:
         ids = self.tokenize(prompts)
         # int64: `max_new_tokens` near 2**31 must not wrap around.
         needed = ids.row_lengths() + tf.cast(max_new_tokens, tf.int64)
-        length_error = decoding.LENGTH_ERROR.format(max_sequence_length=a.max_sequence_length)
+        length_error = generation.LENGTH_ERROR.format(max_sequence_length=a.max_sequence_length)
         with tf.control_dependencies(
             [_assert(tf.reduce_all(needed <= a.max_sequence_length), length_error)]
         ):
             lengths = tf.cast(ids.row_lengths(), tf.int32)
             max_new_tokens = tf.identity(tf.cast(max_new_tokens, tf.int32))
-        # The contract's loop (`decoding.loop_bounds`, `decode_position`,
+        # The contract's loop (`generation.loop_bounds`, `decode_position`,
         # `shown_tokens`), written once for NumPy and `tf.experimental.numpy`.
         batch_size = tf.shape(lengths)[0]
-        limits, total, start = decoding.loop_bounds(tnp, lengths, max_new_tokens)
+        limits, total, start = generation.loop_bounds(tnp, lengths, max_new_tokens)
         tokens = ids.to_tensor(default_value=spec.pad_id)
         tokens = tf.pad(tokens, [[0, 0], [0, max_new_tokens]], constant_values=spec.pad_id)
 
@@ -219,7 +221,7 @@ class GenerationGraph:
 
         def body(p, tokens, state, last_logits, done):
             chosen = self.choose(last_logits, options, p)
-            token, tokens, done = decoding.decode_position(
+            token, tokens, done = generation.decode_position(
                 tnp, p, chosen, tokens, positions, lengths, limits, done, spec.end_id
             )
             logits, state = a.step(token[:, None], state, p)
@@ -232,7 +234,7 @@ class GenerationGraph:
             (start, tokens, state, last_logits, done),
             maximum_iterations=total - start,
         )
-        visible, shown, generated = decoding.shown_tokens(
+        visible, shown, generated = generation.shown_tokens(
             tnp, tokens, positions, lengths, limits, spec
         )
         return {
@@ -434,7 +436,7 @@ def replay_warmup(version_dir):
     """
     from tensorflow_serving.apis import prediction_log_pb2
 
-    from keras_primer_runtime.export_cli import ExportError
+    from keras_primer_cli.errors import ExportError
 
     loaded = tf.saved_model.load(version_dir)
     path = os.path.join(version_dir, WARMUP_FILE)
@@ -473,7 +475,7 @@ def export_saved_model(model, base_dir, model_name="primer", version=1, default_
     with tempfile.TemporaryDirectory() as scratch:
         if adapter.proto is not None:
             # A copy of the proto as a SavedModel asset (assets/tokenizer.model).
-            proto_path = os.path.join(scratch, decoding.SENTENCEPIECE_FILE)
+            proto_path = os.path.join(scratch, generation.SENTENCEPIECE_FILE)
             with open(proto_path, "wb") as f:
                 f.write(adapter.proto)
             module.tokenizer_model = tf.saved_model.Asset(proto_path)

@@ -9,7 +9,7 @@ from keras import ops
 from keras_hub.models import Backbone, CausalLM, Task
 
 from keras_primer.generation import get_sampler
-from keras_primer.models.generation import GenerateInputChecks, finish_generation
+from keras_primer.generation.causal_lm_generation import GenerateInputChecks, finish_generation
 from keras_primer.utils.validation import check_padding_mask, check_token_ids
 
 SCORING_MODES = ("logits", "loss")

@@ -1,8 +1,9 @@
 """Presets, optimizer, callbacks, the training driver, comparison and distribution.
 
 Importing this package (which `import keras_primer` does, for the optimizer
-that compiled `.keras` files name) loads only the light modules: presets,
-the model factory and the optimizer. The driver (`train`, `plan_segments`)
+that compiled `.keras` files name) loads only the light modules: the run
+settings (`RunConfig`, presets; declared in `keras_primer_cli`) and the
+optimizer. Models are built from the registry (`keras_primer.models.registry`). The driver (`train`, `plan_segments`)
 loads on first use of those names, so the run folder and the data pipeline
 stay out of a program that only builds or loads models. No module here
 imports TensorFlow (only the `mirrored` distribution and `to_tf_dataset` do).
@@ -10,21 +11,17 @@ imports TensorFlow (only the `mirrored` distribution and `to_tf_dataset` do).
 
 import importlib
 
-from keras_primer.training.models import MODELS, build_backbone, build_causal_lm
 from keras_primer.training.optimizer import build_optimizer, learning_rate_schedule
-from keras_primer.training.presets import PRESETS, TrainPreset, get_preset
-from keras_primer_runtime.run_config import RunConfig
+from keras_primer_cli.presets import PRESETS, TrainPreset, get_preset
+from keras_primer_cli.run_config import RunConfig
 
 # Names of the driver, loaded when first used (PEP 562).
 _DRIVER_NAMES = ("plan_segments", "train")
 
 __all__ = [
-    "MODELS",
     "PRESETS",
     "RunConfig",
     "TrainPreset",
-    "build_backbone",
-    "build_causal_lm",
     "build_optimizer",
     "get_preset",
     "learning_rate_schedule",

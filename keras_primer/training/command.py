@@ -1,8 +1,8 @@
 """`keras-primer train` on the library side: `run(config)`, the entry function.
 
-The front end (`keras_primer_runtime.train_cli`) parses and checks every
+The front end (`keras_primer_cli.train`) parses and checks every
 flag without a framework, then imports `run` (its one import of the
-library) and calls it. `main` and `build_parser` are kept for old imports.
+library) and calls it.
 """
 
 from __future__ import annotations
@@ -11,16 +11,15 @@ import os
 import sys
 
 from keras_primer.training.driver import train
-from keras_primer_runtime.run_config import (
+from keras_primer_cli.errors import (
+    EXIT_EXPECTED_FAILURE,
+    EXIT_INTERRUPTED,
     EXPECTED_ERRORS,
-    TRAIN_PROG,
-    RunConfig,
-    config_from_args,
     error_line,
 )
-from keras_primer_runtime.run_config import build_train_parser as build_parser
+from keras_primer_cli.run_config import TRAIN_PROG, RunConfig
 
-__all__ = ["build_parser", "config_from_args", "main", "run"]
+__all__ = ["run"]
 
 
 def run(config: RunConfig) -> int:
@@ -37,12 +36,12 @@ def run(config: RunConfig) -> int:
             "checkpoint.",
             file=sys.stderr,
         )
-        return 130
+        return EXIT_INTERRUPTED
     except EXPECTED_ERRORS as error:
         if config.debug:
             raise
-        print(error_line(error), file=sys.stderr)
-        return 2
+        print(error_line(error, TRAIN_PROG), file=sys.stderr)
+        return EXIT_EXPECTED_FAILURE
     speed = summary["tokens_per_second"]
     print(
         f"\n{summary['model']}: {summary['steps']} steps, val loss "
@@ -55,10 +54,3 @@ def run(config: RunConfig) -> int:
     for prompt, text in summary["samples"].items():
         print(f"\n--- {prompt!r} ---\n{text}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`keras-primer train ARGV` in a process that has imported Keras already
-    (the command itself runs `keras_primer_runtime.train_cli.main`)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run(config_from_args(build_parser(TRAIN_PROG).parse_args(argv)))

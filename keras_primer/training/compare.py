@@ -24,15 +24,11 @@ import json
 import math
 import os
 
-from keras_primer.data import (
-    SentencePieceCodec,
-    list_text_files,
-    shakespeare_path,
-    train_sentencepiece,
-)
+from keras_primer.data import list_text_files, shakespeare_path, train_sentencepiece
 from keras_primer.training.driver import RunConfig, train
 from keras_primer.training.reporting import write_json
-from keras_primer_runtime.run_config import MODELS, REFERENCE_MODELS
+from keras_primer_cli.model_registry import MODELS
+from keras_primer_runtime.generation import SentencePieceCodec
 
 # The model a Keras user would otherwise train: the target when it trains.
 REFERENCE = "gpt2"
@@ -103,7 +99,7 @@ def check_models(models) -> tuple[str, ...]:
         ValueError: Empty, unknown or repeated names.
     """
     models = tuple(models)
-    known = MODELS + REFERENCE_MODELS
+    known = tuple(MODELS)
     if not models:
         raise ValueError(f"--models needs at least one of: {', '.join(known)}.")
     unknown = [m for m in models if m not in known]

@@ -25,8 +25,8 @@ import contextlib
 
 import keras
 
-from keras_primer_runtime.run_config import DISTRIBUTIONS as KINDS
-from keras_primer_runtime.run_config import JAX_DISTRIBUTIONS as JAX_KINDS
+from keras_primer_cli.run_config import DISTRIBUTIONS as KINDS
+from keras_primer_cli.run_config import JAX_DISTRIBUTIONS as JAX_KINDS
 
 
 def initialize_multi_host(

@@ -44,12 +44,9 @@ import keras
 import numpy as np
 
 from keras_primer.data import (
-    ByteCodec,
-    SentencePieceCodec,
     TokenSplits,
     WindowDataset,
     content_fingerprint,
-    keras_tokenizer,
     list_text_files,
     load_splits,
     shakespeare_path,
@@ -57,6 +54,7 @@ from keras_primer.data import (
     validation_arrays,
 )
 from keras_primer.models.base import PERPLEXITY_LOSS_CAP
+from keras_primer.models.registry import build_causal_lm
 from keras_primer.training.callbacks import (
     Clock,
     RunRecorder,
@@ -72,9 +70,7 @@ from keras_primer.training.distribution import (
     initialize_multi_host,
     worker_position,
 )
-from keras_primer.training.models import build_causal_lm
 from keras_primer.training.optimizer import build_optimizer
-from keras_primer.training.presets import TrainPreset
 from keras_primer.training.reporting import (
     generate_text,
     plot_learning_curve,
@@ -88,7 +84,10 @@ from keras_primer.training.run_dir import (
     write_history_csv,
     write_json_atomic,
 )
-from keras_primer_runtime.run_config import PRECISIONS, TOKENIZERS, ConfigError, RunConfig
+from keras_primer_cli.errors import ConfigError
+from keras_primer_cli.presets import TrainPreset
+from keras_primer_cli.run_config import PRECISIONS, TOKENIZERS, RunConfig
+from keras_primer_runtime.generation import ByteCodec, SentencePieceCodec
 
 __all__ = ["RunConfig", "train", "plan_segments", "PRECISIONS", "TOKENIZERS"]
 
@@ -622,11 +621,12 @@ def prepare_data(run: Run) -> None:
 def build_model(run: Run):
     """The compiled causal LM with its optimizer built (variables exist)."""
     keras.utils.set_random_seed(run.config.seed)
-    lm = build_causal_lm(run.config.model, run.preset, keras_tokenizer(run.codec))
+    lm = build_causal_lm(run.config.model, run.preset, run.codec)
     lm.compile(
         optimizer=build_optimizer(run.preset, run.total_steps),
+        # The one sampling default (greedy, `ContractSampler()`): model.keras,
+        # samples.txt and the exports all generate the same text.
         jit_compile=run.config.jit_compile,
-        sampler=keras_hub_sampler(),
     )
     lm.optimizer.build(lm.trainable_variables)
     return lm
@@ -957,10 +957,3 @@ def _dtype_policy(name: str):
         yield
     finally:
         keras.config.set_dtype_policy(previous)
-
-
-def keras_hub_sampler():
-    """Top-k sampling (k=10), a good default for small character models."""
-    import keras_hub
-
-    return keras_hub.samplers.TopKSampler(k=10, seed=0)

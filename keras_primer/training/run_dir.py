@@ -35,8 +35,8 @@ import zipfile
 
 import numpy as np
 
-from keras_primer_runtime.folder_lock import FolderLock
-from keras_primer_runtime.folder_lock import FolderLockedError as RunLockedError  # noqa: F401
+from keras_primer_cli.folder_lock import FolderLock
+from keras_primer_cli.folder_lock import FolderLockedError as RunLockedError  # noqa: F401
 
 # Fault injection for tests: "STEP:PHASE" kills this process with SIGKILL
 # when checkpoint commit of STEP reaches PHASE; "STEP:PHASE:wait=PATH"
@@ -127,7 +127,7 @@ def write_json_atomic(path: str, data: dict) -> None:
 
 
 class RunLock(FolderLock):
-    """An exclusive lock on a run folder (`keras_primer_runtime.folder_lock`).
+    """An exclusive lock on a run folder (`keras_primer_cli.folder_lock`).
 
     Args:
         folder: The run folder (created if needed).

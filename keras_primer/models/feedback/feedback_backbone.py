@@ -3,8 +3,8 @@
 import keras
 
 from keras_primer.activations import get_activation, serialize_activation
-from keras_primer.layers.feedback_stack import FeedbackStack
 from keras_primer.models.base import CheckedBackbone, normal_initializer, token_embedding
+from keras_primer.models.feedback.feedback_stack import FeedbackStack
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -17,7 +17,7 @@ class FeedbackBackbone(CheckedBackbone):
     slot mixes the outputs of all layers at its step, the embedding included,
     with softmax-normalised learned weights. Positions enter only through
     learned relative terms in the attention scores. See
-    `keras_primer.layers.feedback_stack` for the maths and every
+    `keras_primer.models.feedback.feedback_stack` for the maths and every
     difference to the reference.
 
     Inputs are a dict of `"token_ids"` (int `[batch, length]`) and

@@ -3,12 +3,12 @@
 import keras
 from keras import ops
 
-from keras_primer.layers.feedback_stack import compiled_time_loop
 from keras_primer.models.base import TiedHeadCausalLM
 from keras_primer.models.feedback.feedback_backbone import FeedbackBackbone
 from keras_primer.models.feedback.feedback_causal_lm_preprocessor import (
     FeedbackCausalLMPreprocessor,
 )
+from keras_primer.models.feedback.feedback_time_loop import compiled_time_loop
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -28,8 +28,8 @@ class FeedbackCausalLM(TiedHeadCausalLM):
 
     Example:
 
-    >>> from keras_primer.models.feedback import (FeedbackBackbone,
-    ...     FeedbackCausalLM, FeedbackCausalLMPreprocessor, FeedbackTokenizer)
+    >>> from keras_primer import (FeedbackBackbone, FeedbackCausalLM,
+    ...     FeedbackCausalLMPreprocessor, FeedbackTokenizer)
     >>> backbone = FeedbackBackbone(vocabulary_size=256, num_layers=1,
     ...     num_heads=2, hidden_dim=16, intermediate_dim=32,
     ...     max_sequence_length=64)
@@ -109,14 +109,14 @@ class FeedbackCausalLM(TiedHeadCausalLM):
     # === Decoding state layout (read by the exporters; keep in step with
     # `empty_cache`, tests pin the two) ===
     def decoding_state_specs(self):
-        """The cache tensors as `keras_primer_runtime.decoding.StateSpec`s,
+        """The cache tensors as `keras_primer_runtime.generation.StateSpec`s,
         from `FeedbackStack.cache_layout()`: `key` and `value`, each `[batch,
         max_length, kv_groups, num_heads, head_dim]` (`kv_groups` = 1 with
         shared keys/values, else `num_layers`), and with `use_dconv`
         `query_conv` `[batch, num_layers, kernel_size - 1, num_heads,
         head_dim]`, `key_conv` and `value_conv` `[batch, kernel_size - 1,
         kv_groups, num_heads, head_dim]`."""
-        from keras_primer_runtime.decoding import StateSpec
+        from keras_primer_runtime.generation import StateSpec
 
         # One ONNX tensor per memory group (`past_key_values.G.key`/`.value`)
         # and, with `use_dconv`, per layer or group of conv history.

@@ -4,7 +4,7 @@ import keras
 from keras_hub.models import CausalLMPreprocessor
 
 from keras_primer.models.feedback.feedback_backbone import FeedbackBackbone
-from keras_primer.models.feedback.feedback_tokenizer import FeedbackTokenizer
+from keras_primer.tokenizers import FeedbackTokenizer
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")

@@ -3,9 +3,9 @@
 import keras
 
 from keras_primer.activations import get_activation, serialize_activation
-from keras_primer.layers.decoder_block import PrimerDecoderBlock
 from keras_primer.layers.position_embedding import PaddingAwarePositionEmbedding
 from keras_primer.models.base import CheckedBackbone, normal_initializer, token_embedding
+from keras_primer.models.primer.primer_decoder_block import PrimerDecoderBlock
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")

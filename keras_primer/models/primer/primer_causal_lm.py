@@ -120,11 +120,11 @@ class PrimerCausalLM(TiedHeadCausalLM):
     # === Decoding state layout (read by the exporters; keep in step with
     # `empty_cache`, tests pin the two) ===
     def decoding_state_specs(self):
-        """The cache tensors as `keras_primer_runtime.decoding.StateSpec`s:
+        """The cache tensors as `keras_primer_runtime.generation.StateSpec`s:
         `key_value` `[batch, num_layers, 2, max_length, num_heads, head_dim]`
         and, with convolutions, `conv` `[batch, num_layers, 3,
         kernel_size - 1, num_heads, head_dim]`."""
-        from keras_primer_runtime.decoding import StateSpec
+        from keras_primer_runtime.generation import StateSpec
 
         b = self.backbone
         heads = (int(b.num_heads), int(b.head_dim))

@@ -4,7 +4,7 @@ import keras
 from keras_hub.models import CausalLMPreprocessor
 
 from keras_primer.models.primer.primer_backbone import PrimerBackbone
-from keras_primer.models.primer.primer_tokenizer import PrimerTokenizer
+from keras_primer.tokenizers import PrimerTokenizer
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")

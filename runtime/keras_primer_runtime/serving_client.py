@@ -2,7 +2,7 @@
 
 Builds (and optionally sends) REST and gRPC `Predict` requests for the three
 signatures of `export_saved_model`, validating inputs first with the checks
-and texts of `keras_primer_runtime.decoding` (the ones the signatures
+and texts of `keras_primer_runtime.generation` (the ones the signatures
 assert), so mistakes become clear `ValueError`s on the client. Imports with
 the standard library and NumPy; gRPC needs `tensorflow-serving-api` (and
 `grpcio`), imported when a gRPC function is called.
@@ -21,10 +21,14 @@ import urllib.request
 
 import numpy as np
 
-from keras_primer_runtime import decoding
-from keras_primer_runtime.export_cli import NAME_PATTERN
+from keras_primer_runtime import generation
 
 SIGNATURES = ("serving_default", "generate", "generate_with_options")
+# A TF Serving model name is a folder under the model base path, a path
+# segment of the REST URL (`/v1/models/NAME:predict`, so no `/` or `:`) and a
+# string in `models.config`: letters, digits, `_`, `-` and `.`, starting with a
+# letter or digit (so never `.`, `..` or a hidden folder), at most 128 chars.
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 #: `max_new_tokens` of `generate_with_options` when only other options are given.
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -39,17 +43,17 @@ def generate_inputs(
     `generate_with_options`, whose missing options get neutral values
     (greedy, no top-k/top-p cut, seed 0, 32 new tokens).
     """
-    prompts = decoding.check_prompts(prompts)
+    prompts = generation.check_prompts(prompts)
     options = (max_new_tokens, temperature, top_k, top_p, seed)
     if all(o is None for o in options):
         return "generate", {"prompts": prompts}
     max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-    max_new_tokens = decoding.check_max_new_tokens(max_new_tokens)
+    max_new_tokens = generation.check_max_new_tokens(max_new_tokens)
     if max_new_tokens > INT32_MAX:
         raise ValueError(
             f"`max_new_tokens` does not fit the signature's int32 input. Received: {max_new_tokens}"
         )
-    checked = decoding.check_sampling(
+    checked = generation.check_sampling(
         0.0 if temperature is None else temperature,
         0 if top_k is None else top_k,
         1.0 if top_p is None else top_p,
@@ -110,7 +114,7 @@ def check_model_name(model_name) -> str:
     ...
     ValueError: `model_name` '../admin' is not a TF Serving model name: use letters, digits, '_', '-' and '.', starting with a letter or digit, at most 128 characters.
     """
-    if not isinstance(model_name, str) or not NAME_PATTERN.fullmatch(model_name):
+    if not isinstance(model_name, str) or not MODEL_NAME_PATTERN.fullmatch(model_name):
         raise ValueError(
             f"`model_name` {model_name!r} is not a TF Serving model name: use letters, digits, "
             "'_', '-' and '.', starting with a letter or digit, at most 128 characters."

@@ -5,10 +5,9 @@ values; `build_train_parser()` builds `keras-primer train`'s argparse parser
 from them and `config_from_args()` turns parsed flags back into a
 `RunConfig`. `RunConfig.validate()` checks every value before any work
 starts. Framework-free (standard library only): `keras-primer train --help`
-and bad flags never import Keras, TensorFlow, JAX or PyTorch.
-
-The model sizes (`TrainPreset`, `PRESETS`) live here too, so the parser can
-list them; `keras_primer.training.presets` re-exports them.
+and bad flags never import Keras, TensorFlow, JAX or PyTorch. The model
+names come from the registry (`keras_primer_cli.model_registry`), the sizes
+from `keras_primer_cli.presets`.
 
 >>> config = config_from_args(build_train_parser().parse_args(["--out", "runs/x", "--steps", "5"]))
 >>> config.steps, config.model
@@ -23,13 +22,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from keras_primer_runtime.decoding import check_prompts
+from keras_primer_cli.errors import ConfigError
+from keras_primer_cli.model_registry import MODELS, TRAINABLE_MODELS
+from keras_primer_cli.presets import PRESETS, TrainPreset, get_preset
+from keras_primer_runtime.generation import check_prompts
 
-MODELS = ("primer_ez", "transformer", "feedback", "feedback_primer_ez")
-# Library-only models (`RunConfig(model=...)`, not `keras-primer train --model`):
-# keras-hub's GPT-2 of a preset's size, the user's alternative that
-# `recipes.compare` measures ours against. `keras-primer export` does not take it.
-REFERENCE_MODELS = ("gpt2",)
 TOKENIZERS = ("bytes", "sentencepiece")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 DISTRIBUTIONS = ("none", "data_parallel", "model_parallel", "mirrored")
@@ -39,130 +36,6 @@ DEFAULT_PROMPT = "ROMEO:"
 # SentencePiece needs 4 special pieces, 256 byte fallbacks and some merges.
 MIN_SENTENCEPIECE_VOCABULARY = 300
 TRAIN_PROG = "keras-primer train"
-# Failures `keras-primer train` reports in one line (exit 2): ValueError covers
-# bad settings, data and checkpoint errors (their classes derive from it);
-# the others are I/O and missing optional packages.
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError, RuntimeError)
-
-
-class ConfigError(ValueError):
-    """A setting of a run is wrong; the message says which and what is expected."""
-
-
-@dataclass
-class TrainPreset:
-    """Architecture and optimisation settings of one run.
-
-    The architecture fields are shared by every `--model`; `intermediate_dim`
-    is 4x the width as in nanoGPT.
-
-    >>> PRESETS["tiny"].replace(steps=10).steps
-    10
-    """
-
-    num_layers: int
-    num_heads: int
-    hidden_dim: int
-    intermediate_dim: int
-    sequence_length: int
-    dropout: float
-    batch_size: int
-    steps: int
-    learning_rate: float
-    min_learning_rate: float
-    warmup_steps: int
-    weight_decay: float = 0.1
-    beta_1: float = 0.9
-    beta_2: float = 0.99
-    clipnorm: float = 1.0
-    eval_interval: int = 100
-    eval_windows: int = 64
-    checkpoint_interval: int = 50
-    description: str = ""
-
-    def replace(self, **changes) -> TrainPreset:
-        """A copy with `changes` (None values are ignored)."""
-        changes = {k: v for k, v in changes.items() if v is not None}
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ConfigError(f"Unknown preset fields: {sorted(unknown)}.")
-        return dataclasses.replace(self, **changes)
-
-
-PRESETS: dict[str, TrainPreset] = {
-    # Seconds on a CPU: smoke runs and tests of the whole pipeline.
-    "tiny": TrainPreset(
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=64,
-        intermediate_dim=256,
-        sequence_length=64,
-        dropout=0.0,
-        batch_size=16,
-        steps=200,
-        learning_rate=3e-3,
-        min_learning_rate=3e-4,
-        warmup_steps=20,
-        eval_interval=50,
-        eval_windows=32,
-        checkpoint_interval=25,
-        description="2x64, context 64: CPU smoke runs",
-    ),
-    # `make demo`: a few minutes on a 2-core CPU, recognisable Shakespeare.
-    "cpu": TrainPreset(
-        num_layers=3,
-        num_heads=4,
-        hidden_dim=128,
-        intermediate_dim=512,
-        sequence_length=64,
-        dropout=0.0,
-        batch_size=16,
-        steps=1000,
-        learning_rate=3e-3,
-        min_learning_rate=3e-4,
-        # Not 50: warming up to 3e-3 in 50 steps gave every seed's Transformer
-        # one-step loss spikes (5-12 nats; the one examined came from a
-        # single Adam step on layer 0's value kernel), and the seed hit while
-        # still at the unigram plateau stayed ~0.3 nats behind for 800 steps.
-        warmup_steps=200,
-        eval_interval=250,
-        eval_windows=64,
-        checkpoint_interval=250,
-        description="3x128, context 64: the CPU demo (minutes)",
-    ),
-    # nanoGPT's shakespeare_char configuration (a GPU run).
-    "shakespeare_char": TrainPreset(
-        num_layers=6,
-        num_heads=6,
-        hidden_dim=384,
-        intermediate_dim=1536,
-        sequence_length=256,
-        dropout=0.2,
-        batch_size=64,
-        steps=5000,
-        learning_rate=1e-3,
-        min_learning_rate=1e-4,
-        warmup_steps=100,
-        eval_interval=250,
-        eval_windows=200,
-        checkpoint_interval=250,
-        description="6x384, 6 heads, context 256: nanoGPT shakespeare_char (GPU)",
-    ),
-}
-
-
-def get_preset(name: str | TrainPreset, **overrides) -> TrainPreset:
-    """The preset called `name` (or a `TrainPreset` itself), with `overrides`
-    (None values ignored).
-
-    Raises:
-        ConfigError: Unknown name (the message lists the known ones).
-    """
-    if isinstance(name, TrainPreset):
-        return name.replace(**overrides)
-    if name not in PRESETS:
-        raise ConfigError(f"Unknown preset {name!r}. Choose one of: {', '.join(PRESETS)}.")
-    return PRESETS[name].replace(**overrides)
 
 
 def check_prompt(prompt) -> str:
@@ -202,7 +75,7 @@ class RunConfig:
     >>> RunConfig(out="runs/x", steps=0).validate()
     Traceback (most recent call last):
     ...
-    keras_primer_runtime.run_config.ConfigError: --steps must be at least 1. Received: 0.
+    keras_primer_cli.errors.ConfigError: --steps must be at least 1. Received: 0.
     """
 
     out: str = _flag(
@@ -211,7 +84,11 @@ class RunConfig:
         "same command resumes from its last checkpoint",
         required=True,
     )
-    model: str = _flag("primer_ez", "model family", choices=MODELS)
+    model: str = _flag(
+        "primer_ez",
+        "; ".join(f"{m.name}: {m.description}" for m in TRAINABLE_MODELS.values()),
+        choices=tuple(TRAINABLE_MODELS),
+    )
     data: str | None = _flag(
         None,
         "text file or folder of text files (default: Tiny "
@@ -292,7 +169,7 @@ class RunConfig:
             ConfigError: The first wrong setting, with what is expected.
         """
         for name, value, allowed in (
-            ("model", self.model, MODELS + REFERENCE_MODELS),
+            ("model", self.model, tuple(MODELS)),
             ("tokenizer", self.tokenizer, TOKENIZERS),
             ("precision", self.precision, PRECISIONS),
             ("distribution", self.distribution, DISTRIBUTIONS),
@@ -423,17 +300,6 @@ def check_fits_memory(preset: TrainPreset, precision: str = "float32") -> None:
         f"{4 if precision == 'float32' else 2} bytes), more than this machine's "
         f"{have / gib:,.0f} GiB. Use a shorter --sequence-length or a smaller --batch-size."
     )
-
-
-def error_line(error: BaseException, prog: str = TRAIN_PROG) -> str:
-    """The one line a command prints for an expected failure.
-
-    >>> error_line(ConfigError("--steps must be at least 1."))
-    'keras-primer train: error: --steps must be at least 1.'
-    """
-    message = " ".join(str(error).split()) or type(error).__name__
-    hint = "" if isinstance(error, ValueError) else " (--debug shows the traceback)"
-    return f"{prog}: error: {message}{hint}"
 
 
 def _flag_name(name: str) -> str:

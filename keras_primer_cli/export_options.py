@@ -5,12 +5,12 @@ parser, the subprocess arguments and the signature of
 `keras_primer.export.export_model` derive from it. Standard library only
 at import time (plus the TF Serving API's protobuf config, imported where
 `models.config` is read or merged), so `--help`, bad arguments and every
-check of the values answer at once, before TensorFlow is imported. This
-module never imports `keras_primer` except `main`'s one late import of the
-entry function, `keras_primer.export.command.run_export`, which takes the
-`--out` lock (`keras_primer_runtime.folder_lock`) and, under it, checks
-the existing outputs once (`check_outputs`), writes everything into a
-temporary folder and moves it into place.
+check of the values answer at once, before TensorFlow is imported. The
+command itself is `keras_primer_cli.export`; the library's export
+(`keras_primer.export.command.run_export`) takes the `--out` lock
+(`keras_primer_cli.folder_lock`) and, under it, checks the existing outputs
+once (`check_outputs`), writes everything into a temporary folder and moves
+it into place.
 """
 
 from __future__ import annotations
@@ -18,19 +18,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import os
 import re
-import sys
 import zipfile
 
-PROG = "keras-primer export"
+from keras_primer_cli.errors import ExportError
+from keras_primer_runtime.serving_client import MODEL_NAME_PATTERN
 
-# A TF Serving model name is a folder under the model base path, a path
-# segment of the REST URL (`/v1/models/NAME:predict`, so no `/` or `:`) and a
-# string in `models.config`: letters, digits, `_`, `-` and `.`, starting with a
-# letter or digit (so never `.`, `..` or a hidden folder), at most 128 chars.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+PROG = "keras-primer export"
 
 # Import name -> (distribution, extra that installs it), per exported format.
 SAVED_MODEL_PACKAGES = {"tensorflow_serving": ("tensorflow-serving-api", "serving")}
@@ -44,10 +39,6 @@ INT64_MAX = 2**63 - 1  # TF Serving reads version folders as int64
 INT32_MAX = 2**31 - 1  # the `generate` signatures take int32 lengths
 #: Prefix of the temporary folder an export writes inside `--out`.
 STAGING_PREFIX = ".keras-primer-export-"
-
-
-class ExportError(Exception):
-    """An expected export failure: the message names the file and the fix."""
 
 
 def _option(default, help: str, flag: str | None = None, **argparse_kwargs):
@@ -194,9 +185,9 @@ def validate_name(name: str) -> str:
     >>> validate_name("../../x")
     Traceback (most recent call last):
     ...
-    keras_primer_runtime.export_cli.ExportError: --name '../../x' is not a TF Serving model name: use letters, digits, '_', '-' and '.', starting with a letter or digit, at most 128 characters (e.g. --name x).
+    keras_primer_cli.errors.ExportError: --name '../../x' is not a TF Serving model name: use letters, digits, '_', '-' and '.', starting with a letter or digit, at most 128 characters (e.g. --name x).
     """
-    if not NAME_PATTERN.fullmatch(name):
+    if not MODEL_NAME_PATTERN.fullmatch(name):
         suggestion = default_name(name + ".keras")
         raise ExportError(
             f"--name {name!r} is not a TF Serving model name: use letters, digits, '_', '-' and "
@@ -356,74 +347,3 @@ def add_model(config, name: str, base_path: str) -> str:
     if all(entry.name != name for entry in entries):
         entries.add(name=name, base_path=base_path, model_platform="tensorflow")
     return text_format.MessageToString(config)
-
-
-def report(written: dict) -> str:
-    """Human-readable lines for the paths an export wrote."""
-    lines = []
-    if "saved_model" in written:
-        lines.append(f"SavedModel (TF Serving layout): {written['saved_model']}")
-        lines.append(f"TF Serving config:              {written['models_config']}")
-    for key, path in written.get("onnx", {}).items():
-        lines.append(f"ONNX {key + ':':<26} {path}")
-    return "\n".join(lines)
-
-
-def error_line(error: BaseException) -> str:
-    """One line for an expected failure: its message, and the fix where it has none.
-
-    >>> error_line(PermissionError(13, "Permission denied", "/srv/models"))
-    "[Errno 13] Permission denied: '/srv/models' (check the path, its permissions and free disk space; --debug shows the traceback)"
-    """
-    message = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, ExportError):
-        return message
-    if isinstance(error, OSError):
-        return f"{message} (check the path, its permissions and free disk space; --debug shows the traceback)"
-    return f"{message} (--debug shows the traceback)"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `keras-primer export`; returns the exit status.
-
-    0 on success; 2 on an expected failure (bad argument, missing file or
-    package, existing output, I/O error), reported as one line, the
-    traceback only with `--debug`.
-    """
-    args = build_parser().parse_args(argv)
-    from keras_primer_runtime.logging_setup import quiet_backend_logs
-
-    quiet_backend_logs(args.verbose)
-    try:
-        options = check_options(options_from_args(args))
-        # The export runs under TensorFlow whatever trained the model; choosing it
-        # here, before Keras is imported, saves a second interpreter.
-        if "keras" not in sys.modules:
-            os.environ["KERAS_BACKEND"] = "tensorflow"
-        from keras_primer.export.command import run_export  # the one late import
-
-        written = run_export(options)
-    except (ExportError, OSError, ValueError, RuntimeError, ImportError) as error:
-        if args.debug:
-            raise
-        line = error_line(error)
-        if args.result_file:
-            _write_result(args.result_file, {"error": line, "expected": True})
-        print(f"{PROG}: error: {line}", file=sys.stderr)
-        return 2
-    if args.result_file:
-        _write_result(args.result_file, {"written": written})
-    if args.json:
-        print(json.dumps(written))
-    else:
-        print(report(written))
-    return 0
-
-
-def _write_result(path: str, result: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(result, f)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -35,15 +35,8 @@ Differences from labml, all documented options or implementation choices:
   is no dropout on attention probabilities or inside the feed-forward block
   (dropout masks are drawn before the loop so that it compiles on every
   backend).
-* Training memory (JAX, TensorFlow): instead of labml's custom autograd
-  `Stack`, the gradient of the whole loop is custom: the backward pass walks
-  the steps in reverse and recomputes each from the final key/value buffers
-  (`_run_recomputing_backward`), so no per-step buffer copies are kept;
-  `stack.recompute_backward = False` differentiates the loop as written
-  (PyTorch always does, and so do the convolution variants below). On
-  TensorFlow without XLA (`model.fit` on a CPU), training, `evaluate` and
-  `predict` run the forward and the backward loop as XLA-compiled functions
-  inside the graph (`compiled_time_loop`); exported graphs keep plain ops.
+* Training memory (JAX, TensorFlow): the loop's gradient is custom and keeps
+  no per-step buffer copies (`feedback_time_loop`).
 * Attending to the current step (not in the paper or labml) is not offered:
   the current slot needs the outputs of all layers of the same step.
 
@@ -66,51 +59,21 @@ the states as zeros, so left padding still gives the unpadded outputs. The
 states are part of the decoding cache (`cache_layout`).
 """
 
-import contextlib
-
 import keras
 from keras import ops
-from keras.src import backend as keras_backend  # AutocastScope: not in the public API
 
 from keras_primer.activations import get_activation, serialize_activation
-from keras_primer.layers.cache_utils import export_safe_cache_writes_active, write_rows
+from keras_primer.layers.cache_utils import write_rows
 from keras_primer.layers.causal_depthwise_conv import CausalDepthwiseConv, causal_depthwise_conv
 from keras_primer.layers.feed_forward import FeedForward
-from keras_primer.layers.feedback_attention import FeedbackAttention
 from keras_primer.layers.residual import call_sublayer, pre_norm_residual
-from keras_primer.utils.tracing import TraceFlag, in_tensorflow_xla_context
-
-
-def _fori_loop(num_steps, body, state, max_steps):
-    """`keras.ops.fori_loop(0, num_steps, body, state)`, with the loop's bound
-    (`max_steps`, the buffer length) told to TensorFlow: XLA (`jit_compile=True`)
-    cannot differentiate a `while_loop` without `maximum_iterations`, and Keras'
-    TensorFlow trainer traces with a dynamic sequence length."""
-    if keras.backend.backend() != "tensorflow":
-        return ops.fori_loop(0, num_steps, body, state)
-    import tensorflow as tf
-
-    return tf.while_loop(
-        lambda i, _: i < num_steps,
-        lambda i, s: (i + 1, body(i, s)),
-        (tf.constant(0), state),
-        maximum_iterations=max_steps,
-    )[1]
-
-
-_compiled_loop = TraceFlag()
-
-
-def compiled_time_loop():
-    """Runs cache-less time loops XLA-compiled on TensorFlow, training or not.
-
-    Training (`training=True`) always does outside XLA; calls with
-    training=False keep the plain loop unless traced inside this block, so a
-    graph someone exports (Keras' own `model.export`) holds no XLA-compiled
-    function. `FeedbackCausalLM`'s test and predict steps (`evaluate`,
-    `predict`) enter it. Read while tracing; nests; thread-local.
-    """
-    return _compiled_loop.on()
+from keras_primer.models.feedback.feedback_attention import FeedbackAttention
+from keras_primer.models.feedback.feedback_time_loop import (
+    dropout_masks,
+    recomputes_backward,
+    run_recomputing_backward,
+    run_steps,
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")
@@ -212,7 +175,7 @@ class FeedbackStack(keras.layers.Layer):
         self.use_dconv = bool(use_dconv)
         self.kernel_size = int(kernel_size)
         # Not in the config: a switch for tests and benchmarks (see
-        # `_run_recomputing_backward`); the forward pass is the same.
+        # `feedback_time_loop.run_recomputing_backward`); the forward pass is the same.
         self.recompute_backward = True
 
     @property
@@ -246,38 +209,35 @@ class FeedbackStack(keras.layers.Layer):
         self.attention_norms, self.attentions = [], []
         self.feed_forward_norms, self.feed_forwards = [], []
         for i in range(self.num_layers):
-            attention_norm = keras.layers.LayerNormalization(
-                epsilon=self.layer_norm_epsilon, dtype=policy, name=f"attention_norm_{i}"
-            )
-            attention = FeedbackAttention(
-                num_heads=self.num_heads,
-                key_dim=self.head_dim,
-                max_relative_distance=self.max_relative_distance,
-                kernel_initializer=self.kernel_initializer,
-                use_dconv=self.use_dconv,
-                kernel_size=self.kernel_size,
-                dtype=policy,
-                name=f"attention_{i}",
-            )
-            feed_forward_norm = keras.layers.LayerNormalization(
-                epsilon=self.layer_norm_epsilon, dtype=policy, name=f"feed_forward_norm_{i}"
-            )
-            feed_forward = FeedForward(
-                intermediate_dim=self.intermediate_dim,
-                activation=self.activation,
-                dropout=0.0,
-                kernel_initializer=self.kernel_initializer,
-                dtype=policy,
-                name=f"feed_forward_{i}",
-            )
-            attention_norm.build(step_shape)
-            attention.build(step_shape)
-            feed_forward_norm.build(step_shape)
-            feed_forward.build(step_shape)
-            self.attention_norms.append(attention_norm)
-            self.attentions.append(attention)
-            self.feed_forward_norms.append(feed_forward_norm)
-            self.feed_forwards.append(feed_forward)
+            sublayers = {
+                "attention_norms": keras.layers.LayerNormalization(
+                    epsilon=self.layer_norm_epsilon, dtype=policy, name=f"attention_norm_{i}"
+                ),
+                "attentions": FeedbackAttention(
+                    num_heads=self.num_heads,
+                    key_dim=self.head_dim,
+                    max_relative_distance=self.max_relative_distance,
+                    kernel_initializer=self.kernel_initializer,
+                    use_dconv=self.use_dconv,
+                    kernel_size=self.kernel_size,
+                    dtype=policy,
+                    name=f"attention_{i}",
+                ),
+                "feed_forward_norms": keras.layers.LayerNormalization(
+                    epsilon=self.layer_norm_epsilon, dtype=policy, name=f"feed_forward_norm_{i}"
+                ),
+                "feed_forwards": FeedForward(
+                    intermediate_dim=self.intermediate_dim,
+                    activation=self.activation,
+                    dropout=0.0,
+                    kernel_initializer=self.kernel_initializer,
+                    dtype=policy,
+                    name=f"feed_forward_{i}",
+                ),
+            }
+            for group, layer in sublayers.items():
+                layer.build(step_shape)
+                getattr(self, group).append(layer)
         # Never autocast: the softmax over layers is taken in float32
         # whatever the compute dtype (stored in the variable dtype, float32
         # under the mixed policies).
@@ -439,15 +399,6 @@ class FeedbackStack(keras.layers.Layer):
                 states[name] = state
         return convolved[0], convolved[1], states
 
-    def _dropout_masks(self, batch_size, length, training):
-        if not training or not self.dropout:
-            return None
-        shape = (length, batch_size, self.num_layers, 2, self.hidden_dim)
-        keep = ops.greater_equal(
-            keras.random.uniform(shape, seed=self.seed_generator), self.dropout
-        )
-        return ops.cast(keep, self.compute_dtype) / (1.0 - self.dropout)
-
     def cache_layout(self) -> dict:
         """Names and shapes of the cache tensors (`"batch"`/`"max_length"`
         stand for the sizes chosen at allocation), in a fixed order:
@@ -512,14 +463,15 @@ class FeedbackStack(keras.layers.Layer):
         length = inputs.shape[1]
         if length is None:
             length = ops.shape(inputs)[1]
-        if not use_cache and self._recomputes_backward():
+        if not use_cache and recomputes_backward(self):
             key_mask = None if padding_mask is None else ops.cast(padding_mask, "bool")
-            drop_masks = self._dropout_masks(batch_size, length, training)
-            return self._run_recomputing_backward(inputs, key_mask, drop_masks, training)
+            drop_masks = dropout_masks(self, batch_size, length, training)
+            return run_recomputing_backward(self, inputs, key_mask, drop_masks, training)
         if not use_cache:
             cache = self.empty_cache(batch_size, length)
             cache_update_index = 0
-        outputs, cache = self._run(
+        outputs, cache = run_steps(
+            self,
             inputs,
             cache,
             cache_update_index,
@@ -536,293 +488,9 @@ class FeedbackStack(keras.layers.Layer):
         loop stops at `num_steps`; outputs after it stay zero. Returns
         `(outputs, cache)`.
         """
-        return self._run(inputs, cache, 0, num_steps, padding_mask=padding_mask, force_loop=True)
-
-    def _run(
-        self,
-        inputs,
-        cache,
-        start,
-        num_steps,
-        padding_mask=None,
-        training=None,
-        force_loop=False,
-    ):
-        cache = {name: cache[name] for name in self.cache_layout()}
-        key_mask = None
-        if padding_mask is not None:
-            key_mask = ops.cast(padding_mask, "bool")
-        batch_size = ops.shape(inputs)[0]
-        drop_masks = None
-        if not force_loop:
-            drop_masks = self._dropout_masks(batch_size, num_steps, training)
-        start = ops.cast(start, "int32")
-
-        if not force_loop and isinstance(num_steps, int) and num_steps == 1:
-            # The decoding step: no loop, so the exported graph is plain ops.
-            masks = None if drop_masks is None else drop_masks[0]
-            out, _, cache = self._step(inputs[:, 0], start, cache, key_mask, masks, training)
-            return out[:, None], cache
-
-        def body(i, state):
-            cache, outputs = state
-            x = ops.take(inputs, i, axis=1)
-            masks = None if drop_masks is None else ops.take(drop_masks, i, axis=0)
-            out, _, cache = self._step(x, start + i, cache, key_mask, masks, training)
-            return cache, write_rows(outputs, out[:, None], i)
-
-        cache, outputs = _fori_loop(
-            num_steps,
-            body,
-            (cache, ops.zeros_like(inputs)),
-            max_steps=ops.shape(cache["key"])[1],
+        return run_steps(
+            self, inputs, cache, 0, num_steps, padding_mask=padding_mask, force_loop=True
         )
-        return outputs, cache
-
-    # === The time loop with a memory-light backward pass (JAX, TensorFlow) ===
-
-    def _recomputes_backward(self) -> bool:
-        """Whether a cache-less call takes `_run_recomputing_backward`: on JAX
-        and TensorFlow, without convolution states (their rows are not in the
-        key/value buffers), unless `recompute_backward` is switched off or an
-        exporter is tracing (the exported graphs stay plain ops)."""
-        return (
-            self.recompute_backward
-            and keras.backend.backend() in ("jax", "tensorflow")
-            and not self.conv_state_length
-            and not export_safe_cache_writes_active()
-        )
-
-    def _rows_with_values(self, variables, values, x, position, keys, vals, key_mask, masks):
-        """`_step_rows` as a function of the trainable variables' values.
-
-        `variables` ends with the frozen ones (a LoRA base kernel, say),
-        whose values are read outside the differentiated function. The
-        backward pass runs after `__call__` has returned, so the autocast of
-        mixed precision (the stack's compute dtype) is entered here too, and
-        only then: an `AutocastScope(None)` makes every variable report
-        float32.
-        """
-        mapping = list(zip(variables, values))
-        mixed = self.compute_dtype != self.variable_dtype
-        with (
-            keras.StatelessScope(state_mapping=mapping),
-            keras_backend.AutocastScope(self.compute_dtype) if mixed else contextlib.nullcontext(),
-        ):
-            out, _, new_keys, new_values, _ = self._step_rows(
-                x, position, {"key": keys, "value": vals}, key_mask, masks
-            )
-        return out, new_keys, new_values
-
-    def _forward_loop(self, variables, values, inputs, key_mask, drop_masks, length):
-        """The training loop (no cache given) on explicit variable values;
-        returns `(outputs, keys, values)` with the final buffers."""
-        batch_size = ops.shape(inputs)[0]
-        cache = self.empty_cache(batch_size, length)
-
-        def body(i, state):
-            keys, vals, outputs = state
-            x = ops.take(inputs, i, axis=1)
-            masks = None if drop_masks is None else ops.take(drop_masks, i, axis=0)
-            out, new_keys, new_values = self._rows_with_values(
-                variables, values, x, i, keys, vals, key_mask, masks
-            )
-            return (
-                write_rows(keys, new_keys[:, None], i),
-                write_rows(vals, new_values[:, None], i),
-                write_rows(outputs, out[:, None], i),
-            )
-
-        keys, vals, outputs = _fori_loop(
-            length, body, (cache["key"], cache["value"], ops.zeros_like(inputs)), length
-        )
-        return outputs, keys, vals
-
-    def _run_recomputing_backward(self, inputs, key_mask, drop_masks, training=None):
-        """The cache-less time loop whose gradient keeps no per-step copies.
-
-        Differentiating the loop as written would keep, for every step, the
-        key/value buffers it read (memory quadratic in the length). Step `t`
-        reads only buffer rows `< t`, each written once by its own step, so
-        the final buffers hold everything every step read. The backward pass
-        therefore walks the steps in reverse and recomputes each one from the
-        final buffers: its vector-Jacobian product gives the gradients of the
-        step's input, of the variables, and of the buffer rows it read, which
-        accumulate into one gradient buffer; when the walk reaches step `s`,
-        row `s` of that buffer holds the total gradient of the keys/values
-        step `s` wrote (every reader of the row ran later). Memory: the
-        inputs, the final buffers and one step's activations, linear in the
-        length; compute: one extra forward pass of the loop. Equal to
-        differentiating the loop directly up to float rounding (tested).
-        """
-        # Each variable's own flag: keras-hub's `enable_lora` freezes the stack
-        # (its `trainable_variables` is then empty) and unfreezes sublayers.
-        trainable = [v for v in self.variables if v.trainable]
-        frozen = [v for v in self.variables if not v.trainable]
-        variables = trainable + frozen  # every variable mapped, only the first ones differentiated
-        values = [v.value for v in trainable]
-        frozen_values = [v.value for v in frozen]
-        inputs = ops.cast(inputs, self.compute_dtype)  # as `__call__` does (not stateless_call)
-        if keras.backend.backend() == "tensorflow":
-            requested = bool(training) or _compiled_loop.active
-            compile_loops = requested and not in_tensorflow_xla_context()
-            return self._recompute_tensorflow(
-                variables, values, frozen_values, inputs, key_mask, drop_masks, compile_loops
-            )
-        return self._recompute_jax(variables, values, frozen_values, inputs, key_mask, drop_masks)
-
-    def _recompute_jax(self, variables, values, frozen_values, inputs, key_mask, drop_masks):
-        import jax
-        import jax.numpy as jnp
-
-        inputs = jnp.asarray(inputs)
-        length = inputs.shape[1]
-
-        @jax.custom_vjp
-        def run(values, inputs, drop_masks):
-            return self._forward_loop(
-                variables, values + frozen_values, inputs, key_mask, drop_masks, length
-            )[0]
-
-        def forward(values, inputs, drop_masks):
-            outputs, keys, vals = self._forward_loop(
-                variables, values + frozen_values, inputs, key_mask, drop_masks, length
-            )
-            return outputs, (values, inputs, drop_masks, keys, vals)
-
-        def backward(residuals, upstream):
-            values, inputs, drop_masks, keys, vals = residuals
-            inputs = jnp.asarray(inputs)
-
-            def body(j, carry):
-                grad_values, grad_inputs, grad_keys, grad_vals = carry
-                t = length - 1 - j
-                masks = None if drop_masks is None else drop_masks[t]
-
-                def step(values, x, keys, vals):
-                    return self._rows_with_values(
-                        variables, values + frozen_values, x, t, keys, vals, key_mask, masks
-                    )
-
-                rows, vjp = jax.vjp(step, values, inputs[:, t], keys, vals)
-                cotangents = (upstream[:, t], grad_keys[:, t], grad_vals[:, t])
-                d_values, d_x, d_keys, d_vals = vjp(
-                    tuple(c.astype(r.dtype) for c, r in zip(cotangents, rows))
-                )
-                return (
-                    [a + b for a, b in zip(grad_values, d_values)],
-                    grad_inputs.at[:, t].set(d_x),
-                    grad_keys + d_keys,
-                    grad_vals + d_vals,
-                )
-
-            init = (
-                [jnp.zeros_like(v) for v in values],
-                jnp.zeros_like(inputs),
-                jnp.zeros_like(keys),
-                jnp.zeros_like(vals),
-            )
-            grad_values, grad_inputs, _, _ = jax.lax.fori_loop(0, length, body, init)
-            grad_masks = None if drop_masks is None else jnp.zeros_like(drop_masks)
-            return grad_values, grad_inputs, grad_masks
-
-        run.defvjp(forward, backward)
-        return run(values, inputs, drop_masks)
-
-    def _recompute_tensorflow(
-        self, variables, values, frozen_values, inputs, key_mask, drop_masks, compile_loops
-    ):
-        import tensorflow as tf
-
-        num_trainable = len(values)
-
-        def dense(grad, like):
-            if grad is None:
-                return tf.zeros_like(like)
-            return tf.convert_to_tensor(grad)  # the relative tables' gathers give slices
-
-        def forward(inputs, *all_values):
-            length = tf.shape(inputs)[1]
-            return self._forward_loop(
-                variables, list(all_values), inputs, key_mask, drop_masks, length
-            )
-
-        def backward(upstream, inputs, keys, vals, *all_values):
-            values = list(all_values[:num_trainable])
-            frozen_values = list(all_values[num_trainable:])
-            length = tf.shape(inputs)[1]
-
-            def body(j, grad_values, grad_inputs, grad_keys, grad_vals):
-                t = length - 1 - j
-                x = tf.gather(inputs, t, axis=1)
-                masks = None if drop_masks is None else tf.gather(drop_masks, t)
-                with tf.GradientTape() as tape:
-                    tape.watch([x, keys, vals] + values)
-                    out, new_keys, new_values = self._rows_with_values(
-                        variables, values + frozen_values, x, t, keys, vals, key_mask, masks
-                    )
-                sources = [x, keys, vals] + values
-                rows = [out, new_keys, new_values]
-                cotangents = [
-                    tf.gather(upstream, t, axis=1),
-                    tf.gather(grad_keys, t, axis=1),
-                    tf.gather(grad_vals, t, axis=1),
-                ]
-                grads = tape.gradient(
-                    rows,
-                    sources,
-                    output_gradients=[tf.cast(c, r.dtype) for c, r in zip(cotangents, rows)],
-                )
-                grads = [dense(g, s) for g, s in zip(grads, sources)]
-                d_x, d_keys, d_vals = grads[:3]
-                return (
-                    j + 1,
-                    [a + b for a, b in zip(grad_values, grads[3:])],
-                    write_rows(grad_inputs, d_x[:, None], t),
-                    grad_keys + d_keys,
-                    grad_vals + d_vals,
-                )
-
-            _, grad_values, grad_inputs, _, _ = tf.while_loop(
-                lambda j, *_: j < length,
-                body,
-                (
-                    tf.constant(0),
-                    [tf.zeros_like(v) for v in values],
-                    tf.zeros_like(inputs),
-                    tf.zeros_like(keys),
-                    tf.zeros_like(vals),
-                ),
-                maximum_iterations=length,
-            )
-            return [grad_inputs] + list(grad_values)
-
-        if compile_loops:
-            # Outside XLA (`fit`, `evaluate`, `predict` on a CPU): each loop
-            # becomes one XLA computation. TensorFlow's graph executor would
-            # run the loop bodies op by op, and Grappler rewrites their large
-            # gradient sums into temporary variables that collide across
-            # iterations (`AlreadyExistsError ... tmp_var`) from about width
-            # 256, batch 16.
-            forward = tf.function(forward, jit_compile=True, autograph=False)
-            backward = tf.function(backward, jit_compile=True, autograph=False)
-
-        # The frozen values are inputs too (without a gradient): a tensor the
-        # function captured would make TensorFlow look for variables behind it.
-        @tf.custom_gradient
-        def run(inputs, *all_values):
-            # `grad` is the gradient: a tape must not differentiate the loop
-            # (eagerly it would, and the compiled loop cannot hand it its
-            # per-step state).
-            outputs, keys, vals = forward(*(tf.stop_gradient(a) for a in (inputs, *all_values)))
-
-            def grad(upstream):
-                grads = backward(upstream, inputs, keys, vals, *all_values)
-                return list(grads) + [None] * len(frozen_values)
-
-            return outputs, grad
-
-        return run(inputs, *values, *frozen_values)
 
     def compute_output_shape(self, input_shape, *args, **kwargs):
         return input_shape

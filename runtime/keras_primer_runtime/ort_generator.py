@@ -4,7 +4,7 @@ Imports with NumPy, onnxruntime and (for SentencePiece models)
 sentencepiece only: no Keras, TensorFlow, JAX or PyTorch. The tokenizer
 travels in the export directory (`tokenizer.json`, `tokenizer.model`), the
 sampling options, checks and error texts come from
-`keras_primer_runtime.decoding`, so the text matches Keras `generate` and
+`keras_primer_runtime.generation`, so the text matches Keras `generate` and
 the SavedModel signatures.
 
     from keras_primer_runtime.ort_generator import OrtGenerator
@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from keras_primer_runtime import decoding
+from keras_primer_runtime import generation
 
 CONFIG_FILE = "export_config.json"
 
@@ -87,7 +87,7 @@ class OrtGenerator:
                 "export with int8=True (`--int8`) to get one."
             )
         self.onnx_dir = onnx_dir
-        self.tokenizer, self.codec = decoding.load_tokenizer(onnx_dir)
+        self.tokenizer, self.codec = generation.load_tokenizer(onnx_dir)
         self.providers = list(providers or default_providers())
         if intra_op_num_threads is not None and (
             isinstance(intra_op_num_threads, bool)
@@ -200,7 +200,7 @@ class OrtGenerator:
 
     def tokenize(self, prompt):
         """Prompt ids, start token included when the model adds one."""
-        return decoding.prompt_ids(self.tokenizer, self.codec, prompt)
+        return generation.prompt_ids(self.tokenizer, self.codec, prompt)
 
     def detokenize(self, ids):
         """Text of `ids` without special tokens."""
@@ -219,23 +219,23 @@ class OrtGenerator:
         """Prompt + completion strings (special tokens removed), as Keras does.
 
         Each prompt gets at most `max_new_tokens` new tokens and stops at the
-        end token. Options as in `keras_primer_runtime.decoding` (temperature
+        end token. Options as in `keras_primer_runtime.generation` (temperature
         0 = greedy, top_k 0 and top_p 1 = off); prompts follow its Unicode
         rule (invalid UTF-8 bytes or lone surrogates raise `ValueError`).
-        The loop is the contract's (`decoding.loop_bounds`,
+        The loop is the contract's (`generation.loop_bounds`,
         `decode_position`, `shown_tokens`), as in the SavedModel.
         """
         single = isinstance(prompts, (str, bytes))
-        prompts = decoding.check_prompts(prompts)
-        options = decoding.check_sampling(temperature, top_k, top_p, seed)
-        decoding.check_max_new_tokens(max_new_tokens)
+        prompts = generation.check_prompts(prompts)
+        options = generation.check_sampling(temperature, top_k, top_p, seed)
+        generation.check_max_new_tokens(max_new_tokens)
         ids = [self.tokenize(p) for p in prompts]
         lengths = np.array([len(x) for x in ids], np.int32)
-        max_new_tokens = decoding.check_max_new_tokens(
+        max_new_tokens = generation.check_max_new_tokens(
             max_new_tokens, int(lengths.max()), self.max_sequence_length
         )
         rng = np.random.default_rng(options.seed)
-        limits, total, start = decoding.loop_bounds(np, lengths, max_new_tokens)
+        limits, total, start = generation.loop_bounds(np, lengths, max_new_tokens)
         tokens = np.full((len(ids), total), self.tokenizer.pad_id, np.int32)
         for row, x in enumerate(ids):
             tokens[row, : len(x)] = x
@@ -244,14 +244,14 @@ class OrtGenerator:
         logits, state = self.step(tokens[:, :start], 0, state)
         done = np.zeros(len(ids), bool)
         for p in range(start, total):
-            chosen = decoding.choose_next(logits, options, rng).astype(np.int32)
-            token, tokens, done = decoding.decode_position(
+            chosen = generation.choose_next(logits, options, rng).astype(np.int32)
+            token, tokens, done = generation.decode_position(
                 np, p, chosen, tokens, positions, lengths, limits, done, self.tokenizer.end_id
             )
             if done.all():
                 break
             logits, state = self.step(token[:, None], p, state)
-        visible, shown, _ = decoding.shown_tokens(
+        visible, shown, _ = generation.shown_tokens(
             np, tokens, positions, lengths, limits, self.tokenizer
         )
         if return_token_ids:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from keras_primer_runtime.logging_setup import quiet_backend_logs
+from keras_primer_cli.logging_setup import quiet_backend_logs
 
 USAGE = """usage: keras-primer [--verbose] {train,export} ...
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Example:
 
-    >>> from keras_primer_runtime.cli import main
+    >>> from keras_primer_cli.main import main
     >>> main(["--help"])  # doctest: +ELLIPSIS
     usage: keras-primer [--verbose] {train,export} ...
     ...
@@ -62,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     quiet_backend_logs(verbose)
     if command == "train":
-        from keras_primer_runtime.train_cli import main as train_main
+        from keras_primer_cli.train import main as train_main
 
         return train_main(rest)
     if command == "export":
-        from keras_primer_runtime.export_cli import main as export_main
+        from keras_primer_cli.export import main as export_main
 
         return export_main(rest)
     print(

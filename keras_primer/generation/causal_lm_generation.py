@@ -1,12 +1,12 @@
-"""Pieces shared by the causal LMs: input checks and generation post-processing."""
+"""What every causal LM's `generate` shares: input checks and post-processing."""
 
 import numpy as np
 from keras import ops
 from keras_hub.src.utils.tensor_utils import any_equal
 
-from keras_primer.generation import check_sampler
+from keras_primer.generation.samplers import check_sampler
 from keras_primer.utils.validation import check_token_ids
-from keras_primer_runtime.decoding import check_prompts
+from keras_primer_runtime.generation import check_prompts
 
 
 def finish_generation(token_ids, padding_mask, stop_token_ids):

@@ -93,7 +93,7 @@ def quiet_backend_logs(verbose: bool) -> None:
     Example:
 
     >>> import os
-    >>> from keras_primer_runtime.logging_setup import quiet_backend_logs
+    >>> from keras_primer_cli.logging_setup import quiet_backend_logs
     >>> saved = os.environ.pop("ABSL_MIN_LOG_LEVEL", None)
     >>> quiet_backend_logs(verbose=False)
     >>> os.environ["ABSL_MIN_LOG_LEVEL"]

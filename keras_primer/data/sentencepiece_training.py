@@ -1,12 +1,9 @@
-"""Corpus tokenization: the codecs, and SentencePiece training on a corpus.
+"""SentencePiece training on a corpus, with keras-primer's special ids.
 
-The codecs are the runtime's (`keras_primer_runtime.decoding.ByteCodec` and
-`SentencePieceCodec`, one per kind): they turn corpus text into NumPy token
-ids (fast, no TensorFlow), and the ONNX Runtime generator uses the same
-classes. The keras-hub tokenizers live in `keras_primer.tokenizers`
-(`keras_tokenizer(codec)` gives a codec's); both use the same special ids:
-pad 0, start 2, end 3 (SentencePiece also has unk 1). This module adds
-`train_sentencepiece`, and keeps the old names importable from here.
+`train_sentencepiece` returns the runtime's `SentencePieceCodec`
+(`keras_primer_runtime.generation`), the one codec per tokenizer kind that
+corpus encoding, the ONNX Runtime generator and the tests use; its ids are
+pad 0, unk 1, start 2, end 3.
 """
 
 from __future__ import annotations
@@ -15,28 +12,10 @@ import io
 import os
 import re
 
-from keras_primer.tokenizers import PrimerSentencePieceTokenizer, keras_tokenizer
-from keras_primer_runtime.decoding import (
-    END_ID,
-    PAD_ID,
-    START_ID,
-    UNK_ID,
-    ByteCodec,
-    SentencePieceCodec,
-)
-from keras_primer_runtime.run_config import MIN_SENTENCEPIECE_VOCABULARY
+from keras_primer_cli.run_config import MIN_SENTENCEPIECE_VOCABULARY
+from keras_primer_runtime.generation import END_ID, PAD_ID, START_ID, UNK_ID, SentencePieceCodec
 
-__all__ = [
-    "END_ID",
-    "PAD_ID",
-    "START_ID",
-    "UNK_ID",
-    "ByteCodec",
-    "PrimerSentencePieceTokenizer",
-    "SentencePieceCodec",
-    "keras_tokenizer",
-    "train_sentencepiece",
-]
+__all__ = ["train_sentencepiece"]
 
 
 def _iter_lines(files: list[str]):

@@ -10,7 +10,7 @@ optional package, a locked `--out`, a NaN loss) print one line and exit 2;
 The library is imported once, late: `keras_primer.training.command.run`,
 the entry function. Nothing else here imports `keras_primer`.
 
-    python -m keras_primer_runtime.train_cli --out runs/x --steps 20
+    python -m keras_primer_cli.train --out runs/x --steps 20
 """
 
 from __future__ import annotations
@@ -18,14 +18,9 @@ from __future__ import annotations
 import os
 import sys
 
-from keras_primer_runtime.logging_setup import quiet_backend_logs
-from keras_primer_runtime.run_config import (
-    EXPECTED_ERRORS,
-    TRAIN_PROG,
-    build_train_parser,
-    config_from_args,
-    error_line,
-)
+from keras_primer_cli.errors import EXIT_EXPECTED_FAILURE, EXPECTED_ERRORS, error_line
+from keras_primer_cli.logging_setup import quiet_backend_logs
+from keras_primer_cli.run_config import TRAIN_PROG, build_train_parser, config_from_args
 
 PROG = TRAIN_PROG
 
@@ -66,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     except EXPECTED_ERRORS as error:
         if config.debug:
             raise
-        print(error_line(error), file=sys.stderr)
-        return 2
+        print(error_line(error, PROG), file=sys.stderr)
+        return EXIT_EXPECTED_FAILURE
     return run(config)
 
 

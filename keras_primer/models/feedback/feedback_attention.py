@@ -1,7 +1,7 @@
 """Feedback Transformer attention: one query step over the feedback memory.
 
 The memory, the time loop and the layer stack live in
-`keras_primer.layers.feedback_stack` (with the maths and every difference to
+`keras_primer.models.feedback.feedback_stack` (with the maths and every difference to
 labml-nn); this module holds only the attention with learned relative
 positions, `[(q + u) . k_s + q . P[t - s] + S[t - s]] / sqrt(head_dim)`,
 and, with `use_dconv=True`, the causal depthwise convolution of the queries

@@ -4,8 +4,8 @@ import keras
 
 from keras_primer.activations import get_activation, serialize_activation
 from keras_primer.layers.feed_forward import FeedForward
-from keras_primer.layers.multi_dconv_head_attention import MultiDConvHeadAttention
 from keras_primer.layers.residual import pre_norm_residual
+from keras_primer.models.primer.multi_dconv_head_attention import MultiDConvHeadAttention
 
 
 @keras.saving.register_keras_serializable(package="keras_primer")

@@ -1,0 +1,50 @@
+"""The expected failures of the `keras-primer` commands, and their one line (stdlib only).
+
+An expected failure (a bad setting, a missing or corrupt file, a missing
+optional package, a locked or occupied output folder) is reported as one
+line on stderr with exit status 2; `--debug` shows the traceback instead.
+
+>>> error_line(ConfigError("--steps must be at least 1."), "keras-primer train")
+'keras-primer train: error: --steps must be at least 1.'
+>>> error_line(PermissionError(13, "Permission denied", "/srv/models"), "keras-primer export")
+"keras-primer export: error: [Errno 13] Permission denied: '/srv/models' (check the path, its permissions and free disk space; --debug shows the traceback)"
+"""
+
+from __future__ import annotations
+
+#: Exit status of an expected failure, and of an interrupted command (128 + SIGINT).
+EXIT_EXPECTED_FAILURE = 2
+EXIT_INTERRUPTED = 130
+
+
+class ConfigError(ValueError):
+    """A setting of a run is wrong; the message says which and what is expected."""
+
+
+class ExportError(Exception):
+    """An expected export failure: the message names the file and the fix."""
+
+
+# ValueError covers bad settings, data and checkpoint errors (their classes
+# derive from it); the others are I/O and missing optional packages.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    ExportError,
+    ValueError,
+    OSError,
+    ImportError,
+    RuntimeError,
+)
+
+
+def error_line(error: BaseException, prog: str | None = None) -> str:
+    """The one line a command prints for an expected failure: its message,
+    and a hint where the message cannot name the fix itself (`prog`, when
+    given, leads the line)."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (ExportError, ValueError)):
+        hint = ""
+    elif isinstance(error, OSError):
+        hint = " (check the path, its permissions and free disk space; --debug shows the traceback)"
+    else:
+        hint = " (--debug shows the traceback)"
+    return f"{prog}: error: {message}{hint}" if prog else f"{message}{hint}"
