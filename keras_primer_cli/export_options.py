@@ -23,6 +23,7 @@ import re
 import zipfile
 
 from keras_primer_cli.errors import ExportError
+from keras_primer_cli.ownership import MODELS_CONFIG, ONNX_CONFIG_FILE, ONNX_DIR, SERVING_DIR
 from keras_primer_runtime.serving_client import MODEL_NAME_PATTERN
 
 PROG = "keras-primer export"
@@ -37,8 +38,8 @@ ONNX_PACKAGES = {
 
 INT64_MAX = 2**63 - 1  # TF Serving reads version folders as int64
 INT32_MAX = 2**31 - 1  # the `generate` signatures take int32 lengths
-#: Prefix of the temporary folder an export writes inside `--out`.
-STAGING_PREFIX = ".keras-primer-export-"
+# What marks a folder as written by an export, so that `--overwrite` may replace it.
+SAVED_MODEL_FILE = "saved_model.pb"
 
 
 def _option(default, help: str, flag: str | None = None, **argparse_kwargs):
@@ -99,7 +100,7 @@ class ExportOptions:
 
     @property
     def serving_dir(self) -> str:
-        return os.path.join(self.out_dir, "serving")
+        return os.path.join(self.out_dir, SERVING_DIR)
 
     @property
     def version_dir(self) -> str:
@@ -107,11 +108,11 @@ class ExportOptions:
 
     @property
     def models_config(self) -> str:
-        return os.path.join(self.serving_dir, "models.config")
+        return os.path.join(self.serving_dir, MODELS_CONFIG)
 
     @property
     def onnx_dir(self) -> str:
-        return os.path.join(self.out_dir, "onnx")
+        return os.path.join(self.out_dir, ONNX_DIR)
 
     def argv(self) -> list[str]:
         """The `keras-primer export` arguments that give these options."""
@@ -214,10 +215,6 @@ def _inside(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root and path != root
 
 
-def _non_empty_dir(path: str) -> bool:
-    return os.path.isdir(path) and bool(os.listdir(path))
-
-
 def check_options(options: ExportOptions) -> ExportOptions:
     """Checks every value that needs no model and no lock; returns them resolved.
 
@@ -285,10 +282,14 @@ def _is_int(value) -> bool:
 
 
 def check_outputs(options: ExportOptions):
-    """Checks what `--out` already holds; call it holding the `--out` lock.
+    """Checks every path the export will write; call it holding the `--out` lock.
 
-    Refuses (`ExportError`) a path that resolves outside `--out`, an
-    existing version or ONNX folder without `--overwrite`, and an unreadable
+    An export never moves or deletes a path it did not create. Refuses
+    (`ExportError`), before any work: a path that resolves outside `--out`;
+    a file where a folder goes (`serving/`, `serving/NAME/`, `onnx/`) or a
+    folder where `models.config` goes; an existing version or non-empty
+    `onnx/` that an export did not write (no `saved_model.pb`, no
+    `export_config.json`), or one it wrote without `--overwrite`; an unreadable
     `models.config`. Returns the existing `models.config` as a
     `ModelServerConfig` (empty when there is none), for `add_model`.
     """
@@ -298,16 +299,21 @@ def check_outputs(options: ExportOptions):
             raise ExportError(
                 f"{path} resolves outside --out {o.out_dir}: remove the link or pick another --out."
             )
-    if o.saved_model and os.path.lexists(o.version_dir) and not o.overwrite:
-        raise ExportError(
-            f"{o.version_dir} already exists: pass --overwrite to replace it, "
-            "or pick another --version."
-        )
-    if o.onnx and _non_empty_dir(o.onnx_dir) and not o.overwrite:
-        raise ExportError(
-            f"{o.onnx_dir} already holds an ONNX export: pass --overwrite to "
-            "replace it, --no-onnx to keep it, or another --out."
-        )
+    if o.saved_model:
+        for folder in (o.serving_dir, os.path.dirname(o.version_dir)):
+            if os.path.lexists(folder) and not os.path.isdir(folder):
+                raise ExportError(
+                    f"{folder} is a file, not a folder of exports: move it away or pick another "
+                    "--out. Nothing was written."
+                )
+        if os.path.lexists(o.models_config) and not os.path.isfile(o.models_config):
+            raise ExportError(
+                f"{o.models_config} is not a file: move it away or pick another --out. "
+                "Nothing was written."
+            )
+        _check_replaceable(o.version_dir, SAVED_MODEL_FILE, o.overwrite, "pick another --version")
+    if o.onnx:
+        _check_replaceable(o.onnx_dir, ONNX_CONFIG_FILE, o.overwrite, "pass --no-onnx to keep it")
     if not o.saved_model:
         return None
     text = ""
@@ -315,6 +321,30 @@ def check_outputs(options: ExportOptions):
         with open(o.models_config) as f:
             text = f.read()
     return read_models_config(text, o.models_config)
+
+
+def _check_replaceable(folder: str, marker: str, overwrite: bool, instead: str) -> None:
+    """Refuses to replace `folder` unless it is absent, an empty folder, or
+    (with `overwrite`) a folder an export wrote (it holds `marker`)."""
+    if not os.path.lexists(folder):
+        return
+    if not os.path.isdir(folder):
+        raise ExportError(
+            f"{folder} is a file, not an export folder: move it away or pick another --out "
+            "(--overwrite replaces only an export). Nothing was written."
+        )
+    if not os.listdir(folder):
+        return
+    if not os.path.isfile(os.path.join(folder, marker)):
+        raise ExportError(
+            f"{folder} was not written by keras-primer export (it has no {marker}), so "
+            "no export replaces it: move it away or pick another --out. Nothing was written."
+        )
+    if not overwrite:
+        raise ExportError(
+            f"{folder} already exists: pass --overwrite to replace it, or {instead}. "
+            "Nothing was written."
+        )
 
 
 def read_models_config(text: str, path: str = "models.config"):

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from keras_primer_cli import errors, export_options
+from keras_primer_cli import errors, export_options, ownership
 
 pytestmark = pytest.mark.tensorflow_only
 
@@ -56,6 +56,8 @@ def fakes(monkeypatch):
         path = os.path.join(out_dir, "model.onnx")
         with open(path, "w") as f:
             f.write("onnx")
+        with open(os.path.join(out_dir, ownership.ONNX_CONFIG_FILE), "w") as f:
+            f.write("{}")
         state["calls"].append(("onnx", int8))
         if state["fail"] == "onnx":
             raise RuntimeError("tf2onnx could not convert the decoder step")
@@ -341,17 +343,68 @@ def test_onnx_folder_is_not_replaced_without_overwrite(model_path, fakes, tmp_pa
     out = tmp_path / "out"
     assert _run(capsys, model_path, "--out", out, "--name", "a")[0] == 0
     status, _, err = _run(capsys, model_path, "--out", out, "--name", "b")
-    assert status == 2 and "already holds an ONNX export: pass --overwrite" in err
+    assert status == 2 and f"{out / 'onnx'} already exists: pass --overwrite" in err
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize(
+    "path,kind",
+    [
+        ("onnx", "file"),
+        ("serving", "file"),
+        ("serving/m", "file"),
+        ("serving/models.config", "folder"),
+        ("onnx", "user folder"),
+        ("serving/m/1", "user folder"),
+    ],
+)
+def test_paths_an_export_did_not_create_are_refused_before_any_work(
+    model_path, fakes, tmp_path, capsys, path, kind, overwrite
+):
+    """Issue 32: a user's file named `onnx` was replaced by the ONNX folder (rc 0);
+    a file named `serving` was refused only after the whole export's work. An
+    export moves or deletes only what an export wrote, with or without
+    --overwrite, and checks every output path first."""
+    out = tmp_path / "out"
+    target = out / path
+    target.parent.mkdir(parents=True)
+    if kind == "file":
+        target.write_text("the user's own")
+    else:
+        target.mkdir()
+        (target / "notes.txt").write_text("the user's own")
+    before = {p: (out / p).read_bytes() for p in _tree(out) if (out / p).is_file()}
+    argv = [model_path, "--out", out, "--name", "m"] + (["--overwrite"] if overwrite else [])
+    status, _, err = _run(capsys, *argv)
+    assert status == 2 and err.count("\n") == 1, err
+    assert str(target) in err and "Nothing was written" in err
+    if kind == "user folder":
+        assert "was not written by keras-primer export" in err
+    assert not fakes["calls"]  # refused before the model was even loaded
+    assert {p: (out / p).read_bytes() for p in _tree(out) if (out / p).is_file()} == before
+
+
+def test_overwrite_replaces_an_earlier_export(model_path, fakes, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(capsys, model_path, "--out", out, "--name", "m")[0] == 0
+    (out / "onnx" / "model.onnx").write_text("old")
+    assert _run(capsys, model_path, "--out", out, "--name", "m", "--overwrite")[0] == 0
+    assert (out / "onnx" / "model.onnx").read_text() == "onnx"
 
 
 def test_stale_staging_folders_are_removed(model_path, fakes, tmp_path, capsys):
     out = tmp_path / "out"
-    stale = out / (export_options.STAGING_PREFIX + "killed")
+    stale = out / ownership.EXPORT_STAGING.name()
     (stale / "serving").mkdir(parents=True)
     (stale / "serving" / "big.bin").write_bytes(b"x" * 1000)
+    # Issue 32: only our exact name is ours; a look-alike of the user's stays.
+    mine = out / ".keras-primer-export-mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("the user's own")
     status, _, err = _run(capsys, model_path, "--out", out, "--name", "m")
     assert status == 0 and not stale.exists()
     assert f"removed {stale}, left by an export that was stopped" in err
+    assert (mine / "keep.txt").read_text() == "the user's own"
 
 
 def test_model_too_small_or_too_many_new_tokens_name_the_numbers(

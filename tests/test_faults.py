@@ -29,7 +29,13 @@ import pytest
 from test_training import TINY as TRAINING_TINY
 
 from keras_primer.training import RunConfig, train
-from keras_primer.training.run_dir import FAULT_ENV, CheckpointStore, RunLock, RunLockedError
+from keras_primer.training.run_dir import (
+    FAULT_ENV,
+    CheckpointStore,
+    RunLock,
+    RunLockedError,
+    temp_path,
+)
 
 BACKEND = keras.backend.backend()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -415,8 +421,10 @@ def test_fine_tune_that_trains_no_step_is_refused_and_not_recorded(tmp_path, ref
 def test_leftover_temporary_models_of_a_killed_run_are_removed(tmp_path, reference):
     # Issue 20: a resumed run left `.best.keras.tmp-*.keras` behind.
     out = _copy(reference, tmp_path)
-    for name in (".best.keras.tmp-99999.keras", ".model.keras.tmp-99999.keras"):
-        (out / name).write_bytes(b"half a zip")
+    for name in ("best.keras", "model.keras"):
+        with open(temp_path(str(out / name), suffix=".keras"), "wb") as f:
+            f.write(b"half a zip")
+    assert len([n for n in os.listdir(out) if ".tmp-" in n]) == 2
     train(_config(out))
     assert not [n for n in os.listdir(out) if ".tmp-" in n]
 

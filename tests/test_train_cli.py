@@ -293,3 +293,66 @@ def test_binary_data_is_refused_as_not_text(tmp_path, capsys):
     assert len(err.splitlines()) == 1, err
     assert f"--data file {binary} is not text (it holds NUL bytes)" in err
     assert not (out / "data").exists() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name", [".draft.tmp-1", "worker-notes.txt", ".run.json.tmp-1"])
+def test_user_files_named_like_ours_are_not_taken_for_ours(tmp_path, capsys, name):
+    # Issue 32: `.draft.tmp-1` was taken for a temporary file of ours and deleted
+    # (rc 0); a folder holding only `worker-notes.txt` was taken for a run folder.
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / name).write_text("the user's own")
+    argv = ["--out", str(out), "--data", SAMPLE, "--sample-tokens", "0", "--steps", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "not a keras-primer run folder (no run.json)" in err and name in err
+    assert os.listdir(out) == [name] and (out / name).read_text() == "the user's own"
+
+
+def test_a_start_that_was_killed_is_ours_to_take_over(tmp_path):
+    # What a killed start leaves before its run.json: the lock, run.json's
+    # temporary file, another host's empty worker folder. Nothing else.
+    from keras_primer.training.driver import check_folder_owned, claim_folder
+    from keras_primer.training.run_dir import temp_path
+
+    out = tmp_path / "run"
+    (out / "worker-1").mkdir(parents=True)
+    (out / "worker-1" / ".lock").write_text("pid 1")
+    (out / ".lock").write_text("pid 1")
+    ours = temp_path(str(out / "run.json"))
+    with open(ours, "w") as f:
+        f.write("{")
+    check_folder_owned(str(out))  # not refused
+    (out / "worker-1" / "notes.txt").write_text("the user's own")
+    with pytest.raises(ValueError, match=r"it holds 1 other file\(s\) \(worker-1\)"):
+        check_folder_owned(str(out))
+
+
+def test_only_temporary_files_of_our_exact_names_are_removed(tmp_path):
+    from keras_primer.training import driver
+    from keras_primer.training.run_dir import CheckpointStore, temp_path
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    ours = [
+        temp_path(str(out / "model.keras"), suffix=".keras"),
+        temp_path(str(out / "history.csv")),
+        temp_path(str(out / "checkpoints" / "step-00000003.npz")),
+    ]
+    users = [
+        out / ".draft.tmp-1",
+        out / ".history.csv.tmp-1",  # no unique suffix
+        out / ".notes.txt.tmp-1-0123abcd",  # not a file a run writes
+        out / "checkpoints" / ".step-3.npz.tmp-1-0123abcd",
+    ]
+    for path in ours + users:
+        with open(path, "w") as f:
+            f.write("x")
+    run = driver.Run(
+        config=None, preset=None, tokenizer=None, out=str(out), outputs={}
+    )  # claim_folder reads only the folder
+    assert run.store.folder == CheckpointStore(str(out / "checkpoints")).folder
+    driver.claim_folder(run)
+    assert not [p for p in ours if os.path.exists(p)]
+    assert all(p.read_text() == "x" for p in users)

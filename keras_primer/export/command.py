@@ -29,13 +29,13 @@ import warnings
 
 from keras_primer_cli.errors import ExportError
 from keras_primer_cli.export_options import (
-    STAGING_PREFIX,
     ExportOptions,
     add_model,
     check_options,
     check_outputs,
 )
 from keras_primer_cli.folder_lock import FolderLock
+from keras_primer_cli.ownership import EXPORT_STAGING
 
 #: The default `max_new_tokens` of the `generate` signature, when the model has room.
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -185,7 +185,8 @@ def _relocate(value, staged: str, final: str):
 
 
 def _swap_in(staged: str, final: str, trash: str) -> None:
-    """Renames `staged` to `final`; an existing `final` goes to `trash` first."""
+    """Renames `staged` to `final`; an existing `final` (an export's, or an
+    empty folder: `check_outputs`) goes to `trash` first."""
     os.makedirs(os.path.dirname(final), exist_ok=True)
     if os.path.lexists(final):
         os.rename(final, trash)
@@ -204,13 +205,15 @@ def _write_atomic(path: str, text: str, staging: str) -> None:
 def remove_stale_staging(out_dir: str) -> list[str]:
     """Removes the temporary folders of killed exports; call it holding the lock.
 
-    Holding `--out`'s lock, no other export is writing, so every
-    `STAGING_PREFIX` folder is left over. Returns the removed paths.
+    Holding `--out`'s lock, no other export is writing, so every folder
+    named as an export names its temporary folder (`EXPORT_STAGING`: our
+    prefix and a unique suffix, the whole name) is left over; nothing else
+    is touched. Returns the removed paths.
     """
     removed = []
     for entry in sorted(os.listdir(out_dir)):
         path = os.path.join(out_dir, entry)
-        if entry.startswith(STAGING_PREFIX) and os.path.isdir(path) and not os.path.islink(path):
+        if EXPORT_STAGING.matches(entry) and os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
             removed.append(path)
     return removed
@@ -244,7 +247,8 @@ def run_export(options: ExportOptions) -> dict:
 
 
 def _export_locked(o: ExportOptions, config) -> dict:
-    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=o.out_dir)
+    staging = os.path.join(o.out_dir, EXPORT_STAGING.name())
+    os.mkdir(staging, 0o700)
     try:
         model, adapter = _load(o.model_path)
         start_tokens = 1 if adapter.tokenizer.add_start_token else 0

@@ -34,9 +34,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -81,31 +81,41 @@ from keras_primer.training.run_dir import (
     RunLock,
     atomic_write,
     commit_file,
+    remove_temp_files,
+    temp_path,
     write_history_csv,
     write_json_atomic,
 )
 from keras_primer_cli.errors import ConfigError
+from keras_primer_cli.folder_lock import LOCK_FILE
+from keras_primer_cli.ownership import ATOMIC_WRITE, RUN_RECORD, read_run_record
 from keras_primer_cli.presets import TrainPreset
 from keras_primer_cli.run_config import PRECISIONS, TOKENIZERS, RunConfig
 from keras_primer_runtime.generation import ByteCodec, SentencePieceCodec
 
 __all__ = ["RunConfig", "train", "plan_segments", "PRECISIONS", "TOKENIZERS"]
 
-# What a run writes into its folder (`--out`): a folder holding any other
-# file is not refused only if it is this run's (it has `run.json`).
-RUN_OUTPUTS = (
-    "run.json",
-    "checkpoints",
-    "data",
-    "tokenizer.model",
+# Files of a run folder written through a temporary sibling (`atomic_write`):
+# a temporary file is ours to remove only if it stands for one of these.
+ATOMIC_OUTPUTS = (
+    RUN_RECORD,
     "history.csv",
     "best.keras",
     "model.keras",
     "samples.txt",
-    "learning_curve.png",
     "summary.json",
+)
+# What a run writes into its folder (`--out`): a folder holding any other
+# file is not refused only if it is a run folder (it has our `run.json`).
+RUN_OUTPUTS = ATOMIC_OUTPUTS + (
+    "checkpoints",
+    "data",
+    "tokenizer.model",
+    "learning_curve.png",
     "tensorboard",
 )
+# The folder of process i > 0 of a multi-host run, inside process 0's `--out`.
+WORKER_FOLDER = re.compile(r"worker-[1-9]\d*")
 # Folders a run writes into: each must be a folder (or not exist yet).
 RUN_FOLDERS = ("checkpoints", "data", "tensorboard")
 
@@ -330,23 +340,25 @@ def run_folder(config: RunConfig) -> str:
 
 
 def check_folder_owned(out: str) -> None:
-    """Refuses an `--out` that is not new, empty or a run folder (`run.json`).
+    """Refuses an `--out` that is not new, empty or a run folder (our `run.json`).
 
     Call before anything is written to `out`. What a killed start of a run
-    leaves before its `run.json` (the lock, temporary files, the folders of
-    other processes of a multi-host run) does not count.
+    leaves before its `run.json` (the lock, the temporary file of `run.json`,
+    the `worker-<i>` folders of the other processes of a multi-host run, each
+    one new, empty or a run folder itself) does not count; anything else does,
+    whatever its name.
 
     Raises:
-        ConfigError: `out` holds other files; the message names those a run
-            would overwrite.
+        ConfigError: `out` holds other files (the message names those a run
+            would overwrite), or a `run.json` that is not a run record.
     """
-    if not os.path.isdir(out) or os.path.exists(os.path.join(out, "run.json")):
+    if not os.path.isdir(out):
         return
-    foreign = sorted(
-        name
-        for name in os.listdir(out)
-        if name != ".lock" and ".tmp-" not in name and not name.startswith("worker-")
-    )
+    record = os.path.join(out, RUN_RECORD)
+    if os.path.lexists(record):
+        read_run_record(record)  # a run folder only with our run.json
+        return
+    foreign = sorted(name for name in os.listdir(out) if not _left_by_a_start(out, name))
     if not foreign:
         return
     clashes = [name for name in foreign if name in RUN_OUTPUTS]
@@ -361,6 +373,20 @@ def check_folder_owned(out: str) -> None:
     )
 
 
+def _left_by_a_start(out: str, name: str) -> bool:
+    """Whether `out/name` is what a killed start of a run leaves before its `run.json`."""
+    path = os.path.join(out, name)
+    if name == LOCK_FILE or ATOMIC_WRITE.matches(name, target=(RUN_RECORD,)):
+        return os.path.isfile(path) and not os.path.islink(path)
+    if WORKER_FOLDER.fullmatch(name) and os.path.isdir(path) and not os.path.islink(path):
+        try:
+            check_folder_owned(path)
+        except ConfigError:
+            return False
+        return True
+    return False
+
+
 def claim_folder(run: Run) -> None:
     """Checks, under the run's lock, that every folder the run writes into is
     a folder, and removes temporary files that a killed run left."""
@@ -373,12 +399,8 @@ def claim_folder(run: Run) -> None:
                 "Move the file away, or pass another --out."
             )
     run.store.remove_leftovers()
-    for name in os.listdir(run.out):
-        # `.<name>.tmp-<pid>...`: our atomic writes (`best.keras`, `model.keras`,
-        # `history.csv`, ...) that a kill interrupted; this process holds the lock.
-        if name.startswith(".") and ".tmp-" in name:
-            with contextlib.suppress(OSError):
-                os.remove(run.path(name))
+    # Our atomic writes that a kill interrupted; this process holds the lock.
+    remove_temp_files(run.out, ATOMIC_OUTPUTS)
 
 
 def refuse_old_layout(out: str) -> None:
@@ -480,36 +502,6 @@ def definition_diff(old: dict, new: dict) -> list[str]:
     ]
 
 
-def read_run_record(path: str) -> dict:
-    """The run record in `path` (`run.json`), checked to be one.
-
-    Raises:
-        ConfigError: The file is empty, not JSON, or not a run record; the
-            message names the file and the ways forward.
-    """
-    problem = None
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (ValueError, UnicodeDecodeError) as error:
-        problem = f"not JSON ({error})"
-    else:
-        if not isinstance(record, dict):
-            problem = f"a JSON {type(record).__name__}, not an object"
-        elif not isinstance(record.get("definition"), dict):
-            problem = "without a `definition` object"
-        elif not isinstance(record.get("steps"), int) or isinstance(record.get("steps"), bool):
-            problem = "without an integer `steps`"
-        elif not isinstance(record.get("changes", []), list):
-            problem = "with `changes` that is not a list"
-    if problem:
-        raise ConfigError(
-            f"{path} is not a keras-primer run record: {problem}. Restore it from a backup, "
-            "or pass another --out (deleting run.json and checkpoints/ starts the run afresh)."
-        )
-    return record
-
-
 def reconcile_run(
     out: str,
     definition: dict,
@@ -536,7 +528,7 @@ def reconcile_run(
             the ways forward), or `run.json` is not a run record.
     """
     say = say or _note
-    path = os.path.join(out, "run.json")
+    path = os.path.join(out, RUN_RECORD)
     saved = read_run_record(path) if os.path.exists(path) else None
     if saved is None or committed_step is None:
         if committed_step is not None:
@@ -682,8 +674,7 @@ def plan_segments(start: int, total: int, interval: int) -> list[tuple[int, int,
 def save_model_atomic(lm, path: str) -> None:
     """`lm.save(path)` through a temporary sibling renamed into place."""
     sync_state(lm)
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}.keras")
+    tmp = temp_path(path, suffix=".keras")
     try:
         lm.save(tmp)
         commit_file(tmp, path)
@@ -936,7 +927,7 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
             dist.check_batch_size(run.preset.batch_size)
             lm = build_model(run)
             restore_checkpoint(run, lm)
-            write_json_atomic(run.path("run.json"), record)  # the change now happens
+            write_json_atomic(run.path(RUN_RECORD), record)  # the change now happens
             if run.start and config.verbose:
                 print(f"Resuming {run.out} from step {run.start} of {run.total_steps}.")
             callbacks = make_callbacks(run, lm, extra_callbacks)

@@ -6,6 +6,9 @@
   gets an error naming the first.
 * `atomic_write`: write a temporary sibling, `fsync`, `os.replace`, then
   `fsync` the folder. A reader sees the old file or the new one, never half.
+  The sibling's name (`temp_path`) and its recognizer (`remove_temp_files`)
+  are one template (`keras_primer_cli.ownership.ATOMIC_WRITE`): a clean-up
+  removes only names a run writes, never a user's `.draft.tmp-1`.
 * `CheckpointStore`: one file per checkpoint (`checkpoints/step-<N>.npz`,
   committed with `atomic_write`) holding every variable of the model and of
   the optimizer (seed-generator states included: the RNG), the step, the
@@ -37,6 +40,7 @@ import numpy as np
 
 from keras_primer_cli.folder_lock import FolderLock
 from keras_primer_cli.folder_lock import FolderLockedError as RunLockedError  # noqa: F401
+from keras_primer_cli.ownership import ATOMIC_WRITE
 
 # Fault injection for tests: "STEP:PHASE" kills this process with SIGKILL
 # when checkpoint commit of STEP reaches PHASE; "STEP:PHASE:wait=PATH"
@@ -85,16 +89,51 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+# Extensions a temporary sibling may end in: Keras saves only to names ending in `.keras`.
+TEMP_SUFFIXES = ("", ".keras")
+
+
+def temp_path(path: str, suffix: str = "") -> str:
+    """A new temporary sibling of `path`: `<dir>/.<name>.tmp-<pid>-<hex><suffix>`."""
+    if suffix not in TEMP_SUFFIXES:
+        raise ValueError(f"`suffix` must be one of {TEMP_SUFFIXES}. Received: {suffix!r}")
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, ATOMIC_WRITE.name(target=name, suffix=suffix))
+
+
+def remove_temp_files(folder: str, targets) -> list[str]:
+    """Removes the temporary siblings (`temp_path`) of `targets` in `folder`
+    that a killed writer left; call it holding the folder's lock.
+
+    Args:
+        targets: The names written in `folder` (exact names, or a regex of them).
+
+    Returns:
+        The removed names. Any other file, whatever its name, stays.
+    """
+    if not os.path.isdir(folder):
+        return []
+    ours = ATOMIC_WRITE.pattern(target=targets, suffix=TEMP_SUFFIXES)
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if ours.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+                removed.append(name)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb", suffix: str = ""):
     """Yields a file to write `path` through; commits it only if the block ends cleanly.
 
-    The temporary file is `<dir>/.<name>.tmp-<pid><suffix>` (`suffix`: for
-    writers that want a given extension, like Keras' `.keras`).
+    The temporary file is `temp_path(path, suffix)` (`suffix`: for writers
+    that want a given extension, like Keras' `.keras`).
     """
-    folder, name = os.path.split(os.path.abspath(path))
+    folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}{suffix}")
+    tmp = temp_path(path, suffix)
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             yield f
@@ -141,7 +180,8 @@ class RunLock(FolderLock):
         super().__init__(folder, "training process")
 
 
-_NAME = re.compile(r"^step-(\d{8})\.npz$")
+#: The name of a checkpoint file (its group: the step).
+CHECKPOINT_NAME = re.compile(r"step-(\d{8})\.npz")
 
 
 class CheckpointStore:
@@ -166,16 +206,13 @@ class CheckpointStore:
         """Committed steps, oldest first."""
         if not os.path.isdir(self.folder):
             return []
-        return sorted(int(m.group(1)) for n in os.listdir(self.folder) if (m := _NAME.match(n)))
+        return sorted(
+            int(m.group(1)) for n in os.listdir(self.folder) if (m := CHECKPOINT_NAME.fullmatch(n))
+        )
 
     def remove_leftovers(self) -> None:
         """Deletes temporary files of commits that a crash interrupted."""
-        if not os.path.isdir(self.folder):
-            return
-        for name in os.listdir(self.folder):
-            if name.startswith(".") and ".tmp-" in name:
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(self.folder, name))
+        remove_temp_files(self.folder, CHECKPOINT_NAME)
 
     def commit(self, step: int, arrays: list[np.ndarray], state: dict) -> None:
         """Writes checkpoint `step` in one atomic step, then drops the oldest."""
@@ -185,7 +222,7 @@ class CheckpointStore:
         members = {f"v{i:05d}": np.asarray(a) for i, a in enumerate(arrays)}
         members["state"] = np.frombuffer(json.dumps(state).encode("utf-8"), dtype=np.uint8)
         path = self.path(step)
-        tmp = os.path.join(self.folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+        tmp = temp_path(path)
         with open(tmp, "wb") as f:
             np.savez(f, **members)
         fault_point(step, "before_rename")
