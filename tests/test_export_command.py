@@ -283,15 +283,17 @@ def test_options_are_declared_once():
     assert defaults == export_options.ExportOptions("m.keras", "o")
 
 
-def _export_in_thread(model_path, out, results, **options):
+def _export_in_thread(model_path, out, results, key, **options):
+    """Runs one export in a thread; its result (or ExportError) goes to `results[key]`
+    (keyed by what produced it: the threads finish in either order)."""
     from keras_primer.export.command import run_export
 
     def run():
         try:
             opts = export_options.ExportOptions(model_path, str(out), **options)
-            results.append(run_export(export_options.check_options(opts)))
+            results[key] = run_export(export_options.check_options(opts))
         except errors.ExportError as error:
-            results.append(error)
+            results[key] = error
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -310,29 +312,29 @@ def test_two_exports_into_one_out_leave_both_or_one_refusal(
     waiting = threading.Event()
     messages = []
     monkeypatch.setattr(command, "_say", lambda m: (messages.append(m), waiting.set()))
-    out, results = tmp_path / "out", []
+    out, results = tmp_path / "out", {}
     fakes["hold"] = release = threading.Event()
-    first = _export_in_thread(model_path, out, results, name="a")
+    first = _export_in_thread(model_path, out, results, "first", name="a")
     assert fakes["holding"].wait(600)  # the first export is in its SavedModel writer
     other_model = tmp_path / "other.keras"  # the same name from another model file
     shutil.copy(model_path, other_model)
     second = _export_in_thread(
-        str(other_model), out, results, name="a" if same_name else "b", onnx=False
+        str(other_model), out, results, "second", name="a" if same_name else "b", onnx=False
     )
     assert waiting.wait(600)  # the second one waits for the lock...
     assert "in use by another export (pid" in messages[0]
     release.set()  # ...until the first has moved its files into place
     first.join(600)
     second.join(600)
-    assert isinstance(results[0], dict)
+    assert isinstance(results["first"], dict)
     config = export_options.read_models_config((out / "serving" / "models.config").read_text())
     names = [c.name for c in config.model_config_list.config]
     if same_name:
-        assert isinstance(results[1], errors.ExportError)
-        assert "already exists: pass --overwrite" in str(results[1])
+        assert isinstance(results["second"], errors.ExportError)
+        assert "already exists: pass --overwrite" in str(results["second"])
         assert names == ["a"]
     else:
-        assert isinstance(results[1], dict)
+        assert isinstance(results["second"], dict)
         assert names == ["a", "b"]
         assert (out / "serving" / "b" / "1" / "saved_model.pb").exists()
     assert (out / "serving" / "a" / "1" / "saved_model.pb").exists()
