@@ -36,32 +36,32 @@ def sentencepiece_proto():
         return train_sentencepiece([path], SENTENCEPIECE_VOCAB).proto
 
 
+#: `make_lm`'s older family names, as registry names.
+FAMILY_ALIASES = {"primer": "primer_ez"}
+
+
 def make_lm(family="primer", tokenizer="bytes", seed=0, use_dconv=True, shared_kv=True):
     """Tiny causal LM with `tokenizer` ("bytes" | "sentencepiece") and large
-    random weights (numpy-drawn: the same on every backend). `family`:
-    "primer" (`use_dconv` False gives the baseline), "feedback", or
-    "feedback_primer_ez" (Feedback with MDHA and squared ReLU); `shared_kv`
-    for the Feedback families."""
+    random weights (numpy-drawn: the same on every backend), in the global
+    dtype policy. `family`: a registry name (`keras_primer_cli.model_registry.
+    MODELS`: "primer_ez", "transformer", "feedback", "feedback_primer_ez",
+    built with the entry's backbone switches) or "primer" (= "primer_ez";
+    `use_dconv=False` drops the convolutions); `shared_kv` for the Feedback
+    families."""
     import keras
 
-    from keras_primer import (
-        FeedbackBackbone,
-        FeedbackCausalLM,
-        FeedbackCausalLMPreprocessor,
-        FeedbackTokenizer,
-        PrimerBackbone,
-        PrimerCausalLM,
-        PrimerCausalLMPreprocessor,
-        PrimerTokenizer,
-    )
+    from keras_primer.models.registry import causal_lm_class
+    from keras_primer_cli.model_registry import get_model_entry
 
+    entry = get_model_entry(FAMILY_ALIASES.get(family, family))
+    lm_cls = causal_lm_class(entry)
     keras.utils.set_random_seed(seed)
     if tokenizer == "sentencepiece":
         from keras_primer.tokenizers import PrimerSentencePieceTokenizer
 
         tok, vocab = PrimerSentencePieceTokenizer(proto=sentencepiece_proto()), SENTENCEPIECE_VOCAB
     else:
-        tok, vocab = (PrimerTokenizer() if family == "primer" else FeedbackTokenizer()), 256
+        tok, vocab = lm_cls.preprocessor_cls.tokenizer_cls(), 256
     sizes = dict(
         vocabulary_size=vocab,
         num_layers=2,
@@ -70,20 +70,13 @@ def make_lm(family="primer", tokenizer="bytes", seed=0, use_dconv=True, shared_k
         intermediate_dim=32,
         max_sequence_length=32,
     )
+    args = dict(entry.backbone_args)
     if family == "primer":
-        lm = PrimerCausalLM(
-            PrimerBackbone(use_dconv=use_dconv, **sizes),
-            PrimerCausalLMPreprocessor(tok, sequence_length=32),
-        )
-    else:
-        primer_ez = family == "feedback_primer_ez"
-        backbone = FeedbackBackbone(
-            shared_kv=shared_kv,
-            use_dconv=primer_ez,
-            activation="squared_relu" if primer_ez else "relu",
-            **sizes,
-        )
-        lm = FeedbackCausalLM(backbone, FeedbackCausalLMPreprocessor(tok, sequence_length=32))
+        args["use_dconv"] = use_dconv
+    if entry.family == "feedback":
+        args["shared_kv"] = shared_kv
+    backbone = lm_cls.backbone_cls(**sizes, **args)
+    lm = lm_cls(backbone, lm_cls.preprocessor_cls(tok, sequence_length=32))
     return _randomize(lm, seed)
 
 
@@ -106,17 +99,26 @@ def _randomize(lm, seed):
     return lm
 
 
+def keras_text(lm, prompts, new_tokens):
+    """Keras `generate` with the compiled sampler, one prompt at a time
+    (Keras' `max_length` is per batch): `new_tokens` new tokens at most each."""
+    tokenizer = lm.preprocessor.tokenizer
+    texts = []
+    for p in prompts:
+        length = len(np.asarray(tokenizer(p)).reshape(-1)) + 1
+        texts.append(lm.generate(p, max_length=length + new_tokens))
+    return texts
+
+
 def keras_greedy(lm, prompts, new_tokens):
-    """Keras greedy `generate`, one prompt at a time (Keras' `max_length` is
-    per batch; memoized per model): `new_tokens` new tokens at most each."""
+    """`keras_text` with the greedy sampler (memoized per model)."""
     memo = lm.__dict__.setdefault("_export_test_greedy", {})
     missing = [p for p in prompts if (p, new_tokens) not in memo]
     if missing:
         lm.compile(sampler="greedy")
-        tokenizer = lm.preprocessor.tokenizer
-        for p in missing:
-            length = len(np.asarray(tokenizer(p)).reshape(-1)) + 1
-            memo[(p, new_tokens)] = lm.generate(p, max_length=length + new_tokens)
+        memo.update(
+            {(p, new_tokens): t for p, t in zip(missing, keras_text(lm, missing, new_tokens))}
+        )
     return [memo[(p, new_tokens)] for p in prompts]
 
 

@@ -5,6 +5,7 @@ SavedModel signatures and the ONNX Runtime generator."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -27,6 +28,13 @@ BAD_OPTIONS = [
     (dict(temperature=-1.0), generation.TEMPERATURE_ERROR),
     (dict(temperature=math.nan), generation.TEMPERATURE_ERROR),
     (dict(temperature=math.inf), generation.TEMPERATURE_ERROR),
+    # Below float32's smallest normal number (2**-126): 0 to TensorFlow and JAX.
+    (dict(temperature=1e-46), generation.TEMPERATURE_ERROR),
+    (dict(temperature=2.0**-127), generation.TEMPERATURE_ERROR),
+    (dict(temperature=1e38), generation.TEMPERATURE_ERROR),  # > 2**126
+    (dict(temperature=1e39), generation.TEMPERATURE_ERROR),  # inf in float32
+    (dict(temperature=1.0, top_p=1e-50), generation.TOP_P_ERROR),
+    (dict(temperature=1.0, top_p=2.0**-127), generation.TOP_P_ERROR),
     (dict(temperature=1.0, top_p=0.0), generation.TOP_P_ERROR),
     (dict(temperature=1.0, top_p=1.5), generation.TOP_P_ERROR),
     (dict(temperature=1.0, top_p=math.nan), generation.TOP_P_ERROR),
@@ -106,10 +114,147 @@ def test_bad_options_same_text_in_keras_and_runtime(bad, message):
             k=bad.get("top_k") or None,
             temperature=bad.get("temperature", 1.0),
         )
-        with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
             check_sampler(sampler)
     with pytest.raises(ValueError, match="top_k"):
         check_sampler(TopKSampler(k=-1))
+
+
+# === The float32 bounds of the sampling options (issue 32) ===
+# At the bounds: the smallest temperature samples the argmax, the smallest
+# top_p keeps the top token only, the largest temperature is (nearly) uniform.
+EDGE_OPTIONS = [
+    dict(temperature=generation.MIN_TEMPERATURE),
+    dict(temperature=generation.MIN_TEMPERATURE, top_k=3, top_p=0.5),
+    dict(temperature=1.0, top_p=generation.MIN_TOP_P),
+    dict(temperature=generation.MAX_TEMPERATURE),
+]
+
+
+def _wide_logits():
+    """Logits near 5 (5 / 2**-126 overflows float32), ties, and a row whose
+    range exceeds float32 (its differences overflow to -inf)."""
+    logits = _logits(2) + 5.0
+    logits[2, :4] = [3e38, -3e38, 1.0, 3e38]
+    return logits
+
+
+@pytest.mark.tensorflow_only  # backend-independent: runs once
+def test_sampling_bounds_are_float32_normal_numbers():
+    tiny = np.finfo(np.float32)
+    assert generation.MIN_TEMPERATURE == generation.MIN_TOP_P == float(tiny.smallest_normal)
+    # The temperature and its reciprocal (XLA may multiply by it) are normal.
+    assert generation.MAX_TEMPERATURE == 1 / generation.MIN_TEMPERATURE
+    for value in (generation.MIN_TEMPERATURE, generation.MAX_TEMPERATURE):
+        assert float(np.float32(value)) == value  # exact in float32
+    for options in EDGE_OPTIONS + [dict(temperature=-0.0)]:
+        generation.check_sampling(**options)
+    below = float(np.nextafter(np.float64(generation.MIN_TEMPERATURE), 0))
+    above = float(np.nextafter(np.float64(generation.MAX_TEMPERATURE), math.inf))
+    for bad in (
+        dict(temperature=below),
+        dict(temperature=above),
+        dict(temperature=1.0, top_p=below),
+    ):
+        with pytest.raises(ValueError, match="2\\*\\*-126"):
+            generation.check_sampling(**bad)
+
+
+@pytest.mark.parametrize("options", EDGE_OPTIONS)
+def test_edge_options_have_one_distribution_in_numpy_and_keras_ops(options):
+    """Regression (issue 32): logits were divided before the largest was
+    subtracted, so 5 / 2**-126 = inf and inf - inf = NaN."""
+    from keras_primer.generation import filtered_probabilities
+
+    logits = _wide_logits()
+    checked = generation.check_sampling(**options)
+    expected = generation.filtered_probabilities(logits, checked)
+    got = keras.ops.convert_to_numpy(
+        filtered_probabilities(logits, checked.temperature, checked.top_k, checked.top_p)
+    )
+    assert np.isfinite(expected).all() and np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(expected.sum(-1), 1.0, atol=1e-5)
+    top = logits == logits.max(-1, keepdims=True)  # row 2: two tied maxima
+    if options == dict(temperature=generation.MIN_TEMPERATURE):
+        # The argmax alone, or the tied maxima evenly.
+        np.testing.assert_allclose(expected, top / top.sum(-1, keepdims=True), atol=1e-6)
+    if checked.top_p == generation.MIN_TOP_P:
+        # The first most likely token alone (the first of tied maxima).
+        np.testing.assert_array_equal(expected, np.eye(logits.shape[-1])[logits.argmax(-1)])
+    if checked.temperature == generation.MAX_TEMPERATURE:
+        np.testing.assert_allclose(expected[0], 1 / logits.shape[-1], rtol=1e-5)
+
+
+@pytest.mark.tensorflow_only
+def test_savedmodel_option_checks_use_the_float32_bounds():
+    """The graph reads a subnormal float32 as 0 (`1e-40 > 0` is False on
+    TensorFlow's CPU), so its asserts look at the bits: the same values as
+    `check_sampling` pass and fail, with the same texts."""
+    import tensorflow as tf
+
+    from keras_primer.export.saved_model import GenerationGraph
+
+    @tf.function(autograph=False)
+    def check(temperature, top_p):
+        with tf.control_dependencies(
+            GenerationGraph.option_checks(temperature, tf.constant(0), top_p, tf.constant(0))
+        ):
+            return tf.constant(True)
+
+    cases = [dict(temperature=0.0), dict(temperature=-0.0)] + EDGE_OPTIONS
+    cases += [dict(temperature=t) for t in (2.0**-127, 1e-40, -1e-40, 1e38, 1e39, math.nan)]
+    cases += [dict(temperature=1.0, top_p=p) for p in (2.0**-127, 1e-40, 0.0, -1.0, 1.5)]
+    for options in cases:
+        temperature, top_p = options["temperature"], options.get("top_p", 1.0)
+        args = (tf.constant(temperature, tf.float32), tf.constant(top_p, tf.float32))
+        try:
+            generation.check_sampling(temperature=temperature, top_p=top_p)
+        except ValueError as error:
+            text = str(error).split(" Received:")[0]
+            with pytest.raises(tf.errors.InvalidArgumentError) as graph_error:
+                check(*args)
+            assert text in graph_error.value.message, options
+        else:
+            assert check(*args).numpy(), options
+
+
+def test_keras_generate_at_the_bounds_is_greedy_and_below_is_refused():
+    """At the smallest temperature and top_p a seeded sample is the greedy
+    text, with the contract's sampler and with keras-hub's (which divides
+    before its softmax subtracts the largest: `generate_step` hands it
+    logits whose largest is 0); just below, both refuse with the contract's
+    text before the first token (regression, issue 32: a raw
+    InvalidArgumentError on TensorFlow, the prompt alone on JAX)."""
+    from keras_hub.samplers import TopKSampler, TopPSampler
+
+    from keras_primer.generation import ContractSampler
+
+    lm = make_lm("feedback", "bytes")
+    lm.compile(sampler="greedy")
+    greedy = lm.generate(["Hello", "Hi"], max_length=12)
+    assert all(len(text) > len(prompt) for text, prompt in zip(greedy, ["Hello", "Hi"]))
+    edge = generation.MIN_TEMPERATURE
+    samplers = [
+        ContractSampler(temperature=edge, seed=3),
+        ContractSampler(temperature=1.0, top_p=generation.MIN_TOP_P, seed=3),
+        TopPSampler(p=0.9, temperature=edge, seed=3),
+        TopKSampler(k=5, temperature=edge, seed=3),
+        TopPSampler(p=generation.MIN_TOP_P, seed=3),
+    ]
+    for sampler in samplers:
+        lm.compile(sampler=sampler)
+        assert lm.generate(["Hello", "Hi"], max_length=12) == greedy, sampler.get_config()
+    below = 2.0**-127
+    for make, text in [
+        (lambda: ContractSampler(temperature=below), generation.TEMPERATURE_ERROR),
+        (lambda: TopPSampler(p=0.9, temperature=below), generation.TEMPERATURE_ERROR),
+        (lambda: TopPSampler(p=below), generation.TOP_P_ERROR),
+        (lambda: ContractSampler(temperature=1.0, top_p=below), generation.TOP_P_ERROR),
+    ]:
+        with pytest.raises(ValueError, match="^" + re.escape(text)):
+            lm.compile(sampler=make())
+            lm.generate("Hello", max_length=12)
 
 
 @pytest.mark.parametrize(

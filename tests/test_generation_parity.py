@@ -23,7 +23,14 @@ import sys
 
 import numpy as np
 import pytest
-from export_helpers import BLOCK_IMPORTS, FRAMEWORKS, keras_greedy, make_lm, sample_ids
+from export_helpers import (
+    BLOCK_IMPORTS,
+    FRAMEWORKS,
+    keras_greedy,
+    keras_text,
+    make_lm,
+    sample_ids,
+)
 
 from keras_primer_runtime import generation
 
@@ -49,6 +56,19 @@ BAD = [  # (options, expected text)
     (dict(temperature=1.0, top_p=1.5), generation.TOP_P_ERROR),
     (dict(temperature=1.0, top_p=0.0), generation.TOP_P_ERROR),
     (dict(temperature=1.0, top_k=-1), generation.TOP_K_ERROR),
+    # Just outside the float32 bounds (issue 32), as float32 numbers, so the
+    # SavedModel sees them as sent: a subnormal, and above 2**126.
+    (dict(temperature=2.0**-127), generation.TEMPERATURE_ERROR),
+    (dict(temperature=1e38), generation.TEMPERATURE_ERROR),
+    (dict(temperature=1.0, top_p=2.0**-127), generation.TOP_P_ERROR),
+]
+# At the bounds every runtime's seeded sample is the argmax: the greedy text
+# (issue 32: NaN in ONNX Runtime, greedy by accident in the SavedModel, a raw
+# error on Keras-TensorFlow, the prompt alone on Keras-JAX before).
+EDGE = [
+    dict(temperature=generation.MIN_TEMPERATURE, seed=3),
+    dict(temperature=generation.MIN_TEMPERATURE, top_k=5, top_p=0.9, seed=3),
+    dict(temperature=1.0, top_p=generation.MIN_TOP_P, seed=3),
 ]
 # Not valid Unicode: invalid UTF-8, and a lone surrogate (a str; a client that
 # sends it to TF Serving can only send its "surrogatepass" bytes).
@@ -72,7 +92,7 @@ import tensorflow as tf
 # (its package imports tf.keras layers), which this process cannot.
 text_dir = importlib.util.find_spec("tensorflow_text").submodule_search_locations[0]
 tf.load_op_library(os.path.join(text_dir, "python", "ops", "_sentencepiece_tokenizer.so"))
-cases, prompts, new_tokens, sampling, bad, bad_unicode, ids, out_path = json.loads(sys.argv[1])
+cases, prompts, new_tokens, sampling, edge, bad, bad_unicode, ids, out_path = json.loads(sys.argv[1])
 result = {}
 for name, sm_dir in cases.items():
     loaded = tf.saved_model.load(sm_dir)
@@ -100,7 +120,7 @@ for name, sm_dir in cases.items():
         except tf.errors.InvalidArgumentError as e:
             errors.append(e.message)
     result[name] = {"greedy": [x.decode("utf-8") for x in greedy], "sampled": [run(**sampling), run(**sampling)],
-                    "errors": errors, "logits": logits}
+                    "edge": [run(**options_) for options_ in edge], "errors": errors, "logits": logits}
 result["modules"] = sorted(m for m in sys.modules
                            if m.split(".")[0] in ("keras", "keras_primer", "jax", "torch") and sys.modules[m])
 json.dump(result, open(out_path, "w"))
@@ -116,7 +136,7 @@ block_imports(*{FRAMEWORKS!r})
 import json
 import numpy as np
 from keras_primer_runtime.ort_generator import OrtGenerator
-cases, prompts, new_tokens, sampling, bad, bad_unicode, ids, out_path = json.loads(sys.argv[1])
+cases, prompts, new_tokens, sampling, edge, bad, bad_unicode, ids, out_path = json.loads(sys.argv[1])
 result = {}
 for name, onnx_dir in cases.items():
     gen = OrtGenerator(onnx_dir, providers=["CPUExecutionProvider"])
@@ -136,6 +156,7 @@ for name, onnx_dir in cases.items():
             errors.append(str(e))
     result[name] = {"greedy": gen.generate(prompts, new_tokens), "logits": logits,
                     "sampled": [gen.generate(prompts, new_tokens, **sampling) for _ in range(2)], "errors": errors,
+                    "edge": [gen.generate(prompts, new_tokens, **options) for options in edge],
                     "config": {k: gen.config[k] for k in ("family", "states")}}
 json.dump(result, open(out_path, "w"))
 """
@@ -157,6 +178,7 @@ def _fresh(script, cases, tmp_path, name):
             PROMPTS,
             NEW_TOKENS,
             SAMPLING,
+            EDGE,
             [b for b, _ in BAD],
             bad_unicode,
             LOGITS_IDS.tolist(),
@@ -180,7 +202,12 @@ def keras_side(lm, name):
     text (run on every backend)."""
     from keras_hub.samplers import TopPSampler
 
+    from keras_primer.generation import ContractSampler
+
     text = keras_greedy(lm, PROMPTS, NEW_TOKENS)
+    for options in EDGE:
+        lm.compile(sampler=ContractSampler(**options))
+        assert keras_text(lm, PROMPTS, NEW_TOKENS) == text, (name, options)
     for options, message in BAD:
         if options.get("top_k", 0) < 0:
             continue  # keras-hub's TopPSampler has no negative k; checked in the contract tests
@@ -278,6 +305,8 @@ def test_same_text_in_keras_savedmodel_and_ort(tmp_path):
             assert keras_text[backend][name] == reference, (name, backend)
         assert served[name]["greedy"] == reference, name
         assert ort[name]["greedy"] == reference, name
+        for runtime in (served, ort):
+            assert runtime[name]["edge"] == [reference] * len(EDGE), name
         for runtime in (served, ort):
             np.testing.assert_allclose(
                 runtime[name]["logits"], keras_logits[name], atol=1e-4, rtol=0, err_msg=name

@@ -148,14 +148,35 @@ class GenerationGraph:
 
     @staticmethod
     def option_checks(temperature, top_k, top_p, seed):
-        """The contract's option checks as graph asserts (same texts)."""
+        """The contract's option checks as graph asserts (same texts).
+
+        The lower float32 bounds (`generation.MIN_TEMPERATURE`, `MIN_TOP_P`:
+        2**-126) are checked on the bits: TensorFlow's CPU kernels read a
+        subnormal float32 as 0, so `1e-40 > 0` is False in the graph.
+        """
         finite = lambda x: tf.reduce_all(tf.math.is_finite(x))  # noqa: E731
+
+        def magnitude(x):
+            # |x| as its bits: 0 for +-0, at least 2**-126's bits when normal.
+            return tf.bitwise.bitwise_and(tf.bitcast(x, tf.int32), 0x7FFFFFFF)
+
+        def at_least(x, bound):
+            return magnitude(x) >= magnitude(tf.constant(bound, tf.float32))
+
+        in_range = tf.logical_and(temperature >= 0, temperature <= generation.MAX_TEMPERATURE)
+        zero_or_normal = tf.logical_or(
+            tf.equal(magnitude(temperature), 0), at_least(temperature, generation.MIN_TEMPERATURE)
+        )
+        temperature_ok = tf.logical_and(
+            tf.logical_and(finite(temperature), in_range), zero_or_normal
+        )
+        top_p_ok = tf.logical_and(
+            tf.logical_and(top_p > 0, top_p <= 1), at_least(top_p, generation.MIN_TOP_P)
+        )
         return [
-            _assert(
-                tf.logical_and(finite(temperature), temperature >= 0), generation.TEMPERATURE_ERROR
-            ),
+            _assert(temperature_ok, generation.TEMPERATURE_ERROR),
             _assert(top_k >= 0, generation.TOP_K_ERROR),
-            _assert(tf.logical_and(top_p > 0, top_p <= 1), generation.TOP_P_ERROR),
+            _assert(top_p_ok, generation.TOP_P_ERROR),
             _assert(seed >= 0, generation.SEED_ERROR),
         ]
 
@@ -166,7 +187,10 @@ class GenerationGraph:
         if options is None:
             return greedy
         temperature, top_k, top_p, seed = options
-        probabilities = filtered_probabilities(logits, tf.maximum(temperature, 1e-6), top_k, top_p)
+        # Greedy rows divide by 1 (their sample is discarded); any accepted
+        # temperature is used as given, down to 2**-126.
+        divisor = tf.where(temperature > 0, temperature, tf.ones_like(temperature))
+        probabilities = filtered_probabilities(logits, divisor, top_k, top_p)
         choice = tf.random.stateless_categorical(
             tf.math.log(probabilities), 1, seed=tf.stack([seed, step]), dtype=tf.int32
         )

@@ -50,17 +50,26 @@ KERAS_HUB_K_ERROR = (
 def filtered_probabilities(logits, temperature, top_k, top_p):
     """Next-token probabilities `[batch, vocab]` for sampling (`temperature > 0`).
 
-    Logits are divided by `temperature`, sorted by decreasing value; ranks
-    below `top_k` (0 = all) whose preceding probability mass is below `top_p`
-    (1 = all) are kept, the first rank always; the kept mass is renormalized
-    and returned in vocabulary order. `keras_primer_runtime.generation.
-    filtered_probabilities` is the NumPy port of this function.
+    Logits are sorted by decreasing value, the largest is subtracted and the
+    differences are divided by `temperature` (in [2**-126, 2**126], as the
+    contract's `check_sampling` guarantees: no finite logits give inf - inf);
+    ranks below `top_k` (0 = all) whose preceding probability mass is below
+    `top_p` (1 = all) are kept, the first rank always; the kept mass is
+    renormalized and returned in vocabulary order.
+    `keras_primer_runtime.generation.filtered_probabilities` is the NumPy
+    port of this function.
     """
     logits = ops.cast(logits, "float32")
     vocab = ops.shape(logits)[-1]
-    scaled = logits / ops.cast(temperature, "float32")
-    sorted_logits, sorted_ids = ops.top_k(scaled, k=vocab, sorted=True)
-    probs = ops.softmax(sorted_logits, axis=-1)
+    # A stable sort on every backend: tied logits keep the lowest id first, as
+    # NumPy's stable argsort does (`torch.topk` orders ties arbitrarily).
+    sorted_ids = ops.argsort(-logits, axis=-1)
+    sorted_logits = ops.take_along_axis(logits, sorted_ids, axis=-1)
+    # Subtract the largest before dividing: differences <= 0 divided by any
+    # temperature in [2**-126, 2**126] reach -inf at worst (probability 0);
+    # dividing first overflows to inf for logits near 5 at temperature 1e-38.
+    scaled = (sorted_logits - sorted_logits[:, :1]) / ops.cast(temperature, "float32")
+    probs = ops.softmax(scaled, axis=-1)
     rank = ops.expand_dims(ops.arange(vocab, dtype="int32"), 0)
     top_k = ops.cast(top_k, "int32")
     keep = rank < ops.where(top_k > 0, top_k, vocab)

@@ -8,7 +8,7 @@ import numpy as np
 from keras import ops
 from keras_hub.models import Backbone, CausalLM, Task
 
-from keras_primer.generation import get_sampler
+from keras_primer.generation import ContractSampler, get_sampler
 from keras_primer.generation.causal_lm_generation import GenerateInputChecks, finish_generation
 from keras_primer.utils.validation import check_padding_mask, check_token_ids
 
@@ -319,13 +319,23 @@ class TiedHeadCausalLM(GenerateInputChecks, CausalLM):
         row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
         index = ops.min(row_lengths)
         hidden_states, cache = self._prefill(token_ids, index - 1)
+        # keras-hub's own samplers divide the logits by their temperature
+        # before the softmax subtracts the largest: at a temperature near the
+        # contract's smallest (2**-126) that overflows to inf - inf. Handing
+        # them logits whose largest is 0 gives the contract's order (subtract,
+        # then divide); `ContractSampler` does it itself.
+        shift_logits = not isinstance(self.sampler, ContractSampler)
 
         def next(prompt, cache, index):
             cache_update_index = index - 1
             batch_size = ops.shape(prompt)[0]
             prompt = ops.slice(prompt, [0, cache_update_index], [batch_size, 1])
             logits, hidden_states, cache = self.call_with_cache(prompt, cache, cache_update_index)
-            return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
+            logits = ops.squeeze(logits, axis=1)
+            if shift_logits:
+                logits = ops.cast(logits, "float32")
+                logits = logits - ops.max(logits, axis=-1, keepdims=True)
+            return logits, ops.squeeze(hidden_states, axis=1), cache
 
         token_ids = self.sampler(
             next=next,

@@ -4,7 +4,8 @@ One place says what generation means for keras-primer; Keras `generate`
 (`keras_primer.generation`), the SavedModel signatures and the ONNX Runtime
 generator (`keras_primer_runtime.ort_generator`) derive from it. Its parts:
 
-* `options`: sampling options (`SamplingOptions`, `check_sampling`), the
+* `options`: sampling options (`SamplingOptions`, `check_sampling`, their
+  float32 bounds `MIN_TEMPERATURE`, `MAX_TEMPERATURE`, `MIN_TOP_P`), the
   next-token distribution (`filtered_probabilities`) and the length rule
   (`check_max_new_tokens`).
 * `prompts`: non-empty prompts under the Unicode rule (`check_prompts`,
@@ -32,6 +33,9 @@ from keras_primer_runtime.generation.options import (
     INT32_MAX,
     LENGTH_ERROR,
     MAX_NEW_TOKENS_ERROR,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    MIN_TOP_P,
     SEED_ERROR,
     TEMPERATURE_ERROR,
     TOP_K_ERROR,
