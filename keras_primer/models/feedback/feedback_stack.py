@@ -59,8 +59,11 @@ the states as zeros, so left padding still gives the unpadded outputs. The
 states are part of the decoding cache (`cache_layout`).
 """
 
+import contextlib
+
 import keras
 from keras import ops
+from keras.src import backend as keras_backend  # AutocastScope: not in the public API
 
 from keras_primer.activations import get_activation, serialize_activation
 from keras_primer.layers.cache_utils import write_rows
@@ -487,10 +490,18 @@ class FeedbackStack(keras.layers.Layer):
         Used by generation: the prompt is consumed one step per token and the
         loop stops at `num_steps`; outputs after it stay zero. Returns
         `(outputs, cache)`.
+
+        A method, not a call through `__call__`, so it enters the autocast
+        that `__call__` enters for `call` (mixed precision: the weights are
+        read in the compute dtype, as in training and in the decoding step).
         """
-        return run_steps(
-            self, inputs, cache, 0, num_steps, padding_mask=padding_mask, force_loop=True
-        )
+        # Without it the float32 variables met the bfloat16 activations:
+        # TensorFlow refused to multiply them, JAX promoted to float32.
+        mixed = self.compute_dtype != self.variable_dtype
+        with keras_backend.AutocastScope(self.compute_dtype) if mixed else contextlib.nullcontext():
+            return run_steps(
+                self, inputs, cache, 0, num_steps, padding_mask=padding_mask, force_loop=True
+            )
 
     def compute_output_shape(self, input_shape, *args, **kwargs):
         return input_shape
