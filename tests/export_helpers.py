@@ -20,8 +20,9 @@ _WORDS = (
 
 
 @functools.cache
-def sentencepiece_proto():
-    """Proto of a 320-piece BPE model trained on ~15 KB of generated lines."""
+def sentencepiece_proto(vocabulary_size=None):
+    """Proto of a BPE model (`SENTENCEPIECE_VOCAB` pieces unless given)
+    trained on ~15 KB of generated lines."""
     from keras_primer.data.sentencepiece_training import train_sentencepiece
 
     rng = np.random.default_rng(0)
@@ -33,7 +34,7 @@ def sentencepiece_proto():
         path = os.path.join(tmp, "text.txt")
         with open(path, "w") as f:
             f.write("\n".join(lines))
-        return train_sentencepiece([path], SENTENCEPIECE_VOCAB).proto
+        return train_sentencepiece([path], vocabulary_size or SENTENCEPIECE_VOCAB).proto
 
 
 #: `make_lm`'s older family names, as registry names.

@@ -545,11 +545,9 @@ def test_onnx_state_names_and_config_file_are_declared_once():
     ]
     for family_name in ("key_value", "conv", "past_key_values", "present.", "present_"):
         assert not [s for s in strings if family_name in s], family_name
-    spec = StateSpec(
-        "memory", ("batch", "max_length", 3, 4), onnx_name="memory.{}", onnx_split=(2,)
-    )
-    assert [(t["past"], t["present"], t["index"]) for t in onnx_export.state_tensors([spec])] == [
-        (f"memory.{g}", f"present_memory.{g}", [None, g]) for g in range(3)
+    specs = [StateSpec(("memory", g), ("batch", "length", 4), f"memory.{g}") for g in range(3)]
+    assert [(t["past"], t["present"], t["shape"]) for t in map(StateSpec.to_json, specs)] == [
+        (f"memory.{g}", f"present_memory.{g}", ["batch", "length", 4]) for g in range(3)
     ]
     spelled = []
     for package in (keras_primer, keras_primer_runtime):
@@ -560,4 +558,4 @@ def test_onnx_state_names_and_config_file_are_declared_once():
                     with open(os.path.join(folder, filename)) as f:
                         if '"export_config.json"' in f.read():
                             spelled.append(filename)
-    assert spelled == ["ort_generator.py"]
+    assert spelled == ["export_folder.py"]

@@ -71,15 +71,17 @@ def test_files_ir_version_and_dynamic_axes(exported):
         "present_conv_state.0",
         "present_conv_state.1",
     ]
+    # Heads first, the past's length dynamic (it grows by each step's tokens).
     key = [d.dim_param or d.dim_value for d in step.graph.input[2].type.tensor_type.shape.dim]
-    assert isinstance(key[0], str) and isinstance(key[1], str) and key[2:] == [2, 8]
+    assert isinstance(key[0], str) and key[1] == 2 and isinstance(key[2], str) and key[3] == 8
     conv = [d.dim_param or d.dim_value for d in step.graph.input[6].type.tensor_type.shape.dim]
     assert isinstance(conv[0], str) and conv[1:] == [3, 2, 2, 8]
     config = json.load(open(exported["onnx"]["config"]))
     assert config["family"] == "primer"
-    assert config["states"][1] == {
-        "name": "conv",
-        "shape": ["batch", 2, 3, 2, 2, 8],
+    assert config["states"][4] == {
+        "past": "conv_state.0",
+        "present": "present_conv_state.0",
+        "shape": ["batch", 3, 2, 2, 8],
         "dtype": "float32",
     }
     assert config["tokenizer"]["kind"] == "bytes" and config["tokenizer"]["special_ids"] == [
@@ -113,8 +115,10 @@ def test_decoder_step_matches_call_with_cache(exported, generator):
     cache = lm.empty_cache(2, 9)
     logits, _, cache = lm.call_with_cache(ids[:, :5], cache, 0)
     step_logits, _, cache = lm.call_with_cache(ids[:, 5:6], cache, 5)
-    state = generator.empty_state(2, 9)
+    state = generator.empty_state(2)
     ort_logits, state = generator.step(ids[:, :5], 0, state)
+    # The past grows: 5 positions after the prefill, 6 after one step.
+    assert state["past_key_values.0.key"].shape()[2] == 5
     np.testing.assert_allclose(
         ort_logits, keras.ops.convert_to_numpy(logits)[:, -1], atol=1e-4, rtol=0
     )
@@ -122,17 +126,20 @@ def test_decoder_step_matches_call_with_cache(exported, generator):
     np.testing.assert_allclose(
         ort_logits, keras.ops.convert_to_numpy(step_logits)[:, -1], atol=1e-4, rtol=0
     )
-    key_value, conv = (keras.ops.convert_to_numpy(cache[n]) for n in ("key_value", "conv"))
     for layer in range(2):
-        for j, kind in enumerate(("key", "value")):
+        for kind in ("key", "value"):
+            # The Keras cache is a buffer of 9 positions; the step's past, the 6 written.
             np.testing.assert_allclose(
                 state[f"past_key_values.{layer}.{kind}"].numpy(),
-                key_value[:, layer, j],
+                keras.ops.convert_to_numpy(cache[kind][layer])[:, :, :6],
                 atol=1e-4,
                 rtol=0,
             )
         np.testing.assert_allclose(
-            state[f"conv_state.{layer}"].numpy(), conv[:, layer], atol=1e-4, rtol=0
+            state[f"conv_state.{layer}"].numpy(),
+            keras.ops.convert_to_numpy(cache["conv"][layer]),
+            atol=1e-4,
+            rtol=0,
         )
 
 
@@ -200,7 +207,9 @@ def test_bad_inputs_give_clear_errors(generator):
         generator.generate(["ok"], max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         generator.generate(["ok"], temperature=1.0, top_p=0.0)
-    state = generator.empty_state(1, 4)
+    state = generator.empty_state(1)
+    with pytest.raises(ValueError, match="must hold the 3 positions before"):
+        generator.step(np.ones((1, 1), "int32"), 3, state)
     with pytest.raises(ValueError, match="float32"):
         generator.step(
             np.ones((1, 1), "int32"),
@@ -300,7 +309,7 @@ def test_conversion_survives_a_failing_tf2onnx_optimizer(monkeypatch, tmp_path):
         tf2onnx.convert.from_function(function, input_signature=signature, opset=onnx_export.OPSET)
     assert onnx_export.CATCH_ERRORS_VARIABLE not in os.environ
     # ...and `_convert` falls back to the safe path: a correct model.
-    path = onnx_export._convert(function, signature, ["y"], str(tmp_path / "relu.onnx"))
+    path = onnx_export._convert(function, signature, ["y"], str(tmp_path / "relu.onnx"), "{}")
     assert onnx_export.CATCH_ERRORS_VARIABLE not in os.environ
     x = np.array([[-1.0, 0.5, 2.0]], np.float32)
     (y,) = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["y"], {"x": x})

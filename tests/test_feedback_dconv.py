@@ -206,9 +206,9 @@ def test_state_specs_describe_empty_cache():
     lm = _lm(shared_kv=False)
     cache = lm.empty_cache(3, 7)
     specs = lm.decoding_state_specs()
-    assert [s.name for s in specs] == list(cache)
+    assert [s.path for s in specs] == [(name,) for name in cache]
     for spec in specs:
-        assert tuple(cache[spec.name].shape) == spec.concrete(3, 7)
+        assert tuple(cache[spec.path[0]].shape) == spec.concrete(3, 7)
 
 
 def test_keras_file_round_trip(tmp_path):

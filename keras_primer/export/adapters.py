@@ -37,7 +37,6 @@ class CausalLMAdapter:
                 f"{self.vocabulary_size}: it cannot be exported."
             )
         self.state_specs = list(model.decoding_state_specs())
-        self.state_names = tuple(spec.name for spec in self.state_specs)
 
     def empty_state(self, batch_size, max_length):
         return self.model.empty_cache(batch_size, max_length)

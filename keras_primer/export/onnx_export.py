@@ -7,16 +7,23 @@ Writes, into one directory (the contract is documented in export/README.md):
 * `decoder_step.onnx`: `input_ids` int32 `[batch, n]` (n = 1 for a decoding
   step, n = prompt length for the prefill), `cache_position` int32 `[]`
   (position of `input_ids[:, 0]`, the same for every row), and the decoding
-  state as named tensors (`state_tensors`, derived from the model's
-  `decoding_state_specs()`, see `StateSpec.onnx_tensors`): `past_key_values.N.key` /
-  `past_key_values.N.value` `[batch, max_length, heads, head_dim]` per
-  layer (Primer) or per memory group (Feedback), and for Primer EZ the MDHA
-  convolution state `conv_state.N` `[batch, 3, kernel_size - 1, heads,
-  head_dim]` -> `logits` `[batch, vocab]` (of the last of the n tokens) and
-  `present.N.key` / `present.N.value` / `present_conv_state.N`.
-  `max_length` is a dynamic axis: the caller allocates the cache for
-  prompt + new tokens.
-* `export_config.json`: family, sizes, tokenizer description, state tensors.
+  state as named tensors (`states` of the config, derived from the model's
+  `decoding_state_specs()`, one input per `StateSpec`): `past_key_values.N.key` /
+  `past_key_values.N.value` `[batch, heads, length, head_dim]` per layer
+  (Primer, Optimum's names and layout; Feedback: `past_key_values.memory.*`
+  `[batch, length, kv_groups, heads, head_dim]`), and the depthwise
+  convolutions' states (`conv_state.N` `[batch, 3, kernel_size - 1, heads,
+  head_dim]`; Feedback's `query_conv`, `key_conv`, `value_conv`) ->
+  `logits` `[batch, vocab]` (of the last of the n tokens) and
+  `present.N.key` / `present.N.value` / `present_conv_state.N` ....
+  The past grows as Optimum's decoder-with-past does: its `length` equals
+  `cache_position` (the positions before the step; 0 for the prefill), and
+  each present is the past with the step's n rows appended
+  (`keras_primer.layers.cache_utils.growing_cache_writes`), so a step costs
+  what the tokens so far need.
+* `export_config.json`: family, sizes, tokenizer description, state tensors,
+  and the SHA-256 of every file (`keras_primer_runtime.export_folder`); the
+  sizes are stored in each graph's metadata too.
 * `tokenizer.json` (+ `tokenizer.model`, the SentencePiece proto).
 * optionally `model.int8.onnx` and `decoder_step.int8.onnx` (dynamic int8
   quantization of the MatMul weights, per channel, `onnxruntime.quantization`).
@@ -33,8 +40,16 @@ import numpy as np
 import tensorflow as tf
 
 from keras_primer.export.adapters import get_adapter
-from keras_primer.layers.cache_utils import export_safe_cache_writes
-from keras_primer_runtime.ort_generator import CONFIG_FILE
+from keras_primer.layers.cache_utils import export_safe_cache_writes, growing_cache_writes
+from keras_primer_runtime import generation
+from keras_primer_runtime.export_folder import (
+    CONFIG_FILE,
+    EXPORT_FORMAT,
+    METADATA_KEY,
+    file_fingerprint,
+    graph_metadata,
+)
+from keras_primer_runtime.generation import empty_structure, structure_get
 
 OPSET = 17
 IR_VERSION = 8
@@ -42,43 +57,6 @@ CATCH_ERRORS_VARIABLE = "TF2ONNX_CATCH_ERRORS"
 # One conversion at a time in a process: tf2onnx builds in global graphs and
 # name counters, and `_optimizers_in_place` sets a process-wide variable.
 _CONVERSION_LOCK = threading.Lock()
-
-
-def state_tensors(specs):
-    """The ONNX tensors of the model-described states, in graph order.
-
-    Derived from each `StateSpec`'s ONNX naming (`StateSpec.onnx_tensors`);
-    each entry: `state`, `index` (the leading indices after the batch axis
-    that select this tensor), `past`/`present` (ONNX names), `shape` (with
-    `"batch"`/`"max_length"` symbols) and `dtype`.
-    """
-    return [tensor for spec in specs for tensor in spec.onnx_tensors()]
-
-
-def _select(x, index):
-    # Last axis first, so that dropping an axis does not move the earlier ones.
-    for axis in reversed(range(len(index))):
-        if index[axis] is not None:
-            x = tf.gather(x, index[axis], axis=axis + 1)
-    return x
-
-
-def _split_state(name, value, tensors):
-    return [_select(value, t["index"]) for t in tensors if t["state"] == name]
-
-
-def _stack_state(spec, parts):
-    """Inverse of the split: `parts` (in `onnx_tensors` order) stacked back
-    along `spec.onnx_split`, innermost split axis first."""
-    for j in reversed(range(len(spec.onnx_split))):
-        size = spec.shape[spec.onnx_split[j]]
-        # Axes a_0..a_{j-1} are still missing, so axis a_j sits j places earlier.
-        parts = [
-            tf.stack(parts[i : i + size], axis=spec.onnx_split[j] - j)
-            for i in range(0, len(parts), size)
-        ]
-    (state,) = parts
-    return state
 
 
 @contextlib.contextmanager
@@ -98,7 +76,16 @@ def _optimizers_in_place():
             os.environ[CATCH_ERRORS_VARIABLE] = saved
 
 
-def _convert(function, input_signature, output_names, path):
+def _set_metadata(model_proto, metadata: str) -> None:
+    """Stores the export's sizes in the graph (`export_folder.METADATA_KEY`)."""
+    entries = {p.key: p.value for p in model_proto.metadata_props}
+    entries[METADATA_KEY] = metadata
+    del model_proto.metadata_props[:]
+    for key, value in entries.items():
+        model_proto.metadata_props.add(key=key, value=value)
+
+
+def _convert(function, input_signature, output_names, path, metadata):
     import onnx
     import tf2onnx
 
@@ -128,6 +115,7 @@ def _convert(function, input_signature, output_names, path):
     for output in graph.output:
         output.name = renames.get(output.name, output.name)
     model_proto.ir_version = IR_VERSION
+    _set_metadata(model_proto, metadata)
     onnx.checker.check_model(model_proto)
     onnx.save(model_proto, path)
     return path
@@ -136,7 +124,7 @@ def _convert(function, input_signature, output_names, path):
 def build_functions(model):
     """The TF functions converted to ONNX: full logits and one decoder step."""
     adapter = get_adapter(model)
-    tensors = state_tensors(adapter.state_specs)
+    specs = adapter.state_specs
 
     # Both bodies enter `export_safe_cache_writes()`, so whoever traces them
     # (tf2onnx here) gets cache writes without `XlaDynamicUpdateSlice`.
@@ -151,18 +139,14 @@ def build_functions(model):
     ]
 
     def step_fn(input_ids, cache_position, *pasts):
-        state = {}
-        for spec in adapter.state_specs:
-            parts = [p for p, t in zip(pasts, tensors) if t["state"] == spec.name]
-            state[spec.name] = _stack_state(spec, parts)
-        with export_safe_cache_writes():
+        # The model's cache structure, each tensor an input: nothing is
+        # stacked or split around the step.
+        by_spec = dict(zip(specs, pasts))
+        state = empty_structure(specs, by_spec.__getitem__)
+        with export_safe_cache_writes(), growing_cache_writes():
             logits, next_state = adapter.step(input_ids, state, cache_position)
         outputs = [tf.cast(logits[:, -1], tf.float32)]
-        for spec in adapter.state_specs:
-            outputs += [
-                tf.cast(x, tf.float32)
-                for x in _split_state(spec.name, next_state[spec.name], tensors)
-            ]
+        outputs += [tf.cast(structure_get(next_state, spec.path), tf.float32) for spec in specs]
         return outputs
 
     step_signature = [
@@ -170,14 +154,13 @@ def build_functions(model):
         tf.TensorSpec([], tf.int32, name="cache_position"),
     ] + [
         tf.TensorSpec(
-            [d if isinstance(d, int) else None for d in t["shape"]], tf.float32, name=t["past"]
+            [d if isinstance(d, int) else None for d in spec.shape], tf.float32, name=spec.onnx_name
         )
-        for t in tensors
+        for spec in specs
     ]
-    step_output_names = ["logits"] + [t["present"] for t in tensors]
+    step_output_names = ["logits"] + [spec.present_name for spec in specs]
     return (
         adapter,
-        tensors,
         (tf.function(logits_fn, jit_compile=False, autograph=False), logits_signature, ["logits"]),
         (
             tf.function(step_fn, jit_compile=False, autograph=False),
@@ -187,7 +170,7 @@ def build_functions(model):
     )
 
 
-def quantize_int8(src, dst):
+def quantize_int8(src, dst, metadata):
     """Dynamic int8 quantization of the MatMul weights, per output channel
     (activations quantized on the fly by ORT's `DynamicQuantizeMatMul`)."""
     import onnx
@@ -198,6 +181,7 @@ def quantize_int8(src, dst):
     )
     proto = onnx.load(dst)
     proto.ir_version = max(IR_VERSION, min(proto.ir_version, 10))
+    _set_metadata(proto, metadata)
     onnx.save(proto, dst)
     return dst
 
@@ -213,29 +197,34 @@ def export_onnx(model, out_dir, int8=False):
 
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError("ONNX export runs under the TensorFlow backend (tf2onnx).")
-    adapter, tensors, logits_parts, step_parts = build_functions(model)
+    adapter, logits_parts, step_parts = build_functions(model)
     os.makedirs(out_dir, exist_ok=True)
-    paths = {
-        "model": _convert(*logits_parts, os.path.join(out_dir, "model.onnx")),
-        "decoder_step": _convert(*step_parts, os.path.join(out_dir, "decoder_step.onnx")),
-    }
-    if int8:
-        paths["model_int8"] = quantize_int8(
-            paths["model"], os.path.join(out_dir, "model.int8.onnx")
-        )
-        paths["decoder_step_int8"] = quantize_int8(
-            paths["decoder_step"], os.path.join(out_dir, "decoder_step.int8.onnx")
-        )
     config = dict(
         adapter.metadata(),
+        format=EXPORT_FORMAT,
         opset=OPSET,
         ir_version=IR_VERSION,
-        files={k: os.path.basename(v) for k, v in paths.items()},
         step_io={"input_ids": "input_ids", "cache_position": "cache_position", "logits": "logits"},
-        state_tensors=tensors,
     )
-    adapter.tokenizer.save(out_dir, adapter.proto)
-    paths["tokenizer"] = os.path.join(out_dir, "tokenizer.json")
+    metadata = graph_metadata(config)
+    paths = {
+        "model": _convert(*logits_parts, os.path.join(out_dir, "model.onnx"), metadata),
+        "decoder_step": _convert(*step_parts, os.path.join(out_dir, "decoder_step.onnx"), metadata),
+    }
+    if int8:
+        for name in ("model", "decoder_step"):
+            paths[f"{name}_int8"] = quantize_int8(
+                paths[name], os.path.join(out_dir, f"{name}.int8.onnx"), metadata
+            )
+    config["files"] = {k: os.path.basename(v) for k, v in paths.items()}
+    tokenizer_files = adapter.tokenizer.save(out_dir, adapter.proto)
+    paths["tokenizer"] = os.path.join(out_dir, generation.TOKENIZER_FILE)
+    # Every file the config describes, fingerprinted: a runtime refuses a
+    # folder whose files were swapped or edited (`export_folder.read_export`).
+    config["fingerprints"] = {
+        os.path.basename(path): file_fingerprint(path)
+        for path in [*paths.values(), *tokenizer_files]
+    }
     paths["config"] = os.path.join(out_dir, CONFIG_FILE)
     with open(paths["config"], "w") as f:
         json.dump(config, f, indent=2)

@@ -11,7 +11,9 @@
 
 Signatures (all traced with `jit_compile=False` and inside
 `export_safe_cache_writes()`, so the decoding cache is written without
-`XlaDynamicUpdateSlice`):
+`XlaDynamicUpdateSlice`; the `generate` loops carry a past that grows by one
+position per step, `growing_cache_writes()`, so a step costs what the
+tokens so far need):
 
 * `serving_default`: `token_ids` int32 `[batch, length]`, `padding_mask`
   int32 `[batch, length]` -> `logits` float32 `[batch, length, vocab]`.
@@ -44,7 +46,7 @@ import tensorflow.experimental.numpy as tnp
 
 from keras_primer.export.adapters import get_adapter
 from keras_primer.generation import filtered_probabilities
-from keras_primer.layers.cache_utils import export_safe_cache_writes
+from keras_primer.layers.cache_utils import export_safe_cache_writes, growing_cache_writes
 from keras_primer_runtime import generation
 
 FORBIDDEN_OPS = ("PyFunc", "EagerPyFunc", "PyFuncStateless", "_XlaCompile", "_XlaRun", "XlaLaunch")
@@ -235,8 +237,10 @@ class GenerationGraph:
         tokens = ids.to_tensor(default_value=spec.pad_id)
         tokens = tf.pad(tokens, [[0, 0], [0, max_new_tokens]], constant_values=spec.pad_id)
 
-        state = a.empty_state(batch_size, total)
-        logits, state = a.step(tokens[:, :start], state, 0)
+        # The state grows by each step's tokens (`growing_cache_writes`): a
+        # step reads and copies the tokens so far, not a buffer of `total`.
+        with growing_cache_writes():
+            logits, state = a.step(tokens[:, :start], a.empty_state(batch_size, 0), 0)
         last_logits = logits[:, -1]
         positions = tf.range(total)[None, :]
 
@@ -248,14 +252,18 @@ class GenerationGraph:
             token, tokens, done = generation.decode_position(
                 tnp, p, chosen, tokens, positions, lengths, limits, done, spec.end_id
             )
-            logits, state = a.step(token[:, None], state, p)
+            with growing_cache_writes():
+                logits, state = a.step(token[:, None], state, p)
             return p + 1, tokens, state, logits[:, -1], done
 
         done = tf.zeros([batch_size], tf.bool)
+        loop_vars = (start, tokens, state, last_logits, done)
+        any_shape = lambda x: tf.TensorShape([None] * x.shape.rank)  # noqa: E731
         _, tokens, _, _, _ = tf.while_loop(
             cond,
             body,
-            (start, tokens, state, last_logits, done),
+            loop_vars,
+            shape_invariants=tf.nest.map_structure(any_shape, loop_vars),
             maximum_iterations=total - start,
         )
         visible, shown, generated = generation.shown_tokens(

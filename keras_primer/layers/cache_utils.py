@@ -1,6 +1,7 @@
-"""Helpers for fixed-shape decoding caches.
+"""Helpers for decoding caches: fixed-shape buffers, and the growing past of exports.
 
-Writing rows into a preallocated cache has two forms:
+Keras `generate` preallocates each cache for the whole sequence. Writing rows
+into such a buffer has two forms:
 
 * the fast form: a dynamic update slice, which computes only the rows
   written (at most one plain copy of the cache besides), with the cheapest op
@@ -25,6 +26,14 @@ Both forms give bitwise-equal results for finite rows that fit in the cache
 that do not fit are undefined: XLA clamps the start, PyTorch raises, the
 one-hot form drops them. Out-of-place runtimes still copy the whole cache
 into the result; XLA updates in place where it can (loop-carried buffers).
+
+The exported decoding step (ONNX Runtime, the SavedModel's loop) runs in a
+third form, inside `growing_cache_writes()`: a cache holds exactly the rows
+of the positions before the step, and a write appends (`concatenate`), as
+Hugging Face Optimum's decoder-with-past does (`present = concat(past,
+new)`). A step then reads and copies the tokens so far, not a buffer sized
+for the longest request: its cost grows with the position, not with
+`max_length` or `max_sequence_length`.
 """
 
 import keras
@@ -33,6 +42,7 @@ from keras import ops
 from keras_primer.utils.tracing import TraceFlag, in_tensorflow_xla_context
 
 _export_safe = TraceFlag()
+_growing = TraceFlag()
 
 
 def export_safe_cache_writes():
@@ -50,22 +60,53 @@ def export_safe_cache_writes_active() -> bool:
     return _export_safe.active
 
 
-def write_rows(cache, rows, start_index):
-    """Returns `cache` with `rows` written at `start_index` along axis 1.
+def growing_cache_writes():
+    """Makes `write_rows` append while the block runs: each cache holds
+    exactly the rows before the position written (the exported decoding
+    step's past). Read while tracing; nests; thread-local."""
+    return _growing.on()
+
+
+def fixed_cache_writes():
+    """Inside `growing_cache_writes()`, a block whose caches are fixed-shape
+    buffers again (a time loop that carries a buffer through its steps)."""
+    return _growing.off()
+
+
+def growing_cache_writes_active() -> bool:
+    """True inside `growing_cache_writes()` (on this thread)."""
+    return _growing.active
+
+
+def grow_rows(cache, num_rows):
+    """`cache` with `num_rows` zero rows appended along axis 1."""
+    shape = ops.shape(cache)
+    zeros = ops.zeros((shape[0], num_rows) + tuple(shape[2:]), dtype=cache.dtype)
+    return ops.concatenate([cache, zeros], axis=1)
+
+
+def write_rows(cache, rows, start_index, axis=1):
+    """Returns `cache` with `rows` written at `start_index` along `axis`.
 
     Uses the fast form, or the export-safe form inside
     `export_safe_cache_writes()` and in TensorFlow code that XLA does not
-    compile (see the module docstring).
+    compile; inside `growing_cache_writes()` it appends (see the module
+    docstring).
 
     Args:
-        cache: `[batch, max_length, ...]` tensor.
-        rows: `[batch, num_rows, ...]` tensor; `start_index + num_rows <=
-            max_length`.
+        cache: A tensor with one row per position along `axis` (`max_length`
+            rows; growing: the `start_index` rows before).
+        rows: The same shape but `num_rows` along `axis`; `start_index +
+            num_rows <= max_length`.
         start_index: Scalar int (tensor) where the first row goes.
+        axis: The position axis (1: `[batch, length, ...]`; 2: the
+            heads-first `[batch, heads, length, head_dim]`).
     """
+    if _growing.active:
+        return ops.concatenate([cache, ops.cast(rows, cache.dtype)], axis=axis)
     if export_safe_cache_writes_active() or _tensorflow_graph_without_xla():
-        return write_rows_export_safe(cache, rows, start_index)
-    return write_rows_fast(cache, rows, start_index)
+        return write_rows_export_safe(cache, rows, start_index, axis)
+    return write_rows_fast(cache, rows, start_index, axis)
 
 
 def _tensorflow_graph_without_xla() -> bool:
@@ -77,32 +118,36 @@ def _tensorflow_graph_without_xla() -> bool:
     return keras.backend.backend() == "tensorflow" and not in_tensorflow_xla_context()
 
 
-def write_rows_fast(cache, rows, start_index):
+def write_rows_fast(cache, rows, start_index, axis=1):
     """`write_rows` with a dynamic update slice: copies only the written rows
     (plus the output buffer where the runtime cannot update in place)."""
     backend = keras.backend.backend()
     cache = ops.convert_to_tensor(cache)
     rows = ops.cast(rows, cache.dtype)
     if backend == "tensorflow":
-        return _tf_write_rows(cache, rows, ops.cast(start_index, "int32"))
+        return _tf_write_rows(cache, rows, ops.cast(start_index, "int32"), axis)
     if backend == "torch":
         import torch
 
         start = torch.as_tensor(start_index, device=cache.device).to(torch.int64)
-        index = torch.arange(rows.shape[1], device=cache.device, dtype=torch.int64) + start
-        return cache.index_copy(1, index, rows)
+        index = torch.arange(rows.shape[axis], device=cache.device, dtype=torch.int64) + start
+        return cache.index_copy(axis, index, rows)
     start = ops.cast(start_index, "int32")
     zero = ops.zeros((), "int32")
-    return ops.slice_update(cache, [zero, start] + [zero] * (len(cache.shape) - 2), rows)
+    starts = [zero] * len(cache.shape)
+    starts[axis] = start
+    return ops.slice_update(cache, starts, rows)
 
 
-def _tf_write_rows(cache, rows, start):
+def _tf_write_rows(cache, rows, start, axis):
     import tensorflow as tf
     from tensorflow.compiler.tf2xla.python import xla
 
     @tf.custom_gradient
     def write(cache, rows):
-        begin = tf.stack([0, start] + [0] * (len(cache.shape) - 2))
+        begin = [0] * len(cache.shape)
+        begin[axis] = start
+        begin = tf.stack(begin)
         written = xla.dynamic_update_slice(cache, rows, begin)
 
         def grad(upstream):
@@ -115,18 +160,25 @@ def _tf_write_rows(cache, rows, start):
     return write(cache, rows)
 
 
-def write_rows_export_safe(cache, rows, start_index):
+def write_rows_export_safe(cache, rows, start_index, axis=1):
     """`write_rows` with comparisons, `where` and a one-hot matmul only: core
     TF ops that TF Serving (no XLA) and tf2onnx take, at the price of touching
     every cache row."""
-    max_length = ops.shape(cache)[1]
     rows = ops.cast(rows, cache.dtype)
-    trailing = [1] * (len(cache.shape) - 2)
+    rank = len(cache.shape)
+    max_length = ops.shape(cache)[axis]
     positions = ops.arange(max_length, dtype="int32")
     start_index = ops.cast(start_index, "int32")
-    if rows.shape[1] == 1:
-        hit = ops.reshape(ops.equal(positions, start_index), [1, max_length] + trailing)
+    if rows.shape[axis] == 1:
+        hit_shape = [1] * axis + [max_length] + [1] * (rank - axis - 1)
+        hit = ops.reshape(ops.equal(positions, start_index), hit_shape)
         return ops.where(hit, rows, cache)
+    if axis != 1:  # the one-hot matmul below writes along axis 1
+        moved = write_rows_export_safe(
+            ops.moveaxis(cache, axis, 1), ops.moveaxis(rows, axis, 1), start_index
+        )
+        return ops.moveaxis(moved, 1, axis)
+    trailing = [1] * (rank - 2)
     num_rows = ops.shape(rows)[1]
     targets = ops.arange(num_rows, dtype="int32") + start_index
     one_hot = ops.cast(ops.equal(targets[:, None], positions[None, :]), cache.dtype)

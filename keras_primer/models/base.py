@@ -39,6 +39,19 @@ def token_embedding(vocabulary_size: int, hidden_dim: int, tie_weights: bool, dt
     )
 
 
+def empty_cache(causal_lm, batch_size, max_length):
+    """A zero decoding cache for `max_length` positions, laid out as the
+    model's `decoding_state_specs()` say, in its compute dtype."""
+    from keras_primer_runtime.generation import empty_structure
+
+    return empty_structure(
+        causal_lm.decoding_state_specs(),
+        lambda spec: ops.zeros(
+            spec.concrete(batch_size, max_length), dtype=causal_lm.compute_dtype
+        ),
+    )
+
+
 def _holds_known_values(x) -> bool:
     """True for host data (NumPy, lists), whose values cost no device sync."""
     return isinstance(x, (np.ndarray, list, tuple))

@@ -27,6 +27,16 @@ class TraceFlag:
         finally:
             self._state.depth = depth
 
+    @contextlib.contextmanager
+    def off(self):
+        """Off inside the block, whatever the enclosing blocks said."""
+        depth = getattr(self._state, "depth", 0)
+        self._state.depth = 0
+        try:
+            yield
+        finally:
+            self._state.depth = depth
+
     @property
     def active(self) -> bool:
         return getattr(self._state, "depth", 0) > 0

@@ -5,31 +5,57 @@ sentencepiece only: no Keras, TensorFlow, JAX or PyTorch. The tokenizer
 travels in the export directory (`tokenizer.json`, `tokenizer.model`), the
 sampling options, checks and error texts come from
 `keras_primer_runtime.generation`, so the text matches Keras `generate` and
-the SavedModel signatures.
+the SavedModel signatures. The folder is checked before anything runs
+(`keras_primer_runtime.export_folder`): a swapped or edited file is refused
+by name.
 
-    from keras_primer_runtime.ort_generator import OrtGenerator
+    from keras_primer_runtime import OrtGenerator
     generator = OrtGenerator("exported/onnx")                 # fp32
     generator.generate(["ROMEO:"], max_new_tokens=32)          # greedy
     generator.generate("ROMEO:", temperature=0.8, top_p=0.9, seed=0)
+    for piece in generator.stream("ROMEO:", max_new_tokens=32):
+        print(piece, end="", flush=True)
 
-The decoding state stays in ONNX Runtime `OrtValue`s bound with IOBinding
-between tokens (on the device of the session). `CUDAExecutionProvider` is
+The decoding state (the growing past of every layer, and fixed-size
+convolution states) stays in ONNX Runtime `OrtValue`s bound with IOBinding
+between tokens, on the device of the session. `CUDAExecutionProvider` is
 used when onnxruntime offers it; asking for it when it cannot load raises.
 """
 
-import json
 import os
 
 import numpy as np
 
 from keras_primer_runtime import generation
+from keras_primer_runtime.export_folder import (
+    CONFIG_FILE,
+    EXPORT_FORMAT,
+    ExportFolderError,
+    check_graph_metadata,
+    read_export,
+)
+from keras_primer_runtime.generation.state import LENGTH
 
-CONFIG_FILE = "export_config.json"
+__all__ = ["CONFIG_FILE", "EXPORT_FORMAT", "OrtGenerator", "default_providers"]
+#: The state axis that starts at 0 and grows by the tokens of each step.
+PAST_LENGTH = LENGTH
+ORT_MISSING = (
+    "onnxruntime is not installed: pip install 'keras-primer-runtime[cpu]' (or [gpu] for "
+    "onnxruntime-gpu)."
+)
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError(ORT_MISSING) from None
+    return onnxruntime
 
 
 def default_providers():
     """CUDA then CPU when this onnxruntime offers CUDA, else CPU."""
-    import onnxruntime as ort
+    ort = _onnxruntime()
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -37,7 +63,7 @@ def default_providers():
 
 
 def _session(path, providers, threads=None):
-    import onnxruntime as ort
+    ort = _onnxruntime()
 
     available = ort.get_available_providers()
     missing = [p for p in providers if p not in available]
@@ -77,8 +103,7 @@ class OrtGenerator:
     """
 
     def __init__(self, onnx_dir, int8=False, providers=None, intra_op_num_threads=None):
-        with open(os.path.join(onnx_dir, CONFIG_FILE)) as f:
-            self.config = json.load(f)
+        self.config = read_export(onnx_dir)
         files = self.config["files"]
         suffix = "_int8" if int8 else ""
         if "decoder_step" + suffix not in files:
@@ -88,6 +113,11 @@ class OrtGenerator:
             )
         self.onnx_dir = onnx_dir
         self.tokenizer, self.codec = generation.load_tokenizer(onnx_dir)
+        if self.tokenizer.to_json() != self.config["tokenizer"]:
+            raise ExportFolderError(
+                f"{os.path.join(onnx_dir, generation.TOKENIZER_FILE)} does not describe the "
+                f"tokenizer {CONFIG_FILE} was exported with: re-export the model."
+            )
         self.providers = list(providers or default_providers())
         if intra_op_num_threads is not None and (
             isinstance(intra_op_num_threads, bool)
@@ -98,14 +128,14 @@ class OrtGenerator:
                 f"`intra_op_num_threads` must be an integer >= 1. Received: {intra_op_num_threads!r}"
             )
         self._threads = intra_op_num_threads
-        self._step = _session(
-            os.path.join(onnx_dir, files["decoder_step" + suffix]), self.providers, self._threads
-        )
+        step_path = os.path.join(onnx_dir, files["decoder_step" + suffix])
+        self._step = _session(step_path, self.providers, self._threads)
+        check_graph_metadata(self.config, self._step.get_modelmeta().custom_metadata_map, step_path)
         self._device = "cuda" if self._step.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._full_path = os.path.join(onnx_dir, files["model" + suffix])
         self._full = None
         # The ONNX tensors of the decoding state (see export/README.md).
-        self.state_tensors = self.config["state_tensors"]
+        self.state_tensors = self.config["states"]
         self.io = self.config["step_io"]
         self.vocabulary_size = int(self.config["vocabulary_size"])
         self.max_sequence_length = int(self.config["max_sequence_length"])
@@ -144,12 +174,17 @@ class OrtGenerator:
             )
         if self._full is None:
             self._full = _session(self._full_path, self.providers, self._threads)
+            check_graph_metadata(
+                self.config, self._full.get_modelmeta().custom_metadata_map, self._full_path
+            )
         feeds = {"input_ids": token_ids, "attention_mask": padding_mask.astype(np.int32)}
         return self._full.run(["logits"], feeds)[0]
 
-    def empty_state(self, batch_size, max_length):
-        """Zero decoding states (NumPy), keyed by their `past_*` ONNX names."""
-        sizes = {"batch": batch_size, "max_length": max_length}
+    def empty_state(self, batch_size):
+        """The decoding state before the first token (NumPy), keyed by the
+        `past_*` ONNX names: an empty past (`length` 0) and zero convolution
+        states."""
+        sizes = {"batch": batch_size, PAST_LENGTH: 0}
         return {
             t["past"]: np.zeros([sizes.get(d, d) for d in t["shape"]], t["dtype"])
             for t in self.state_tensors
@@ -158,13 +193,15 @@ class OrtGenerator:
     def step(self, token_ids, position, state):
         """One `decoder_step.onnx` call: `(logits [batch, vocab], next_state)`.
 
-        `state` maps the `past_*` names to NumPy arrays or `OrtValue`s; the
-        next state comes back as `OrtValue`s left on the session's device
-        (no copy through NumPy), keyed by the same names for the next call.
+        `token_ids` `[batch, n]` are the tokens at `position .. position + n - 1`;
+        `state` maps the `past_*` names to NumPy arrays or `OrtValue`s, its
+        past holding exactly the `position` positions before (`empty_state`
+        for position 0). The next state comes back as `OrtValue`s left on the
+        session's device (no copy through NumPy), keyed by the same names.
         """
-        import onnxruntime as ort
-
+        ort = _onnxruntime()
         token_ids = self._check_ids(token_ids)
+        position = int(position)
         binding = self._step.io_binding()
         alive = []  # NumPy buffers the bound OrtValues point to, until run
         binding.bind_cpu_input(self.io["input_ids"], token_ids)
@@ -187,6 +224,11 @@ class OrtGenerator:
                     f"State `{t['past']}` must have rank {len(t['shape'])} and batch {token_ids.shape[0]}; "
                     f"received shape {tuple(shape)}."
                 )
+            if PAST_LENGTH in t["shape"] and shape[t["shape"].index(PAST_LENGTH)] != position:
+                raise ValueError(
+                    f"State `{t['past']}` must hold the {position} positions before `position`="
+                    f"{position}; received shape {tuple(shape)}."
+                )
             binding.bind_ortvalue_input(t["past"], value)
         binding.bind_output(self.io["logits"], "cpu")
         for t in self.state_tensors:
@@ -206,6 +248,40 @@ class OrtGenerator:
         """Text of `ids` without special tokens."""
         return self.codec.decode(ids)
 
+    def _decode(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
+        """The contract's loop (`generation.loop_bounds`, `decode_position`,
+        as in the SavedModel): yields `(tokens, lengths, limits)` after each
+        decoded position, the last time when every row is done."""
+        prompts = generation.check_prompts(prompts)
+        options = generation.check_sampling(temperature, top_k, top_p, seed)
+        generation.check_max_new_tokens(max_new_tokens)
+        ids = [self.tokenize(p) for p in prompts]
+        lengths = np.array([len(x) for x in ids], np.int32)
+        max_new_tokens = generation.check_max_new_tokens(
+            max_new_tokens, int(lengths.max()), self.max_sequence_length
+        )
+        rng = np.random.default_rng(options.seed)
+        limits, total, start = generation.loop_bounds(np, lengths, max_new_tokens)
+        tokens = np.full((len(ids), total), self.tokenizer.pad_id, np.int32)
+        for row, x in enumerate(ids):
+            tokens[row, : len(x)] = x
+        positions = np.arange(total)[None, :]
+        logits, state = self.step(tokens[:, :start], 0, self.empty_state(len(ids)))
+        done = np.zeros(len(ids), bool)
+        for p in range(start, total):
+            chosen = generation.choose_next(logits, options, rng).astype(np.int32)
+            token, tokens, done = generation.decode_position(
+                np, p, chosen, tokens, positions, lengths, limits, done, self.tokenizer.end_id
+            )
+            yield tokens, lengths, limits
+            if done.all():
+                return
+            logits, state = self.step(token[:, None], p, state)
+
+    def _shown(self, tokens, lengths, limits):
+        positions = np.arange(tokens.shape[1])[None, :]
+        return generation.shown_tokens(np, tokens, positions, lengths, limits, self.tokenizer)
+
     def generate(
         self,
         prompts,
@@ -222,39 +298,57 @@ class OrtGenerator:
         end token. Options as in `keras_primer_runtime.generation` (temperature
         0 = greedy, top_k 0 and top_p 1 = off); prompts follow its Unicode
         rule (invalid UTF-8 bytes or lone surrogates raise `ValueError`).
-        The loop is the contract's (`generation.loop_bounds`,
-        `decode_position`, `shown_tokens`), as in the SavedModel.
         """
         single = isinstance(prompts, (str, bytes))
-        prompts = generation.check_prompts(prompts)
-        options = generation.check_sampling(temperature, top_k, top_p, seed)
-        generation.check_max_new_tokens(max_new_tokens)
-        ids = [self.tokenize(p) for p in prompts]
-        lengths = np.array([len(x) for x in ids], np.int32)
-        max_new_tokens = generation.check_max_new_tokens(
-            max_new_tokens, int(lengths.max()), self.max_sequence_length
+        *_, (tokens, lengths, limits) = self._decode(
+            prompts, max_new_tokens, temperature, top_k, top_p, seed
         )
-        rng = np.random.default_rng(options.seed)
-        limits, total, start = generation.loop_bounds(np, lengths, max_new_tokens)
-        tokens = np.full((len(ids), total), self.tokenizer.pad_id, np.int32)
-        for row, x in enumerate(ids):
-            tokens[row, : len(x)] = x
-        positions = np.arange(total)[None, :]
-        state = self.empty_state(len(ids), total)
-        logits, state = self.step(tokens[:, :start], 0, state)
-        done = np.zeros(len(ids), bool)
-        for p in range(start, total):
-            chosen = generation.choose_next(logits, options, rng).astype(np.int32)
-            token, tokens, done = generation.decode_position(
-                np, p, chosen, tokens, positions, lengths, limits, done, self.tokenizer.end_id
-            )
-            if done.all():
-                break
-            logits, state = self.step(token[:, None], p, state)
-        visible, shown, _ = generation.shown_tokens(
-            np, tokens, positions, lengths, limits, self.tokenizer
-        )
+        visible, shown, _ = self._shown(tokens, lengths, limits)
         if return_token_ids:
             return [row[keep].tolist() for row, keep in zip(tokens, visible)]
         texts = [self.detokenize(row[keep]) for row, keep in zip(tokens, shown)]
         return texts[0] if single else texts
+
+    def stream(self, prompt, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=0):
+        """Yields the text of one prompt as its tokens are chosen: the prompt
+        first, then each new piece; the pieces join to exactly `generate`'s
+        text for the same arguments.
+
+        A piece is held back while it could still change: the bytes of an
+        unfinished UTF-8 character (shown as U+FFFD until complete), and
+        text a SentencePiece model would spell differently once the next
+        piece comes.
+        """
+        if not isinstance(prompt, (str, bytes)):
+            raise ValueError(
+                f"`stream` takes one prompt (a string); for a batch use `generate`. "
+                f"Received: {type(prompt).__name__}"
+            )
+        sent = ""
+        previous = None
+        for tokens, lengths, limits in self._decode(
+            prompt, max_new_tokens, temperature, top_k, top_p, seed
+        ):
+            _, shown, _ = self._shown(tokens, lengths, limits)
+            text = self.detokenize(tokens[0][shown[0]])
+            # Safe to send: what this text and the one before agree on (a later
+            # piece can still respell the last one), less an unfinished character.
+            stable = _common_prefix(text, previous) if previous is not None else ""
+            stable = stable.rstrip("\ufffd")
+            if len(stable) > len(sent) and stable.startswith(sent):
+                yield stable[len(sent) :]
+                sent = stable
+            previous = text
+        if not text.startswith(sent):  # cannot happen for prefix-stable codecs
+            raise RuntimeError("Streamed text diverged from the final text.")
+        if len(text) > len(sent):
+            yield text[len(sent) :]
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return a[:n]

@@ -106,31 +106,24 @@ class FeedbackCausalLM(TiedHeadCausalLM):
         logits = backbone.token_embedding(hidden_states, reverse=True)
         return logits, hidden_states, next_cache
 
-    # === Decoding state layout (read by the exporters; keep in step with
-    # `empty_cache`, tests pin the two) ===
+    # === Decoding state layout: declared once, by the stack
+    # (`FeedbackStack.cache_layout`); `empty_cache`, the exporters and ONNX
+    # Runtime read it ===
     def decoding_state_specs(self):
         """The cache tensors as `keras_primer_runtime.generation.StateSpec`s,
         from `FeedbackStack.cache_layout()`: `key` and `value`, each `[batch,
-        max_length, kv_groups, num_heads, head_dim]` (`kv_groups` = 1 with
-        shared keys/values, else `num_layers`), and with `use_dconv`
+        length, kv_groups, num_heads, head_dim]` (`kv_groups` = 1 with
+        shared keys/values, else `num_layers`; ONNX
+        `past_key_values.memory.key`/`.value`), and with `use_dconv`
         `query_conv` `[batch, num_layers, kernel_size - 1, num_heads,
         head_dim]`, `key_conv` and `value_conv` `[batch, kernel_size - 1,
-        kv_groups, num_heads, head_dim]`."""
+        kv_groups, num_heads, head_dim]` (ONNX: their names)."""
         from keras_primer_runtime.generation import StateSpec
 
-        # One ONNX tensor per memory group (`past_key_values.G.key`/`.value`)
-        # and, with `use_dconv`, per layer or group of conv history.
-        split_axis = {"key": 2, "value": 2, "query_conv": 1, "key_conv": 2, "value_conv": 2}
-        onnx_name = {"key": "past_key_values.{}.key", "value": "past_key_values.{}.value"}
+        onnx_names = {"key": "past_key_values.memory.key", "value": "past_key_values.memory.value"}
         layout = self.backbone.feedback_stack.cache_layout()
         return [
-            StateSpec(
-                name,
-                shape,
-                onnx_name=onnx_name.get(name, name + ".{}"),
-                onnx_split=(split_axis[name],),
-            )
-            for name, shape in layout.items()
+            StateSpec((name,), shape, onnx_names.get(name, name)) for name, shape in layout.items()
         ]
 
     def empty_cache(self, batch_size, max_length):

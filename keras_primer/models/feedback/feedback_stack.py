@@ -328,6 +328,10 @@ class FeedbackStack(keras.layers.Layer):
             keep = ops.take(key_mask, ops.cast(position, "int32"), axis=1)
         query_states = []
         outputs = [x]
+        # Each memory group's keys/values taken once (with shared K/V every
+        # layer reads group 0): one slice of the buffers per step, not per layer.
+        group_keys = [keys[:, :, g] for g in range(self.kv_groups)]
+        group_values = [values[:, :, g] for g in range(self.kv_groups)]
         for i in range(self.num_layers):
             group = 0 if self.shared_kv else i
             attention = self.attentions[i]
@@ -339,8 +343,8 @@ class FeedbackStack(keras.layers.Layer):
                 out = call_sublayer(
                     attention,
                     normed,
-                    keys[:, :, group],
-                    values[:, :, group],
+                    group_keys[group],
+                    group_values[group],
                     relative_index,
                     valid,
                     query_keep=keep,
@@ -403,10 +407,10 @@ class FeedbackStack(keras.layers.Layer):
         return convolved[0], convolved[1], states
 
     def cache_layout(self) -> dict:
-        """Names and shapes of the cache tensors (`"batch"`/`"max_length"`
+        """Names and shapes of the cache tensors (`"batch"`/`"length"`
         stand for the sizes chosen at allocation), in a fixed order:
 
-        * `key`, `value`: `[batch, max_length, kv_groups, num_heads,
+        * `key`, `value`: `[batch, length, kv_groups, num_heads,
           head_dim]`, the (convolved) key/value projections of past slots;
         * with `use_dconv` and `kernel_size > 1`: `query_conv` `[batch,
           num_layers, kernel_size - 1, num_heads, head_dim]`, each layer's raw
@@ -417,8 +421,8 @@ class FeedbackStack(keras.layers.Layer):
         heads = (int(self.num_heads), int(self.head_dim))
         groups = int(self.kv_groups)
         layout = {
-            "key": ("batch", "max_length", groups) + heads,
-            "value": ("batch", "max_length", groups) + heads,
+            "key": ("batch", "length", groups) + heads,
+            "value": ("batch", "length", groups) + heads,
         }
         history = self.conv_state_length
         if history:
@@ -429,7 +433,7 @@ class FeedbackStack(keras.layers.Layer):
 
     def empty_cache(self, batch_size, max_length):
         """A zero cache (dict of `cache_layout()`) for `max_length` steps."""
-        sizes = {"batch": batch_size, "max_length": max_length}
+        sizes = {"batch": batch_size, "length": max_length}
         return {
             name: ops.zeros([sizes.get(d, d) for d in shape], dtype=self.compute_dtype)
             for name, shape in self.cache_layout().items()

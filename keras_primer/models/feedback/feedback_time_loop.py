@@ -21,7 +21,13 @@ import keras
 from keras import ops
 from keras.src import backend as keras_backend  # AutocastScope: not in the public API
 
-from keras_primer.layers.cache_utils import export_safe_cache_writes_active, write_rows
+from keras_primer.layers.cache_utils import (
+    export_safe_cache_writes_active,
+    fixed_cache_writes,
+    grow_rows,
+    growing_cache_writes_active,
+    write_rows,
+)
 from keras_primer.utils.tracing import TraceFlag, in_tensorflow_xla_context
 
 
@@ -97,6 +103,14 @@ def run_steps(
         out, _, cache = stack._step(inputs[:, 0], start, cache, key_mask, masks, training)
         return out[:, None], cache
 
+    growing = growing_cache_writes_active()
+    if growing:
+        # The exported step's past holds the steps before `start`: grow the
+        # key/value buffers once by this call's steps, then loop over
+        # fixed-shape buffers (a loop cannot carry a growing tensor).
+        for name in ("key", "value"):
+            cache[name] = grow_rows(cache[name], num_steps)
+
     def body(i, state):
         cache, outputs = state
         x = ops.take(inputs, i, axis=1)
@@ -104,12 +118,13 @@ def run_steps(
         out, _, cache = stack._step(x, start + i, cache, key_mask, masks, training)
         return cache, write_rows(outputs, out[:, None], i)
 
-    cache, outputs = bounded_fori_loop(
-        num_steps,
-        body,
-        (cache, ops.zeros_like(inputs)),
-        max_steps=ops.shape(cache["key"])[1],
-    )
+    with fixed_cache_writes() if growing else contextlib.nullcontext():
+        cache, outputs = bounded_fori_loop(
+            num_steps,
+            body,
+            (cache, ops.zeros_like(inputs)),
+            max_steps=ops.shape(cache["key"])[1],
+        )
     return outputs, cache
 
 

@@ -22,10 +22,11 @@ class MultiDConvHeadAttention(keras.layers.Layer):
     dot-product attention and the output projection. With `use_dconv=False`
     this is standard causal multi-head attention, the Transformer baseline.
 
-    Incremental decoding keeps two tensors per layer: the post-convolution keys
-    and values of every position (`[batch, 2, max_length, heads, head_dim]`),
-    and the convolution state, the last `kernel_size - 1` pre-convolution rows
-    of q, k and v (`[batch, 3, kernel_size - 1, heads, head_dim]`).
+    Incremental decoding keeps per layer the post-convolution keys and values
+    of every position, heads first as attention reads them (`"key"`,
+    `"value"`: `[batch, heads, length, head_dim]`), and the convolution state,
+    the last `kernel_size - 1` pre-convolution rows of q, k and v (`"conv"`:
+    `[batch, 3, kernel_size - 1, heads, head_dim]`).
 
     Args:
         num_heads: Number of attention heads.
@@ -159,9 +160,9 @@ class MultiDConvHeadAttention(keras.layers.Layer):
                 `[batch, max_length]` (with a cache): False marks padding,
                 which no query attends to and which the convolutions see as
                 zeros. None means no padding.
-            cache: Optional dict with `"key_value"` and, if the layer has
-                convolutions of width > 1, `"conv"` (see the class docstring).
-                Enables incremental decoding.
+            cache: Optional dict with `"key"`, `"value"` and, if the layer
+                has convolutions of width > 1, `"conv"` (see the class
+                docstring). Enables incremental decoding.
             cache_update_index: Position of `inputs[:, 0]` in the sequence;
                 required with `cache`.
             conv_state_index: Optional position (relative to `inputs[:, 0]`)
@@ -220,13 +221,11 @@ class MultiDConvHeadAttention(keras.layers.Layer):
             )
             return self.output_dense(attended)
 
-        key_value = cache["key_value"]
-        key_cache = write_rows(key_value[:, 0], key, start)
-        value_cache = write_rows(key_value[:, 1], value, start)
-        attended = self._attend(
-            query, key_cache, value_cache, padding_mask, query_start=start, training=training
-        )
-        next_cache = {"key_value": ops.stack([key_cache, value_cache], axis=1)}
+        # Heads first, as the cache keeps them: only the new rows move.
+        key_cache = write_rows(cache["key"], ops.transpose(key, (0, 2, 1, 3)), start, axis=2)
+        value_cache = write_rows(cache["value"], ops.transpose(value, (0, 2, 1, 3)), start, axis=2)
+        attended = self._attend_cached(query, key_cache, value_cache, padding_mask, start)
+        next_cache = {"key": key_cache, "value": value_cache}
         if next_conv_state is not None:
             next_cache["conv"] = next_conv_state
         return self.output_dense(attended), next_cache
@@ -265,6 +264,24 @@ class MultiDConvHeadAttention(keras.layers.Layer):
         probabilities = ops.cast(ops.softmax(scores, axis=-1), query.dtype)
         probabilities = self.dropout_layer(probabilities, training=training)
         return ops.einsum("bhqk,bkhd->bqhd", probabilities, value)
+
+    def _attend_cached(self, query, key_cache, value_cache, key_padding_mask, query_start):
+        """Attention of `query` `[batch, n, heads, head_dim]` (positions
+        `query_start ..`) over heads-first caches `[batch, heads, length,
+        head_dim]`, as two batched matmuls (`q k^T`, then the probabilities
+        times `v`), so no cache row is moved: the decoding step reads the
+        keys and values once. Softmax in float32."""
+        scale = 1.0 / math.sqrt(self.key_dim)
+        query = ops.transpose(query, (0, 2, 1, 3))  # [batch, heads, n, head_dim]
+        scores = ops.matmul(query, ops.transpose(key_cache, (0, 1, 3, 2)))
+        scores = ops.cast(scores, "float32") * scale
+        mask = causal_attention_mask(
+            ops.shape(query)[2], ops.shape(key_cache)[2], query_start, key_padding_mask
+        )
+        scores = ops.where(mask, scores, ops.full_like(scores, -1e9))
+        probabilities = ops.cast(ops.softmax(scores, axis=-1), value_cache.dtype)
+        attended = ops.matmul(probabilities, value_cache)  # [batch, heads, n, head_dim]
+        return ops.transpose(attended, (0, 2, 1, 3))
 
     def compute_mask(self, inputs, mask=None):
         return mask

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_primer.models.base import TiedHeadCausalLM
+from keras_primer.models.base import TiedHeadCausalLM, empty_cache
 from keras_primer.models.primer.primer_backbone import PrimerBackbone
 from keras_primer.models.primer.primer_causal_lm_preprocessor import (
     PrimerCausalLMPreprocessor,
@@ -78,13 +78,14 @@ class PrimerCausalLM(TiedHeadCausalLM):
         Args:
             token_ids: int `[batch, n]`, the tokens at positions
                 `cache_update_index .. cache_update_index + n - 1`.
-            cache: dict from `_build_cache()`: `"key_value"` `[batch,
-                num_layers, 2, max_length, num_heads, head_dim]` (post-conv
-                keys/values) and, with convolutions, `"conv"` `[batch,
-                num_layers, 3, kernel_size - 1, num_heads, head_dim]` (the
-                pre-conv q, k, v rows before the next position).
+            cache: dict of per-layer lists (`decoding_state_specs`):
+                `"key"`, `"value"`, each `[batch, num_heads, length,
+                head_dim]` (post-conv keys/values, heads first) and, with
+                convolutions, `"conv"` `[batch, 3, kernel_size - 1,
+                num_heads, head_dim]` (the pre-conv q, k, v rows before the
+                next position).
             cache_update_index: int (tensor), position of `token_ids[:, 0]`.
-            padding_mask: Optional `[batch, max_length]` mask of the whole
+            padding_mask: Optional `[batch, length]` mask of the whole
                 sequence (False = padding, on either side); None = no padding.
             conv_state_index: Optional position, relative to
                 `cache_update_index`, before which the returned conv state is
@@ -95,75 +96,54 @@ class PrimerCausalLM(TiedHeadCausalLM):
         """
         backbone = self.backbone
         x = backbone.embed(token_ids, padding_mask, start_index=cache_update_index)
-        key_values, conv_states = [], []
+        next_cache = {name: [] for name in cache}
         for i, block in enumerate(backbone.transformer_layers):
-            layer_cache = {"key_value": cache["key_value"][:, i]}
-            if "conv" in cache:
-                layer_cache["conv"] = cache["conv"][:, i]
-            x, next_layer_cache = block(
+            x, layer_cache = block(
                 x,
                 padding_mask=padding_mask,
-                cache=layer_cache,
+                cache={name: tensors[i] for name, tensors in cache.items()},
                 cache_update_index=cache_update_index,
                 conv_state_index=conv_state_index,
             )
-            key_values.append(next_layer_cache["key_value"])
-            if "conv" in next_layer_cache:
-                conv_states.append(next_layer_cache["conv"])
-        next_cache = {"key_value": ops.stack(key_values, axis=1)}
-        if conv_states:
-            next_cache["conv"] = ops.stack(conv_states, axis=1)
+            for name, tensor in layer_cache.items():
+                next_cache[name].append(tensor)
         hidden_states = backbone.layer_norm(x)
         logits = backbone.token_embedding(hidden_states, reverse=True)
         return logits, hidden_states, next_cache
 
-    # === Decoding state layout (read by the exporters; keep in step with
-    # `empty_cache`, tests pin the two) ===
+    # === Decoding state layout: declared here once; `empty_cache`, the
+    # exporters and ONNX Runtime read it ===
     def decoding_state_specs(self):
-        """The cache tensors as `keras_primer_runtime.generation.StateSpec`s:
-        `key_value` `[batch, num_layers, 2, max_length, num_heads, head_dim]`
-        and, with convolutions, `conv` `[batch, num_layers, 3,
-        kernel_size - 1, num_heads, head_dim]`."""
+        """The cache tensors as `keras_primer_runtime.generation.StateSpec`s,
+        per layer `i`: `("key", i)` and `("value", i)` `[batch, num_heads,
+        length, head_dim]` (ONNX `past_key_values.i.key`/`.value`, Optimum's
+        names and layout) and, with convolutions, `("conv", i)` `[batch, 3,
+        kernel_size - 1, num_heads, head_dim]` (ONNX `conv_state.i`)."""
         from keras_primer_runtime.generation import StateSpec
 
         b = self.backbone
-        heads = (int(b.num_heads), int(b.head_dim))
+        heads, head_dim = int(b.num_heads), int(b.head_dim)
         specs = [
             StateSpec(
-                "key_value",
-                ("batch", int(b.num_layers), 2, "max_length") + heads,
-                onnx_name="past_key_values.{}.{}",  # one tensor per layer and key/value
-                onnx_split=(1, 2),
-                onnx_labels=((), ("key", "value")),
+                (name, i), ("batch", heads, "length", head_dim), f"past_key_values.{i}.{name}"
             )
+            for i in range(b.num_layers)
+            for name in ("key", "value")
         ]
         if b.conv_state_length:
-            specs.append(
+            specs += [
                 StateSpec(
-                    "conv",
-                    ("batch", int(b.num_layers), 3, int(b.conv_state_length)) + heads,
-                    onnx_name="conv_state.{}",  # one tensor per layer
-                    onnx_split=(1,),
+                    ("conv", i),
+                    ("batch", 3, int(b.conv_state_length), heads, head_dim),
+                    f"conv_state.{i}",
                 )
-            )
+                for i in range(b.num_layers)
+            ]
         return specs
 
     def empty_cache(self, batch_size, max_length):
         """A zero cache for sequences of up to `max_length` tokens."""
-        backbone = self.backbone
-        heads = [backbone.num_heads, backbone.head_dim]
-        cache = {
-            "key_value": ops.zeros(
-                [batch_size, backbone.num_layers, 2, max_length] + heads,
-                dtype=self.compute_dtype,
-            )
-        }
-        if backbone.conv_state_length:
-            cache["conv"] = ops.zeros(
-                [batch_size, backbone.num_layers, 3, backbone.conv_state_length] + heads,
-                dtype=self.compute_dtype,
-            )
-        return cache
+        return empty_cache(self, batch_size, max_length)
 
     def _build_cache(self, token_ids, padding_mask=None, conv_state_index=None):
         """Prefills a cache with `token_ids`; returns `(hidden_states, cache)`."""

@@ -17,8 +17,8 @@ generator (`keras_primer_runtime.ort_generator`) derive from it. Its parts:
   the post-processing (`loop_bounds`, `decode_position`, `shown_tokens`),
   written once against an array namespace (NumPy in ONNX Runtime,
   `tf.experimental.numpy` in the SavedModel).
-* `state`: the decoding-state description a model reports (`StateSpec`) and
-  the ONNX tensor names derived from it.
+* `state`: the decoding-state description a model reports, one `StateSpec`
+  per tensor of its cache (place, shape, ONNX name).
 
 Every check raises `ValueError` with the texts built here, so a bad option
 reads the same whatever runtime received it.
@@ -56,7 +56,9 @@ from keras_primer_runtime.generation.prompts import (
 from keras_primer_runtime.generation.state import (
     ONNX_PAST_KEY_VALUES,
     StateSpec,
+    empty_structure,
     onnx_present_name,
+    structure_get,
 )
 from keras_primer_runtime.generation.tokenizers import (
     END_ID,

@@ -1,8 +1,21 @@
-"""The decoding-state description a model reports, and its ONNX tensor names."""
+"""The decoding-state description a model reports: one `StateSpec` per tensor.
+
+A causal LM's decoding cache is a small nested structure (dicts and lists)
+of tensors; `decoding_state_specs()` lists each tensor once: where it sits
+in the structure (`path`), its shape with the symbolic axes `"batch"` and
+`"length"`, and its name as an input of the exported step model (the output
+is named by `onnx_present_name`). Keras allocates the cache from the specs
+(`empty_structure`), the exporters feed and read the step model by them, and
+ONNX Runtime keeps the state by their names: the layout is declared once.
+
+A `"length"` axis holds one row per position: a buffer of the whole
+sequence in Keras `generate`, the growing past (the positions so far) in
+the exported step. Other states (the depthwise convolutions' last rows) keep
+their size.
+"""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 #: The decoder-with-past naming convention of the ONNX step model, declared once:
@@ -10,6 +23,8 @@ from dataclasses import dataclass
 #: out as `present.N.key` (Hugging Face Optimum's names); any other state `S`
 #: goes in as `S` and comes out as `present_S`.
 ONNX_PAST_KEY_VALUES = "past_key_values."
+#: The symbols of a state shape.
+BATCH, LENGTH = "batch", "length"
 
 
 def onnx_present_name(past: str) -> str:
@@ -25,68 +40,86 @@ def onnx_present_name(past: str) -> str:
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One decoding-state tensor as the model describes it.
+    """One tensor of a model's decoding state.
 
-    `shape` holds ints and the symbols `"batch"` and `"max_length"` (the
-    dynamic axes); the runtime fills them in. The ONNX step model feeds the
-    state as one tensor per index of the `onnx_split` axes, each named by
-    `onnx_name.format(*labels)`, a label being the index or, where the axis
-    has them, its `onnx_labels` entry (see `onnx_tensors`).
+    Attributes:
+        path: Its place in the cache structure: dict keys and list indices,
+            e.g. `("key", 0)` for `cache["key"][0]`.
+        shape: Ints and the symbols `"batch"` and `"length"`.
+        onnx_name: Its input name in the exported step model.
+        dtype: Its dtype in the exported model.
 
-    >>> StateSpec("key", ("batch", "max_length", 2, 8), "float32").concrete(1, 5)
-    (1, 5, 2, 8)
+    >>> spec = StateSpec(("key", 0), ("batch", 4, "length", 8), "past_key_values.0.key")
+    >>> spec.concrete(2, 5), spec.grows, spec.present_name
+    ((2, 4, 5, 8), True, 'present.0.key')
     """
 
-    name: str
+    path: tuple
     shape: tuple
+    onnx_name: str
     dtype: str = "float32"
-    onnx_name: str = ""
-    onnx_split: tuple = ()
-    onnx_labels: tuple = ()
 
-    def concrete(self, batch_size: int, max_length: int) -> tuple:
-        """The shape for `batch_size` rows of up to `max_length` tokens."""
-        sizes = {"batch": batch_size, "max_length": max_length}
+    @property
+    def grows(self) -> bool:
+        """True for a state with a row per position (the attention's past)."""
+        return LENGTH in self.shape
+
+    @property
+    def length_axis(self) -> int | None:
+        return self.shape.index(LENGTH) if self.grows else None
+
+    @property
+    def present_name(self) -> str:
+        return onnx_present_name(self.onnx_name)
+
+    def concrete(self, batch_size: int, length: int) -> tuple:
+        """The shape for `batch_size` rows and `length` positions."""
+        sizes = {BATCH: batch_size, LENGTH: length}
         return tuple(sizes.get(d, d) for d in self.shape)
 
-    def onnx_tensors(self) -> list[dict]:
-        """The ONNX tensors of this state, in graph order.
-
-        Each: `state` (this name), `index` (per axis after the batch axis up
-        to the last split one: the index taken, None for a kept axis),
-        `shape` (the split axes dropped), `past`/`present` (ONNX names) and
-        `dtype`.
-
-        >>> spec = StateSpec("kv", ("batch", 2, 2, "max_length", 4), onnx_name="past_key_values.{}.{}",
-        ...                  onnx_split=(1, 2), onnx_labels=((), ("key", "value")))
-        >>> [(t["past"], t["present"], t["index"], t["shape"]) for t in spec.onnx_tensors()][1]
-        ('past_key_values.0.value', 'present.0.value', [0, 1], ['batch', 'max_length', 4])
-        """
-        if not self.onnx_name:
-            raise ValueError(f"Decoding state {self.name!r} has no ONNX name.")
-        labels = dict(itertools.zip_longest(self.onnx_split, self.onnx_labels, fillvalue=()))
-        shape = [d for axis, d in enumerate(self.shape) if axis not in self.onnx_split]
-        out = []
-        for indices in itertools.product(*(range(self.shape[a]) for a in self.onnx_split)):
-            chosen = dict(zip(self.onnx_split, indices))
-            past = self.onnx_name.format(
-                *(labels[a][i] if labels[a] else i for a, i in chosen.items())
-            )
-            out.append(
-                dict(
-                    state=self.name,
-                    index=[chosen.get(a) for a in range(1, max(self.onnx_split, default=0) + 1)],
-                    shape=shape,
-                    past=past,
-                    present=onnx_present_name(past),
-                    dtype=self.dtype,
-                )
-            )
-        return out
-
     def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        """What an export records of the tensor (`export_config.json`)."""
+        return {
+            "past": self.onnx_name,
+            "present": self.present_name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+        }
 
-    @classmethod
-    def from_json(cls, data: dict) -> StateSpec:
-        return cls(data["name"], tuple(data["shape"]), data.get("dtype", "float32"))
+
+def empty_structure(specs, make) -> dict:
+    """The nested cache structure of `specs`, each tensor `make(spec)`.
+
+    >>> specs = [StateSpec(("key", 0), (1,), "k0"), StateSpec(("key", 1), (1,), "k1"),
+    ...          StateSpec(("conv",), (2,), "c")]
+    >>> empty_structure(specs, lambda spec: spec.onnx_name)
+    {'key': ['k0', 'k1'], 'conv': 'c'}
+    """
+    root: dict = {}
+    for spec in specs:
+        node = root
+        for key, next_key in zip(spec.path, spec.path[1:]):
+            if isinstance(node, list):
+                while len(node) <= key:
+                    node.append(None)
+            if (
+                isinstance(node, dict)
+                and key not in node
+                or isinstance(node, list)
+                and node[key] is None
+            ):
+                node[key] = [] if isinstance(next_key, int) else {}
+            node = node[key]
+        last = spec.path[-1]
+        if isinstance(node, list):
+            while len(node) <= last:
+                node.append(None)
+        node[last] = make(spec)
+    return root
+
+
+def structure_get(structure, path: tuple):
+    """The tensor at `path` of a cache structure."""
+    for key in path:
+        structure = structure[key]
+    return structure

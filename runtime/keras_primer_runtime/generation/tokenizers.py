@@ -66,15 +66,19 @@ class TokenizerSpec:
         data["extra_special_ids"] = tuple(data.get("extra_special_ids", ()))
         return cls(**data)
 
-    def save(self, directory: str, proto: bytes | None = None) -> None:
-        """Writes `tokenizer.json` (and `tokenizer.model` for SentencePiece)."""
+    def save(self, directory: str, proto: bytes | None = None) -> list[str]:
+        """Writes `tokenizer.json` (and `tokenizer.model` for SentencePiece);
+        returns the paths written."""
         if (self.kind == "sentencepiece") != (proto is not None):
             raise ValueError("A SentencePiece spec needs its model proto; a byte spec has none.")
-        with open(os.path.join(directory, TOKENIZER_FILE), "w") as f:
+        paths = [os.path.join(directory, TOKENIZER_FILE)]
+        with open(paths[0], "w") as f:
             json.dump(self.to_json(), f, indent=2)
         if proto is not None:
-            with open(os.path.join(directory, SENTENCEPIECE_FILE), "wb") as f:
+            paths.append(os.path.join(directory, SENTENCEPIECE_FILE))
+            with open(paths[1], "wb") as f:
                 f.write(proto)
+        return paths
 
 
 #: The ids every keras-primer tokenizer uses (SentencePiece also has unk 1).
