@@ -295,6 +295,27 @@ def test_keras_contract_sampler_is_seeded_and_greedy_at_zero():
 
 
 @pytest.mark.parametrize("family", ["primer", "feedback"])
+def test_generate_refuses_a_row_without_prompt_tokens(family):
+    """Regression (issue 32): a token-id row whose padding mask is all 0 gave a
+    raw InvalidArgumentError on TensorFlow, an IndexError on PyTorch and
+    garbage on JAX; now a ValueError naming the row, before any decoding."""
+    lm = make_lm(family, "bytes")
+    lm.compile(sampler="greedy")
+    lm.preprocessor = None  # token ids in, token ids out
+    ids = np.array([[2, 72, 105, 0, 0, 0], [0] * 6, [2, 84, 0, 0, 0, 0]], "int32")
+    mask = (ids > 0).astype("int32")
+    for padding_mask in (mask, keras.ops.convert_to_tensor(mask)):
+        with pytest.raises(ValueError, match=r"^`padding_mask` row 1 marks no token as real"):
+            lm.generate({"token_ids": ids, "padding_mask": padding_mask}, stop_token_ids=None)
+    with pytest.raises(ValueError, match=r"row 0 marks no token.*: \[0, 1\]\.$"):
+        lm.generate({"token_ids": ids[1:], "padding_mask": 0 * mask[1:]}, stop_token_ids=None)
+    out = lm.generate({"token_ids": ids[[0, 2]], "padding_mask": mask[[0, 2]]}, stop_token_ids=None)
+    generated = keras.ops.convert_to_numpy(out["token_ids"])
+    np.testing.assert_array_equal(generated[:, :2], ids[[0, 2], :2])  # prompts kept
+    assert (generated[:, 3:] != 0).any()  # new tokens after the prompts
+
+
+@pytest.mark.parametrize("family", ["primer", "feedback"])
 def test_state_specs_describe_empty_cache(family):
     """The layout the exporters read is the one `empty_cache` builds."""
     lm = make_lm(family, "bytes")

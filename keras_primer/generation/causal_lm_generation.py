@@ -5,7 +5,7 @@ from keras import ops
 from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_primer.generation.samplers import check_sampler
-from keras_primer.utils.validation import check_token_ids
+from keras_primer.utils.validation import check_token_ids, concrete_value
 from keras_primer_runtime.generation import check_prompts
 
 
@@ -19,6 +19,26 @@ def finish_generation(token_ids, padding_mask, stop_token_ids):
     cumsum = ops.cast(ops.cumsum(end_locations, axis=-1), "int32")
     overflow = cumsum - end_locations
     return {"token_ids": token_ids, "padding_mask": ops.logical_not(ops.cast(overflow, "bool"))}
+
+
+def check_prompt_rows(padding_mask) -> None:
+    """Raises ValueError when a row of `generate`'s `padding_mask` marks no
+    token as real: decoding starts after each row's prompt, and a row without
+    one has no position to start from (TensorFlow raised a raw
+    InvalidArgumentError, PyTorch an IndexError, JAX returned garbage).
+    Checked when the mask's values are known now (NumPy, eager tensors)."""
+    mask = concrete_value(padding_mask)
+    if mask is None or mask.size == 0:
+        return
+    mask = np.atleast_2d(mask)
+    empty = np.flatnonzero(~mask.astype(bool).any(axis=-1))
+    if empty.size:
+        raise ValueError(
+            f"`padding_mask` row {int(empty[0])} marks no token as real (all 0): every row "
+            "of `generate`'s token ids must hold at least one prompt token (its start token, "
+            "say) marked 1, from which decoding continues. Give that row a prompt or leave it "
+            f"out. Rows without a prompt token: {empty.tolist()}."
+        )
 
 
 def _as_prompt_list(inputs):
@@ -84,6 +104,7 @@ class GenerateInputChecks:
             self._check_prompts(prompts, max_length)
         elif isinstance(inputs, dict):
             self._check_features(inputs)
+            check_prompt_rows(inputs.get("padding_mask"))
         return super().generate(
             inputs, max_length=max_length, stop_token_ids=stop_token_ids, strip_prompt=strip_prompt
         )
