@@ -40,7 +40,7 @@ def error_line(error: BaseException, prog: str | None = None) -> str:
     """The one line a command prints for an expected failure: its message,
     and a hint where the message cannot name the fix itself (`prog`, when
     given, leads the line)."""
-    message = " ".join(str(error).split()) or type(error).__name__
+    message = printable(" ".join(str(error).split())) or type(error).__name__
     if isinstance(error, (ExportError, ValueError)):
         hint = ""
     elif isinstance(error, OSError):
@@ -48,3 +48,18 @@ def error_line(error: BaseException, prog: str | None = None) -> str:
     else:
         hint = " (--debug shows the traceback)"
     return f"{prog}: error: {message}{hint}" if prog else f"{message}{hint}"
+
+
+def printable(text: str) -> str:
+    r"""`text` as any UTF-8 stream can print it: a byte of a path that is not
+    UTF-8 (a Linux path is bytes; Python holds such a byte as a surrogate
+    escape, which a strict stream refuses) is shown as `\xNN`.
+
+    >>> print(printable(b"runs/bad\xff".decode("utf-8", "surrogateescape")))
+    runs/bad\xff
+    """
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no path holds
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return data.decode("utf-8", "backslashreplace")

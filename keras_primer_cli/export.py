@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from keras_primer_cli.errors import EXIT_EXPECTED_FAILURE, ExportError, error_line
+from keras_primer_cli.errors import EXIT_EXPECTED_FAILURE, ExportError, error_line, printable
 from keras_primer_cli.export_options import PROG, build_parser, check_options, options_from_args
 from keras_primer_cli.logging_setup import quiet_backend_logs
 
@@ -30,7 +30,7 @@ def report(written: dict) -> str:
         lines.append(f"TF Serving config:              {written['models_config']}")
     for key, path in written.get("onnx", {}).items():
         lines.append(f"ONNX {key + ':':<26} {path}")
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 
 LOCK_FILE = ".lock"
+# The holder's command line in the lock file is cut here (marked " ...").
+MAX_COMMAND_BYTES = 300
 
 
 class FolderLockedError(ValueError):
@@ -75,14 +77,22 @@ class FolderLock:
             except FileNotFoundError:
                 os.makedirs(self.folder, exist_ok=True)
             os.close(fd)
-        owner = (
-            f"pid {os.getpid()} on {socket.gethostname()}, started "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}"
-        )
         os.ftruncate(fd, 0)
-        os.pwrite(fd, owner.encode(), 0)
+        os.pwrite(fd, self._record(), 0)
         self._fd = fd
         return self
+
+    def _record(self) -> bytes:
+        """Who holds the lock, as bytes: the command line is written as the bytes
+        it was given (`os.fsencode`: a path need not be UTF-8 on Linux)."""
+        owner = (
+            f"pid {os.getpid()} on {socket.gethostname()}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: "
+        ).encode("utf-8", "surrogateescape")
+        command = b" ".join(os.fsencode(arg) for arg in sys.argv)
+        if len(command) > MAX_COMMAND_BYTES:
+            command = command[:MAX_COMMAND_BYTES] + b" ..."
+        return owner + command
 
     def _lock(self) -> int:
         import fcntl

@@ -39,16 +39,29 @@ TRAIN_PROG = "keras-primer train"
 
 
 def check_prompt(prompt) -> str:
-    """Returns `prompt` if the decoding contract accepts it, else raises `ConfigError`.
+    r"""Returns `prompt` if the decoding contract accepts it, else raises `ConfigError`.
+
+    A command-line argument is the bytes it was given (undecodable bytes come
+    as surrogate escapes), so the contract's Unicode rule judges those bytes.
 
     >>> check_prompt("ROMEO:")
     'ROMEO:'
+    >>> check_prompt(os.fsdecode(b"x\xff"))
+    Traceback (most recent call last):
+    ...
+    keras_primer_cli.errors.ConfigError: --prompt: Every prompt must be valid Unicode text: UTF-8 bytes, or a str without lone surrogates (U+D800 to U+DFFF); nothing is replaced silently. Received: b'x\xff' (invalid UTF-8 at byte 1). Pass --prompt TEXT, or --sample-tokens 0 for no samples.
     """
+    given = prompt
+    if isinstance(prompt, str):
+        try:
+            given = os.fsencode(prompt)  # the bytes of a command-line argument
+        except UnicodeEncodeError:
+            pass  # a lone surrogate no command line can give: the rule judges the str
     try:
-        (checked,) = check_prompts([prompt])
+        (checked,) = check_prompts([given])
     except ValueError as error:
         raise ConfigError(
-            f"{error} Received: {prompt!r}. Pass --prompt TEXT, or --sample-tokens 0 for no samples."
+            f"--prompt: {error}. Pass --prompt TEXT, or --sample-tokens 0 for no samples."
         ) from None
     return checked
 

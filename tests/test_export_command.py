@@ -34,6 +34,7 @@ def fakes(monkeypatch):
     state = {"fail": None, "calls": [], "hold": None, "holding": threading.Event()}
 
     def fake_saved_model(model, base_dir, model_name, version, default_max_new_tokens=32):
+        base_dir.encode("utf-8")  # as TensorFlow does: a path must be UTF-8 text
         version_dir = os.path.join(base_dir, model_name, str(version))
         os.makedirs(os.path.join(version_dir, "variables"))
         with open(os.path.join(version_dir, "saved_model.pb"), "w") as f:
@@ -52,6 +53,7 @@ def fakes(monkeypatch):
             raise errors.ExportError("Warmup request 2 (generate) fails")
 
     def fake_onnx(model, out_dir, int8=False):
+        out_dir.encode("utf-8")  # as ONNX Runtime does
         os.makedirs(out_dir)
         path = os.path.join(out_dir, "model.onnx")
         with open(path, "w") as f:
@@ -392,6 +394,18 @@ def test_overwrite_replaces_an_earlier_export(model_path, fakes, tmp_path, capsy
     (out / "onnx" / "model.onnx").write_text("old")
     assert _run(capsys, model_path, "--out", out, "--name", "m", "--overwrite")[0] == 0
     assert (out / "onnx" / "model.onnx").read_text() == "onnx"
+
+
+def test_out_whose_path_is_not_utf8_is_exported(model_path, fakes, tmp_path, capsys):
+    # Issue 32: a non-UTF-8 byte in --out failed at the lock ("'utf-8' codec can't
+    # encode ..."), then in TensorFlow's writer. Linux paths are bytes.
+    out = tmp_path / os.fsdecode(b"ex\xff")
+    status, stdout, err = _run(capsys, model_path, "--out", out, "--name", "m")
+    assert status == 0, err
+    assert sorted(os.listdir(out)) == [".lock", "onnx", "serving"]
+    assert (out / "serving" / "m" / "1" / "saved_model.pb").exists()
+    assert errors.printable(str(out / "serving" / "m" / "1")) in stdout  # shown as \xff
+    assert not [n for n in os.listdir(tmp_path) if n != os.path.basename(out)]
 
 
 def test_stale_staging_folders_are_removed(model_path, fakes, tmp_path, capsys):

@@ -2,6 +2,7 @@
 answered without importing a framework; errors as one line with exit code 2."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import textwrap
 
 import pytest
 
+from keras_primer_cli.errors import printable
 from keras_primer_cli.run_config import (
     PRESETS,
     RunConfig,
@@ -313,7 +315,7 @@ def test_user_files_named_like_ours_are_not_taken_for_ours(tmp_path, capsys, nam
 def test_a_start_that_was_killed_is_ours_to_take_over(tmp_path):
     # What a killed start leaves before its run.json: the lock, run.json's
     # temporary file, another host's empty worker folder. Nothing else.
-    from keras_primer.training.driver import check_folder_owned, claim_folder
+    from keras_primer.training.driver import check_folder_owned
     from keras_primer.training.run_dir import temp_path
 
     out = tmp_path / "run"
@@ -356,3 +358,56 @@ def test_only_temporary_files_of_our_exact_names_are_removed(tmp_path):
     driver.claim_folder(run)
     assert not [p for p in ours if os.path.exists(p)]
     assert all(p.read_text() == "x" for p in users)
+
+
+def test_lock_records_the_command_line_as_the_bytes_it_was_given(tmp_path, monkeypatch):
+    # Issue 32: a non-UTF-8 byte in argv failed train and export at the lock.
+    from keras_primer_cli.folder_lock import FolderLock
+
+    argv = [b"keras-primer", b"train", b"--out", b"runs/bad\xff", b"--prompt", b"\xfe"]
+    monkeypatch.setattr(sys, "argv", [os.fsdecode(a) for a in argv])
+    with FolderLock(str(tmp_path), "training process"):
+        record = (tmp_path / ".lock").read_bytes()
+    assert record.endswith(b": " + b" ".join(argv)), record
+
+
+def test_prompt_that_is_not_unicode_is_refused_only_when_used(tmp_path, capsys):
+    # Issue 32: the generation contract's Unicode rule judges the bytes given.
+    argv = ["--out", str(tmp_path / "run"), "--data", SAMPLE, "--prompt", os.fsdecode(b"x\xff")]
+    assert main(argv + ["--sample-tokens", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "--prompt: Every prompt must be valid Unicode text" in err
+    assert "Received: b'x\\xff' (invalid UTF-8 at byte 1)" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.tensorflow_only
+def test_paths_that_are_not_utf8_round_trip(tmp_path):
+    # Issue 32: `--out $'runs/bad\xff'` (or an unused `--prompt $'\xff'`) failed at
+    # the lock; then TensorBoard's writer. Each argument must come back as its bytes:
+    # in the lock file, in run.json (a corpus file name), on a strict stdout.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    file_name = b"sonnets\xfe.txt"
+    with open(os.path.join(os.fsencode(corpus), file_name), "wb") as f, open(SAMPLE, "rb") as s:
+        f.write(s.read())
+    out = os.path.join(os.fsencode(tmp_path), b"runs", b"bad\xff")
+    argv = [b"--out", out, b"--data", os.fsencode(corpus), b"--steps", b"2"]
+    argv += [b"--sequence-length", b"16", b"--batch-size", b"2", b"--sample-tokens", b"0"]
+    argv += [b"--prompt", b"x\xff"]
+    env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="tensorflow", PYTHONIOENCODING="utf-8")
+    command = [sys.executable.encode(), b"-m", b"keras_primer_cli.train", *argv]
+    for attempt in ("first", "rerun"):
+        result = subprocess.run(
+            command, env=env, capture_output=True, timeout=HANG_GUARD_S, cwd=ROOT
+        )
+        assert result.returncode == 0, (attempt, result.stderr[-3000:])
+        assert f"Outputs in {printable(os.fsdecode(out))}".encode() in result.stdout
+    assert b"skip TensorBoard logs (TensorFlow writes only to UTF-8 paths)" in result.stderr
+    with open(os.path.join(out, b".lock"), "rb") as f:
+        assert f.read().endswith(b" ".join(argv))
+    with open(os.path.join(out, b"run.json"), encoding="utf-8") as f:
+        files = json.load(f)["definition"]["data"]["files"]
+    assert [os.fsencode(name) for name, _ in files] == [file_name]

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import warnings
 
-from keras_primer_cli.errors import ExportError
+from keras_primer_cli.errors import ExportError, printable
 from keras_primer_cli.export_options import (
     ExportOptions,
     add_model,
@@ -184,6 +184,22 @@ def _relocate(value, staged: str, final: str):
     return value
 
 
+@contextlib.contextmanager
+def _utf8_alias(folder: str):
+    """Yields `folder`, or a link to it with a UTF-8 path when its own is not
+    (a Linux path is bytes; TensorFlow and ONNX Runtime take paths as UTF-8
+    text). The link, in the system's temporary folder, is removed after."""
+    try:
+        folder.encode("utf-8")
+    except UnicodeEncodeError:
+        with tempfile.TemporaryDirectory(prefix="keras-primer-export-") as scratch:
+            link = os.path.join(scratch, "staging")
+            os.symlink(folder, link)
+            yield link
+        return
+    yield folder
+
+
 def _swap_in(staged: str, final: str, trash: str) -> None:
     """Renames `staged` to `final`; an existing `final` (an export's, or an
     empty folder: `check_outputs`) goes to `trash` first."""
@@ -220,7 +236,7 @@ def remove_stale_staging(out_dir: str) -> list[str]:
 
 
 def _say(message: str) -> None:
-    print(f"keras-primer export: {message}", file=sys.stderr, flush=True)
+    print(f"keras-primer export: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def run_export(options: ExportOptions) -> dict:
@@ -257,23 +273,26 @@ def _export_locked(o: ExportOptions, config) -> dict:
         )
         written: dict = {"name": o.name, "version": o.version}
         staged_onnx = os.path.join(staging, "onnx")
-        if o.saved_model:
-            from keras_primer.export.saved_model import export_saved_model, replay_warmup
+        with _utf8_alias(staging) as work:
+            if o.saved_model:
+                from keras_primer.export.saved_model import export_saved_model, replay_warmup
 
-            staged_version = export_saved_model(
-                model,
-                os.path.join(staging, "serving"),
-                o.name,
-                o.version,
-                default_max_new_tokens=max_new_tokens,
-            )
-            replay_warmup(staged_version)
-        if o.onnx:
-            from keras_primer.export.onnx_export import export_onnx
+                version = export_saved_model(
+                    model,
+                    os.path.join(work, "serving"),
+                    o.name,
+                    o.version,
+                    default_max_new_tokens=max_new_tokens,
+                )
+                replay_warmup(version)
+                staged_version = _relocate(version, work, staging)
+            if o.onnx:
+                from keras_primer.export.onnx_export import export_onnx
 
-            written["onnx"] = _relocate(
-                export_onnx(model, staged_onnx, int8=o.int8), staged_onnx, o.onnx_dir
-            )
+                work_onnx = os.path.join(work, "onnx")
+                written["onnx"] = _relocate(
+                    export_onnx(model, work_onnx, int8=o.int8), work_onnx, o.onnx_dir
+                )
         # Every file is written and checked: move the results into place.
         if o.saved_model:
             _swap_in(staged_version, o.version_dir, os.path.join(staging, "replaced-version"))

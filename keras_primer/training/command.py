@@ -16,6 +16,7 @@ from keras_primer_cli.errors import (
     EXIT_INTERRUPTED,
     EXPECTED_ERRORS,
     error_line,
+    printable,
 )
 from keras_primer_cli.run_config import TRAIN_PROG, RunConfig
 
@@ -48,7 +49,7 @@ def run(config: RunConfig) -> int:
         f"{summary['val_loss']:.4f}, val bits/char {summary['val_bits_per_char']:.3f}, "
         + (f"{speed:.0f} tokens/s" if speed is not None else "tokens/s not measured")
         + f", {summary['wall_time_s']:.1f} s\n"
-        f"Outputs in {os.path.abspath(config.out)} (summary.json, model.keras, best.keras, "
+        f"Outputs in {printable(os.path.abspath(config.out))} (summary.json, model.keras, best.keras, "
         "history.csv, samples.txt)."
     )
     for prompt, text in summary["samples"].items():

@@ -86,7 +86,7 @@ from keras_primer.training.run_dir import (
     write_history_csv,
     write_json_atomic,
 )
-from keras_primer_cli.errors import ConfigError
+from keras_primer_cli.errors import ConfigError, printable
 from keras_primer_cli.folder_lock import LOCK_FILE
 from keras_primer_cli.ownership import ATOMIC_WRITE, RUN_RECORD, read_run_record
 from keras_primer_cli.presets import TrainPreset
@@ -231,12 +231,13 @@ def open_run(config: RunConfig, say=None) -> Run:
     preset = resolve_preset(config)
     if config.multi_host:
         initialize_multi_host()  # before any JAX call, `run_folder`'s included
+    out = run_folder(config)
     return Run(
         config=config,
         preset=preset,
         tokenizer=tokenizer,
-        out=run_folder(config),
-        outputs=optional_outputs(config, say),
+        out=out,
+        outputs=optional_outputs(config, out, say),
     )
 
 
@@ -306,25 +307,42 @@ def resolve_preset(config: RunConfig) -> TrainPreset:
     return config.resolved_preset()
 
 
-def optional_outputs(config: RunConfig, say=None) -> dict:
-    """Which optional outputs this install can write; says once what it skips.
+def optional_outputs(config: RunConfig, out: str, say=None) -> dict:
+    """Which optional outputs this install can write into `out`; says once what it skips.
 
     Returns `{"learning_curve": bool, "tensorboard": bool}`.
     """
     say = say or _note
     have_plot = _installed("matplotlib")
     have_tb = config.tensorboard and _installed("tensorboard")
-    skipped = []
+    skipped, fix = [], ""
     if not have_plot:
         skipped.append("learning_curve.png (matplotlib is not installed)")
+        fix = " `pip install keras-primer[train]` adds them."
     if config.tensorboard and not have_tb:
         skipped.append("TensorBoard logs (tensorboard is not installed)")
+        fix = " `pip install keras-primer[train]` adds them."
+    elif have_tb and not _is_utf8(out):
+        # TensorFlow's summary writer takes its folder as UTF-8 text only.
+        have_tb = False
+        skipped.append("TensorBoard logs (TensorFlow writes only to UTF-8 paths)")
     if skipped:
         say(
-            "this run will skip " + " and ".join(skipped) + "; history.csv has the same "
-            "numbers. `pip install keras-primer[train]` adds them."
+            "this run will skip "
+            + " and ".join(skipped)
+            + "; history.csv has the same numbers."
+            + fix
         )
     return {"learning_curve": have_plot, "tensorboard": have_tb}
+
+
+def _is_utf8(path: str) -> bool:
+    """Whether `path` (bytes on Linux, undecodable ones as surrogate escapes) is UTF-8 text."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _installed(package: str) -> bool:
@@ -929,7 +947,7 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
             restore_checkpoint(run, lm)
             write_json_atomic(run.path(RUN_RECORD), record)  # the change now happens
             if run.start and config.verbose:
-                print(f"Resuming {run.out} from step {run.start} of {run.total_steps}.")
+                print(f"Resuming {printable(run.out)} from step {run.start} of {run.total_steps}.")
             callbacks = make_callbacks(run, lm, extra_callbacks)
             fit_segments(run, lm, dist, callbacks)
             check_finite(run, callbacks)
@@ -937,7 +955,7 @@ def train(config: RunConfig, extra_callbacks: list | None = None) -> dict:
 
 
 def _note(message: str) -> None:
-    print(f"keras-primer train: note: {message}", file=sys.stderr)
+    print(f"keras-primer train: note: {printable(message)}", file=sys.stderr)
 
 
 @contextlib.contextmanager
