@@ -198,3 +198,46 @@ def test_binary_file_is_not_a_corpus(tmp_path):
     binary.write_bytes(np.random.default_rng(0).bytes(4096).replace(b"\x00", b"\x01"))
     with pytest.raises(DataFileError, match=r"model\.txt is not text \(\d+ of its \d+ characters"):
         content_fingerprint([str(binary)], text=True)
+
+
+@pytest.mark.tensorflow_only
+def test_run_and_export_folders_inside_data_are_never_corpus(tmp_path):
+    # Issue 32: a run folder inside --data fed its own samples.txt back as corpus.
+    data = tmp_path / "data"
+    _write(str(data / "a.txt"), "text\n")
+    _write(str(data / "run" / "run.json"), '{"definition": {}, "steps": 2, "changes": []}')
+    _write(str(data / "run" / "samples.txt"), "generated\n")
+    _write(str(data / "ex" / "serving" / "models.config"), "model_config_list {}\n")
+    _write(str(data / "ex" / "notes.txt"), "export notes\n")
+    _write(str(data / "ex2" / "onnx" / "export_config.json"), "{}")
+    _write(str(data / "ex2" / "readme.txt"), "export notes\n")
+    _write(str(data / "mine" / "run.json"), "my own notes, not a run record")
+    _write(str(data / "mine" / "b.txt"), "text\n")
+    said = []
+    files = list_text_files(str(data), say=said.append)
+    assert [os.path.relpath(f, data) for f in files] == ["a.txt", os.path.join("mine", "b.txt")]
+    (message,) = said
+    assert "skips 3 folder(s) written by keras-primer" in message
+    assert all(str(data / name) in message for name in ("run", "ex", "ex2"))
+    assert list_text_files(str(data)) == files  # silent without `say`
+    with pytest.raises(DataFileError, match=r"skipped 1 run or export folder"):
+        list_text_files(str(data / "run"))
+
+
+@pytest.mark.tensorflow_only
+def test_symlinked_folders_are_followed_and_loops_skipped(tmp_path):
+    # Issue 32: a symlinked sub-folder of --data was skipped without a word.
+    data = tmp_path / "data"
+    _write(str(data / "a.txt"), "text\n")
+    _write(str(tmp_path / "elsewhere" / "b.txt"), "text\n")
+    os.symlink(tmp_path / "elsewhere", data / "linked")
+    os.symlink(tmp_path / "elsewhere", data / "linked_again")  # a second way in
+    os.symlink(data, data / "loop")  # back up to the corpus itself
+    os.symlink(tmp_path, data / "parent")  # a folder holding the corpus
+    said = []
+    files = list_text_files(str(data), say=said.append)
+    assert [os.path.relpath(f, data) for f in files] == ["a.txt", os.path.join("linked", "b.txt")]
+    (message,) = said
+    assert "3 symlinked folder(s) leading to a folder it reads already" in message
+    for name in ("linked_again", "loop", "parent"):
+        assert str(data / name) in message

@@ -411,3 +411,27 @@ def test_paths_that_are_not_utf8_round_trip(tmp_path):
     with open(os.path.join(out, b"run.json"), encoding="utf-8") as f:
         files = json.load(f)["definition"]["data"]["files"]
     assert [os.fsencode(name) for name, _ in files] == [file_name]
+
+
+def test_run_folder_inside_data_is_not_corpus_and_extends(tmp_path, capsys):
+    # Issue 32: with --out inside the --data folder, the run's own samples.txt
+    # became corpus, and extending the run was refused as "a different run".
+    data = tmp_path / "corpus"
+    data.mkdir()
+    with open(SAMPLE, encoding="utf-8") as f, open(data / "sonnets.txt", "w") as g:
+        g.write(f.read())
+    out = data / "runs" / "a"
+    argv = ["--out", str(out), "--data", str(data), "--sequence-length", "16"]
+    argv += ["--batch-size", "2", "--sample-tokens", "4", "--no-tensorboard", "--verbose", "0"]
+    assert main(argv + ["--steps", "2"]) == 0, capsys.readouterr().err
+    assert (out / "samples.txt").exists()
+    capsys.readouterr()
+    assert main(argv + ["--steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "different run" not in err and "extending the run from 2 to 3 steps" in err
+    assert (
+        f"skips 1 folder(s) written by keras-primer (run folders and exports, never corpus): {out}"
+        in err
+    )
+    files = json.loads((out / "run.json").read_text())["definition"]["data"]["files"]
+    assert [name for name, _ in files] == ["sonnets.txt"]

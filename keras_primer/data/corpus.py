@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+from keras_primer_cli.ownership import is_export_folder, is_run_folder
+
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
@@ -88,13 +90,22 @@ def check_text_file(path: str) -> None:
         raise DataFileError(f"Data file is empty: {path}. A corpus needs some text.")
 
 
-def list_text_files(path: str, extensions: tuple[str, ...] = DEFAULT_EXTENSIONS) -> list[str]:
+def list_text_files(
+    path: str, extensions: tuple[str, ...] = DEFAULT_EXTENSIONS, say=None
+) -> list[str]:
     """The text files of a corpus: `path` itself, or the files under a folder.
 
     A folder is searched recursively for files ending in one of `extensions`
     (hidden files and folders are skipped); the result is sorted so that the
     train/validation split is reproducible. Empty files are skipped, but a
     corpus with no text at all is an error.
+
+    What keras-primer writes is never corpus: a run folder (our `run.json`:
+    its `samples.txt` would become training text, and the run a different
+    run on its next start) and an export folder are skipped. Symlinked
+    folders are followed; one that leads to a folder read already (a loop,
+    or a second link to it) is skipped. `say(message)`, when given, is told
+    once what was skipped.
 
     Raises:
         DataFileError: `path` does not exist, is an empty file, or is a folder
@@ -109,21 +120,56 @@ def list_text_files(path: str, extensions: tuple[str, ...] = DEFAULT_EXTENSIONS)
     if os.path.isfile(path):
         check_text_file(path)
         return [path]
-    files, empty = [], []
-    for root, dirs, names in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    files, empty, ours, repeated = [], [], [], []
+    seen = {os.path.realpath(path)}  # folders read or queued, resolved
+    for root, dirs, names in os.walk(path, followlinks=True):
+        if is_run_folder(root) or is_export_folder(root):
+            ours.append(root)
+            dirs[:] = []
+            continue
+        kept = []
+        # Real folders first, so that a link to one of them is the one skipped.
+        for d in sorted(dirs, key=lambda d: (os.path.islink(os.path.join(root, d)), d)):
+            if d.startswith("."):
+                continue
+            target = os.path.realpath(os.path.join(root, d))
+            if target in seen or _holds(target, os.path.realpath(root)):
+                repeated.append(os.path.join(root, d))  # a loop, or a second way in
+                continue
+            seen.add(target)
+            kept.append(d)
+        dirs[:] = sorted(kept)
         for name in sorted(names):
             if name.startswith(".") or not name.lower().endswith(tuple(extensions)):
                 continue
             full = os.path.join(root, name)
             (files if os.path.getsize(full) > 0 else empty).append(full)
+    if say and (ours or repeated):
+        skipped = []
+        if ours:
+            skipped.append(
+                f"{len(ours)} folder(s) written by keras-primer (run folders and exports, "
+                f"never corpus): {', '.join(ours)}"
+            )
+        if repeated:
+            skipped.append(
+                f"{len(repeated)} symlinked folder(s) leading to a folder it reads already "
+                f"(a loop, or a second link): {', '.join(repeated)}"
+            )
+        say(f"--data {path} skips " + "; and ".join(skipped) + ".")
     if not files:
         raise DataFileError(
             f"No non-empty text files under {path} (looked for names ending in "
-            f"{', '.join(extensions)}; found {len(empty)} empty). Pass a text file "
-            "or a folder that holds some."
+            f"{', '.join(extensions)}; found {len(empty)} empty"
+            + (f"; skipped {len(ours)} run or export folder(s)" if ours else "")
+            + "). Pass a text file or a folder that holds some."
         )
     return sorted(files)
+
+
+def _holds(folder: str, path: str) -> bool:
+    """Whether the resolved `folder` is the resolved `path` or a folder above it."""
+    return os.path.commonpath([folder, path]) == folder
 
 
 def iter_text_chunks(files: list[str], chunk_chars: int = 1 << 20) -> Iterator[tuple[int, str]]:

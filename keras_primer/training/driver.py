@@ -440,7 +440,7 @@ def locate_corpus(config: RunConfig) -> Corpus:
     """
     data = config.data if config.data else shakespeare_path(None, download=config.download)
     path = os.path.abspath(os.path.expanduser(data))
-    files = list_text_files(path)
+    files = list_text_files(path, say=_note)
     root = path if os.path.isdir(path) else os.path.dirname(path)
     fingerprint = [
         [os.path.relpath(f, root), size, sha]
