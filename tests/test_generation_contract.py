@@ -528,6 +528,54 @@ def test_unicode_rule_in_the_contract_and_codecs(prompt):
             generation.ByteCodec().encode(prompt)
 
 
+# === Special ids never come from a prompt (issue 32) ===
+# Characters the byte tokenizer encodes as special ids, and the contract's text.
+SPECIAL_PROMPTS = [
+    ("a\x00b", "U+0000 at character 1 is the special id 0"),
+    ("é\x02", "U+0002 at character 1 is the special id 2"),
+    ("\x03", "U+0003 at character 0 is the special id 3"),
+]
+
+
+@pytest.mark.tensorflow_only  # backend-independent: runs once
+def test_prompt_ids_refuse_special_ids_and_sentencepiece_never_makes_them():
+    """Regression (issue 32): a NUL (pad), STX (start) or ETX (end) in a
+    byte-model prompt was silently dropped from the text in every runtime."""
+    from export_helpers import sentencepiece_proto
+
+    spec, codec = generation.byte_spec(), generation.ByteCodec()
+    for prompt, where in SPECIAL_PROMPTS:
+        with pytest.raises(ValueError) as error:
+            generation.prompt_ids(spec, codec, prompt)
+        expected = f"{generation.SPECIAL_TOKEN_ERROR} Received: {prompt!r} ({where})"
+        assert str(error.value) == expected
+    assert generation.prompt_ids(spec, codec, "Hi\x01\x04") == [2, 72, 105, 1, 4]
+    # SentencePiece: <pad>, <s>, </s> are control pieces, which encoding never
+    # produces; control characters become byte pieces and survive decoding.
+    sp = generation.SentencePieceCodec(sentencepiece_proto())
+    special = set(sp.spec.special_ids)
+    for text in [chr(c) for c in range(128)] + ["<pad>", "<s>", "</s>", "a\x00b\x02c\x03"]:
+        ids = generation.prompt_ids(sp.spec, sp, text)[1:]
+        assert not special & set(ids) and sp.decode(ids) == text, (text, ids)
+
+
+@pytest.mark.parametrize("family", ["primer", "feedback"])
+def test_keras_generate_refuses_special_characters_in_prompts(family):
+    lm = make_lm(family, "bytes")
+    lm.compile(sampler="greedy")
+    for prompt, where in SPECIAL_PROMPTS:
+        with pytest.raises(ValueError) as error:
+            lm.generate(prompt, max_length=12)
+        assert str(error.value) == (
+            f"{generation.SPECIAL_TOKEN_ERROR} Received: {prompt!r} ({where})"
+        )
+    with pytest.raises(ValueError, match=re.escape("Received: prompt 1: 'a\\x00b' (U+0000")):
+        lm.generate(["Hi", "a\x00b"], max_length=12)
+    lm = make_lm(family, "sentencepiece")
+    lm.compile(sampler="greedy")
+    assert lm.generate("a\x00b", max_length=8).startswith("a\x00b")
+
+
 @pytest.mark.parametrize("tokenizer", ["bytes", "sentencepiece"])
 def test_unicode_rule_in_keras_generate(tokenizer):
     """Regression (issue 20 item 6): UnicodeDecodeError, a TypeError, a

@@ -73,6 +73,10 @@ EDGE = [
 # Not valid Unicode: invalid UTF-8, and a lone surrogate (a str; a client that
 # sends it to TF Serving can only send its "surrogatepass" bytes).
 BAD_UNICODE = [b"\xff\xfeA", "a\udcff"]
+# Characters that the byte tokenizer encodes as special ids (pad, start, end):
+# refused with the contract's text (issue 32: decoding dropped them from the
+# text). SentencePiece never encodes text as a special id: kept in the text.
+SPECIAL = ["a\x00b", "Hi\x02", "\x03"]
 # The full forward pass (Keras `call`, the SavedModel's `serving_default`,
 # ORT's `model.onnx`) on these ids, without padding: the same logits.
 LOGITS_IDS = sample_ids()[0]
@@ -92,7 +96,7 @@ import tensorflow as tf
 # (its package imports tf.keras layers), which this process cannot.
 text_dir = importlib.util.find_spec("tensorflow_text").submodule_search_locations[0]
 tf.load_op_library(os.path.join(text_dir, "python", "ops", "_sentencepiece_tokenizer.so"))
-cases, prompts, new_tokens, sampling, edge, bad, bad_unicode, ids, out_path = json.loads(sys.argv[1])
+cases, prompts, new_tokens, sampling, edge, bad, bad_unicode, special, ids, out_path = json.loads(sys.argv[1])
 result = {}
 for name, sm_dir in cases.items():
     loaded = tf.saved_model.load(sm_dir)
@@ -119,7 +123,15 @@ for name, sm_dir in cases.items():
             errors.append(None)
         except tf.errors.InvalidArgumentError as e:
             errors.append(e.message)
+    special_out = []
+    for prompt in special:
+        try:
+            out = loaded.signatures["generate"](prompts=tf.constant([prompt.encode("utf-8")]))
+            special_out.append({"text": out["outputs"].numpy()[0].decode("utf-8")})
+        except tf.errors.InvalidArgumentError as e:
+            special_out.append({"error": e.message})
     result[name] = {"greedy": [x.decode("utf-8") for x in greedy], "sampled": [run(**sampling), run(**sampling)],
+                    "special": special_out,
                     "edge": [run(**options_) for options_ in edge], "errors": errors, "logits": logits}
 result["modules"] = sorted(m for m in sys.modules
                            if m.split(".")[0] in ("keras", "keras_primer", "jax", "torch") and sys.modules[m])
@@ -136,7 +148,7 @@ block_imports(*{FRAMEWORKS!r})
 import json
 import numpy as np
 from keras_primer_runtime.ort_generator import OrtGenerator
-cases, prompts, new_tokens, sampling, edge, bad, bad_unicode, ids, out_path = json.loads(sys.argv[1])
+cases, prompts, new_tokens, sampling, edge, bad, bad_unicode, special, ids, out_path = json.loads(sys.argv[1])
 result = {}
 for name, onnx_dir in cases.items():
     gen = OrtGenerator(onnx_dir, providers=["CPUExecutionProvider"])
@@ -154,7 +166,13 @@ for name, onnx_dir in cases.items():
             errors.append(None)
         except ValueError as e:
             errors.append(str(e))
-    result[name] = {"greedy": gen.generate(prompts, new_tokens), "logits": logits,
+    special_out = []
+    for prompt in special:
+        try:
+            special_out.append({"text": gen.generate(prompt, new_tokens)})
+        except ValueError as e:
+            special_out.append({"error": str(e)})
+    result[name] = {"greedy": gen.generate(prompts, new_tokens), "logits": logits, "special": special_out,
                     "sampled": [gen.generate(prompts, new_tokens, **sampling) for _ in range(2)], "errors": errors,
                     "edge": [gen.generate(prompts, new_tokens, **options) for options in edge],
                     "config": {k: gen.config[k] for k in ("family", "states")}}
@@ -181,6 +199,7 @@ def _fresh(script, cases, tmp_path, name):
             EDGE,
             [b for b, _ in BAD],
             bad_unicode,
+            SPECIAL,
             LOGITS_IDS.tolist(),
             str(out),
         ]
@@ -225,7 +244,18 @@ def keras_side(lm, name):
         with pytest.raises(ValueError) as error:
             lm.generate(prompt, max_length=8)
         assert str(error.value).startswith(generation.UNICODE_ERROR), name
+    for prompt in SPECIAL:
+        if _kind(lm) == "sentencepiece":
+            assert lm.generate(prompt, max_length=8).startswith(prompt), name
+        else:
+            with pytest.raises(ValueError) as error:
+                lm.generate(prompt, max_length=8)
+            assert str(error.value).startswith(generation.SPECIAL_TOKEN_ERROR), name
     return text
+
+
+def _kind(lm):
+    return lm.preprocessor.tokenizer.tokenizer_spec().kind
 
 
 # Keras on another backend, in a fresh process: loads the files the test wrote.
@@ -324,3 +354,8 @@ def test_same_text_in_keras_savedmodel_and_ort(tmp_path):
             assert len(runtime[name]["errors"]) == len(expected)
             for text, message in zip(expected, runtime[name]["errors"]):
                 assert message is not None and text in message, (name, text, message)
+            for prompt, out in zip(SPECIAL, runtime[name]["special"], strict=True):
+                if CASES[name].get("tokenizer") == "sentencepiece":
+                    assert out["text"].startswith(prompt), (name, prompt, out)
+                else:
+                    assert generation.SPECIAL_TOKEN_ERROR in out["error"], (name, prompt, out)

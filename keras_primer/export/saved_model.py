@@ -134,6 +134,19 @@ class GenerationGraph:
             pieces = tf.strings.bytes_split(prompts)
             ids = tf.ragged.map_flat_values(tf.io.decode_raw, pieces, tf.uint8)
             ids = tf.cast(tf.squeeze(ids, -1), tf.int32)
+        # The contract's rule (`generation.check_prompt_tokens`): no special
+        # id among a prompt's tokens (the text would lose it); the error
+        # names the (prompt, token) positions.
+        special = tf.reduce_any(
+            tf.equal(ids.flat_values[:, None], tf.constant(self.spec.special_ids)), axis=-1
+        )
+        special = ids.with_flat_values(special).to_tensor(default_value=False)
+        check = tf.debugging.Assert(
+            tf.logical_not(tf.reduce_any(special)),
+            [generation.SPECIAL_TOKEN_ERROR, "(prompt, token) positions:", tf.where(special)],
+        )
+        with tf.control_dependencies([check]):
+            ids = tf.identity(ids)
         if self.spec.add_start_token:
             starts = tf.RaggedTensor.from_tensor(
                 tf.fill([tf.shape(prompts)[0], 1], self.spec.start_id)

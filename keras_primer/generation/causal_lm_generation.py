@@ -3,10 +3,11 @@
 import numpy as np
 from keras import ops
 from keras_hub.src.utils.tensor_utils import any_equal
+from keras_hub.tokenizers import ByteTokenizer
 
 from keras_primer.generation.samplers import check_sampler
 from keras_primer.utils.validation import check_token_ids, concrete_value
-from keras_primer_runtime.generation import check_prompts
+from keras_primer_runtime.generation import check_prompt_tokens, check_prompts
 
 
 def finish_generation(token_ids, padding_mask, stop_token_ids):
@@ -55,7 +56,8 @@ class GenerateInputChecks:
     """Mixin for `CausalLM` subclasses: clear errors before `generate`/`fit`.
 
     Checks that prompts are non-empty, valid Unicode strings (the decoding
-    contract's `check_prompts`) that fit in `max_length`, that
+    contract's `check_prompts`) whose tokens are not special ids (its
+    `check_prompt_tokens`) and that fit in `max_length`, that
     `max_length` fits the backbone, and that token-id inputs (NumPy or eager
     tensors) hold ids inside the vocabulary.
     """
@@ -114,8 +116,14 @@ class GenerateInputChecks:
         prompts = check_prompts(list(prompts))
         tokenizer = self.preprocessor.tokenizer
         start = 1 if self.preprocessor.add_start_token else 0
+        # The ids keras-hub strips from generated text (the contract's special
+        # ids for our tokenizers) must not come from a prompt.
+        special_ids = [int(i) for i in getattr(tokenizer, "special_token_ids", ())]
+        kind = "bytes" if isinstance(tokenizer, ByteTokenizer) else "sentencepiece"
         for i, prompt in enumerate(prompts):
-            num_tokens = len(np.asarray(tokenizer(prompt)).reshape(-1)) + start
+            ids = np.asarray(tokenizer(prompt)).reshape(-1)
+            check_prompt_tokens(prompt, ids, special_ids, kind, i if len(prompts) > 1 else None)
+            num_tokens = len(ids) + start
             if max_length is not None and num_tokens > max_length:
                 raise ValueError(
                     f"Prompt {i} is {num_tokens} tokens long (start token included), "

@@ -9,7 +9,8 @@ generator (`keras_primer_runtime.ort_generator`) derive from it. Its parts:
   next-token distribution (`filtered_probabilities`) and the length rule
   (`check_max_new_tokens`).
 * `prompts`: non-empty prompts under the Unicode rule (`check_prompts`,
-  `check_text`, `UNICODE_ERROR`).
+  `check_text`, `UNICODE_ERROR`), without special ids among their tokens
+  (`check_prompt_tokens`, `SPECIAL_TOKEN_ERROR`).
 * `tokenizers`: the tokenizer description that travels with an export
   (`TokenizerSpec`) and the one codec per kind (`ByteCodec`,
   `SentencePieceCodec`, `make_codec`, `load_tokenizer`).
@@ -49,7 +50,9 @@ from keras_primer_runtime.generation.options import (
 from keras_primer_runtime.generation.prompts import (
     EMPTY_PROMPT_ERROR,
     PROMPTS_ERROR,
+    SPECIAL_TOKEN_ERROR,
     UNICODE_ERROR,
+    check_prompt_tokens,
     check_prompts,
     check_text,
 )

@@ -6,6 +6,14 @@ must hold no lone surrogate (U+D800 to U+DFFF). Anything else is refused with
 `UNICODE_ERROR`, in every runtime and for both tokenizers; nothing is
 replaced or dropped silently. Generated ids that do not form valid UTF-8 (a
 byte model may emit any byte) are shown as U+FFFD.
+
+A prompt's tokens must not be special ids (`check_prompt_tokens`,
+`SPECIAL_TOKEN_ERROR`): decoded text leaves special ids out, so such a
+character would vanish from the output. With the byte tokenizer these are the
+characters U+0000 (pad), U+0002 (start) and U+0003 (end). A SentencePiece
+model's `<pad>`, `<s>` and `</s>` are control pieces, which its encoding never
+produces (a NUL there is the byte piece `<0x00>`), so its prompts never hit
+this rule.
 """
 
 from __future__ import annotations
@@ -18,6 +26,41 @@ UNICODE_ERROR = (
     "Every prompt must be valid Unicode text: UTF-8 bytes, or a str without lone "
     "surrogates (U+D800 to U+DFFF); nothing is replaced silently."
 )
+
+
+SPECIAL_TOKEN_ERROR = (
+    "Every prompt must be text whose tokens are not special ids (the byte tokenizer "
+    "reserves U+0000 for pad, U+0002 for start and U+0003 for end): decoded text leaves "
+    "special ids out, so the character would be dropped silently. Remove or replace it."
+)
+
+
+def check_prompt_tokens(prompt: str, ids, special_ids, kind: str = "bytes", index=None) -> None:
+    r"""Raises `ValueError(SPECIAL_TOKEN_ERROR ...)` when a prompt's token ids
+    (without the start id a runtime adds) hold a special id, naming it and
+    where: the character and its position for the byte tokenizer (`kind`
+    "bytes": the ids are the prompt's UTF-8 bytes), else the token position.
+
+    >>> check_prompt_tokens("ab", [97, 98], [0, 2, 3])
+    >>> check_prompt_tokens("a\x00b", [97, 0, 98], [0, 2, 3])
+    Traceback (most recent call last):
+    ...
+    ValueError: Every prompt must be text whose tokens are not special ids (the byte tokenizer reserves U+0000 for pad, U+0002 for start and U+0003 for end): decoded text leaves special ids out, so the character would be dropped silently. Remove or replace it. Received: 'a\x00b' (U+0000 at character 1 is the special id 0)
+    """
+    special = {int(i) for i in special_ids}
+    for position, token in enumerate(int(i) for i in ids):
+        if token not in special:
+            continue
+        where = "" if index is None else f"prompt {index}: "
+        if kind == "bytes":
+            # A special byte id is ASCII: the bytes before it end a character.
+            character = len(prompt.encode("utf-8")[:position].decode("utf-8"))
+            what = f"U+{token:04X} at character {character}"
+        else:
+            what = f"token {position}"
+        raise ValueError(
+            f"{SPECIAL_TOKEN_ERROR} Received: {where}{prompt!r} ({what} is the special id {token})"
+        )
 
 
 def check_text(text, index: int | None = None) -> str:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from keras_primer_runtime.generation.prompts import check_text
+from keras_primer_runtime.generation.prompts import check_prompt_tokens, check_text
 
 TOKENIZER_KINDS = ("bytes", "sentencepiece")
 TOKENIZER_FILE = "tokenizer.json"
@@ -228,6 +228,7 @@ def load_tokenizer(directory: str):
 
 def prompt_ids(spec: TokenizerSpec, codec, prompt: str) -> list[int]:
     """A prompt's ids as every runtime packs them: start id (when the model
-    adds one) and the codec's ids."""
+    adds one) and the codec's ids, none of them special (`check_prompt_tokens`)."""
     ids = [int(i) for i in codec.encode(prompt)]
+    check_prompt_tokens(prompt, ids, spec.special_ids, spec.kind)
     return [spec.start_id] + ids if spec.add_start_token else ids
