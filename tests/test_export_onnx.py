@@ -389,3 +389,43 @@ def test_model_trained_on_other_backend(backend, where, exported, tmp_path):
     # replayed its warmup requests before moving the SavedModel into place.
     out = loaded.signatures["generate"](prompts=tf.constant(["To be, or", "Hi"]))
     assert out["num_new_tokens"].numpy().max() <= 15
+
+
+def test_layer_norms_are_one_onnx_op(exported, tmp_path):
+    """tf2onnx spells a Keras LayerNormalization as 13 ops; the export fuses
+    each into ONNX's LayerNormalization, with the same outputs, and leaves a
+    mean that is not a layer norm alone."""
+    import keras
+    import onnx
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from keras_primer.export import onnx_export
+
+    for key in ("model", "decoder_step"):
+        types = [n.op_type for n in onnx.load(exported["onnx"][key]).graph.node]
+        # 2 norms per block (2 blocks) and the final one.
+        assert types.count("LayerNormalization") == 5 and "GlobalAveragePool" not in types
+
+    norm = keras.layers.LayerNormalization(epsilon=1e-3)
+    norm.build((None, None, 8))
+    norm.set_weights([np.linspace(0.5, 2.0, 8, dtype="float32"), np.arange(8, dtype="float32")])
+    x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype("float32")
+
+    def both(x):
+        # Another mean (of another tensor: tf2onnx merges identical nodes).
+        return [norm(x), tf.reduce_mean(x * 2.0, axis=-1, keepdims=True)]
+
+    path = onnx_export._convert(
+        tf.function(both),
+        [tf.TensorSpec([None, None, 8], tf.float32, name="x")],
+        ["normed", "mean"],
+        str(tmp_path / "norm.onnx"),
+        "{}",
+    )
+    types = [n.op_type for n in onnx.load(path).graph.node]
+    assert types.count("LayerNormalization") == 1 and types.count("GlobalAveragePool") == 1
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    normed, mean = session.run(["normed", "mean"], {"x": x})
+    np.testing.assert_allclose(normed, keras.ops.convert_to_numpy(norm(x)), atol=1e-5)
+    np.testing.assert_allclose(mean, x.mean(-1, keepdims=True) * 2.0, atol=1e-6)

@@ -28,7 +28,8 @@ Writes, into one directory (the contract is documented in export/README.md):
 * optionally `model.int8.onnx` and `decoder_step.int8.onnx` (dynamic int8
   quantization of the MatMul weights, per channel, `onnxruntime.quantization`).
 
-The models use opset 17 and IR version 8, which onnxruntime 1.30 loads.
+The models use opset 17 and IR version 8, which onnxruntime 1.30 loads; each
+layer norm is one `LayerNormalization` op (`onnx_graph.fuse_layer_norms`).
 """
 
 import contextlib
@@ -40,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_primer.export.adapters import get_adapter
+from keras_primer.export.onnx_graph import fuse_layer_norms
 from keras_primer.layers.cache_utils import export_safe_cache_writes, growing_cache_writes
 from keras_primer_runtime import generation
 from keras_primer_runtime.export_folder import (
@@ -115,6 +117,7 @@ def _convert(function, input_signature, output_names, path, metadata):
     for output in graph.output:
         output.name = renames.get(output.name, output.name)
     model_proto.ir_version = IR_VERSION
+    fuse_layer_norms(model_proto)
     _set_metadata(model_proto, metadata)
     onnx.checker.check_model(model_proto)
     onnx.save(model_proto, path)

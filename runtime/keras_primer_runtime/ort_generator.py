@@ -136,6 +136,9 @@ class OrtGenerator:
         self._full = None
         # The ONNX tensors of the decoding state (see export/README.md).
         self.state_tensors = self.config["states"]
+        self._past_names = [t["past"] for t in self.state_tensors]
+        self._present_names = [t["present"] for t in self.state_tensors]
+        self._ort = _onnxruntime()
         self.io = self.config["step_io"]
         self.vocabulary_size = int(self.config["vocabulary_size"])
         self.max_sequence_length = int(self.config["max_sequence_length"])
@@ -202,12 +205,7 @@ class OrtGenerator:
         ort = _onnxruntime()
         token_ids = self._check_ids(token_ids)
         position = int(position)
-        binding = self._step.io_binding()
-        alive = []  # NumPy buffers the bound OrtValues point to, until run
-        binding.bind_cpu_input(self.io["input_ids"], token_ids)
-        binding.bind_cpu_input(
-            self.io["cache_position"], np.asarray(position, np.int32).reshape(())
-        )
+        values = []
         for t in self.state_tensors:
             value = state[t["past"]]
             if not isinstance(value, ort.OrtValue):
@@ -216,27 +214,47 @@ class OrtGenerator:
                     raise ValueError(
                         f"State `{t['past']}` must be float32; received {value.dtype}."
                     )
-                alive.append(value)
-                value = ort.OrtValue.ortvalue_from_numpy(value, self._device, 0)
-            shape = value.shape()
+            shape = tuple(value.shape() if isinstance(value, ort.OrtValue) else value.shape)
             if len(shape) != len(t["shape"]) or shape[0] != token_ids.shape[0]:
                 raise ValueError(
                     f"State `{t['past']}` must have rank {len(t['shape'])} and batch {token_ids.shape[0]}; "
-                    f"received shape {tuple(shape)}."
+                    f"received shape {shape}."
                 )
             if PAST_LENGTH in t["shape"] and shape[t["shape"].index(PAST_LENGTH)] != position:
                 raise ValueError(
                     f"State `{t['past']}` must hold the {position} positions before `position`="
-                    f"{position}; received shape {tuple(shape)}."
+                    f"{position}; received shape {shape}."
                 )
-            binding.bind_ortvalue_input(t["past"], value)
+            values.append(value)
+        logits, values = self._run_step(self._new_binding(), token_ids, position, values)
+        return logits, {t["past"]: value for t, value in zip(self.state_tensors, values)}
+
+    def _new_binding(self):
+        """An IOBinding for one decoding loop (a binding is not shared
+        between threads); each step binds its inputs over the previous ones."""
+        return self._step.io_binding()
+
+    def _run_step(self, binding, token_ids, position, values):
+        """`step` on checked inputs, the state as a list in `state_tensors`
+        order: the decoding loop's fast path (no checks)."""
+        ort = self._ort
+        binding.bind_cpu_input(self.io["input_ids"], np.ascontiguousarray(token_ids, np.int32))
+        binding.bind_cpu_input(self.io["cache_position"], np.array(position, np.int32))
+        alive = []  # NumPy buffers the bound OrtValues point to, until run
+        for name, value in zip(self._past_names, values):
+            if not isinstance(value, ort.OrtValue):
+                alive.append(value)
+                value = ort.OrtValue.ortvalue_from_numpy(value, self._device, 0)
+            binding.bind_ortvalue_input(name, value)
+        # Outputs unallocated each step (the past grows): the logits to the
+        # host, the next state left on the session's device.
+        binding.clear_binding_outputs()
         binding.bind_output(self.io["logits"], "cpu")
-        for t in self.state_tensors:
-            binding.bind_output(t["present"], self._device)
+        for name in self._present_names:
+            binding.bind_output(name, self._device)
         self._step.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        next_state = {t["past"]: value for t, value in zip(self.state_tensors, outputs[1:])}
-        return outputs[0].numpy(), next_state
+        return outputs[0].numpy(), outputs[1:]
 
     # === Text ===
 
@@ -266,7 +284,9 @@ class OrtGenerator:
         for row, x in enumerate(ids):
             tokens[row, : len(x)] = x
         positions = np.arange(total)[None, :]
-        logits, state = self.step(tokens[:, :start], 0, self.empty_state(len(ids)))
+        binding = self._new_binding()
+        empty = self.empty_state(len(ids))
+        logits, state = self._run_step(binding, tokens[:, :start], 0, list(empty.values()))
         done = np.zeros(len(ids), bool)
         for p in range(start, total):
             chosen = generation.choose_next(logits, options, rng).astype(np.int32)
@@ -276,7 +296,7 @@ class OrtGenerator:
             yield tokens, lengths, limits
             if done.all():
                 return
-            logits, state = self.step(token[:, None], p, state)
+            logits, state = self._run_step(binding, token[:, None], p, state)
 
     def _shown(self, tokens, lengths, limits):
         positions = np.arange(tokens.shape[1])[None, :]
