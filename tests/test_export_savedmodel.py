@@ -470,3 +470,43 @@ def test_a_failing_warmup_record_fails_the_export(exported, tmp_path):
         ExportError, match=r"Warmup request 2 \(generate\) fails .*max_sequence_length=32"
     ):
         replay_warmup(copy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["primer", "feedback"])
+def test_xla_saved_model_generates_the_same_text(family, tmp_path):
+    """`--xla` compiles the decoding loop (fixed buffers, rows written in
+    place, the prompt prefilled as Keras does): the same greedy text as Keras
+    and as the portable SavedModel, seeded sampling that repeats, and a graph
+    the portable rules refuse (it needs TF Serving's XLA)."""
+    import tensorflow as tf
+    from export_helpers import make_lm
+
+    from keras_primer.export.saved_model import check_graph, export_saved_model
+
+    lm = make_lm(family)
+    plain = export_saved_model(lm, str(tmp_path / "plain"), "m", 1, default_max_new_tokens=4)
+    xla = export_saved_model(lm, str(tmp_path / "xla"), "m", 1, default_max_new_tokens=4, xla=True)
+    check_graph(xla, allow_xla=True)
+    with pytest.raises(ValueError, match="_XlaMustCompile"):
+        check_graph(xla)
+    prompts = ["Hello", "Hi", "To be, or not"]
+    outputs = {}
+    for name, folder in (("plain", plain), ("xla", xla)):
+        signature = tf.saved_model.load(folder).signatures["generate_with_options"]
+
+        def run(temperature, seed, signature=signature):
+            out = signature(
+                prompts=tf.constant(prompts),
+                max_new_tokens=tf.constant(NEW_TOKENS),
+                temperature=tf.constant(temperature),
+                top_k=tf.constant(0),
+                top_p=tf.constant(1.0),
+                seed=tf.constant(seed),
+            )
+            return [x.decode("utf-8") for x in out["outputs"].numpy()]
+
+        outputs[name] = run(0.0, 0)
+        sampled = run(1.0, 7)
+        assert sampled == run(1.0, 7)
+    assert outputs["xla"] == outputs["plain"] == keras_greedy(lm, prompts, NEW_TOKENS)

@@ -9,7 +9,7 @@ An exporter never touches model internals. `get_adapter(model)` returns a
   (unknown tokenizers are refused there),
 * the family from the model registry (`keras_primer.models.registry`),
 
-and offers `empty_state`, `step(token_ids, state, position)` (logits
+and offers `empty_state`, `prefill`, `step(token_ids, state, position)` (logits
 `[batch, n, vocab]` of `n` tokens at `position .. position + n - 1` and the
 next state) and `logits(token_ids, padding_mask)` (uncached). A new model
 family needs `empty_cache`, `call_with_cache` and `decoding_state_specs` on
@@ -40,6 +40,12 @@ class CausalLMAdapter:
 
     def empty_state(self, batch_size, max_length):
         return self.model.empty_cache(batch_size, max_length)
+
+    def prefill(self, token_ids, first_step_index):
+        """The cache after the positions before `first_step_index`, from a
+        fixed-shape block of prompt ids, as Keras `generate` prefills it."""
+        _, cache = self.model._prefill(token_ids, first_step_index)
+        return cache
 
     def step(self, token_ids, state, position):
         logits, _, next_state = self.model.call_with_cache(token_ids, dict(state), position)

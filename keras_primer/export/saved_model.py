@@ -37,6 +37,7 @@ SentencePiece models with tensorflow-text's three SentencePiece ops
 is the SavedModel asset `assets/tokenizer.model`).
 """
 
+import contextlib
 import json
 import os
 import tempfile
@@ -77,10 +78,16 @@ class GenerationGraph:
     SentencePiece models (None for byte models).
     """
 
-    def __init__(self, adapter, default_max_new_tokens=32, sentencepiece=None):
+    def __init__(self, adapter, default_max_new_tokens=32, sentencepiece=None, xla=False):
         self.adapter = adapter
         self.spec = adapter.tokenizer
         self.sentencepiece = sentencepiece
+        self.xla = bool(xla)
+        # With `xla`, the numeric loop is one XLA computation (the strings
+        # around it cannot be compiled).
+        self.decode = (
+            tf.function(self._decode, jit_compile=True, autograph=False) if xla else self._decode
+        )
         limit = adapter.max_sequence_length - (2 if self.spec.add_start_token else 1)
         if (
             isinstance(default_max_new_tokens, bool)
@@ -202,14 +209,68 @@ class GenerationGraph:
         if options is None:
             return greedy
         temperature, top_k, top_p, seed = options
-        # Greedy rows divide by 1 (their sample is discarded); any accepted
-        # temperature is used as given, down to 2**-126.
-        divisor = tf.where(temperature > 0, temperature, tf.ones_like(temperature))
-        probabilities = filtered_probabilities(logits, divisor, top_k, top_p)
-        choice = tf.random.stateless_categorical(
-            tf.math.log(probabilities), 1, seed=tf.stack([seed, step]), dtype=tf.int32
+
+        def sample():
+            # Any accepted temperature is used as given, down to 2**-126.
+            probabilities = filtered_probabilities(logits, temperature, top_k, top_p)
+            choice = tf.random.stateless_categorical(
+                tf.math.log(probabilities), 1, seed=tf.stack([seed, step]), dtype=tf.int32
+            )
+            return choice[:, 0]
+
+        # A branch, not a `where`: greedy requests (temperature 0) skip the
+        # sort and softmax over the vocabulary at every step.
+        return tf.cond(temperature > 0, sample, lambda: greedy)
+
+    def _decode(self, tokens, lengths, max_new_tokens, options):
+        """The decoding loop on token ids: `tokens` `[batch, total]` (each
+        row's prompt, right-padded) with the new tokens written in.
+
+        Portable graphs carry a state that grows by each step's tokens
+        (`growing_cache_writes`): a step reads and copies the tokens so far,
+        not a buffer of `total`. XLA needs fixed shapes: with `xla` the state
+        is one buffer of `total` positions, the prompt block is prefilled as
+        Keras `generate` does (`prefill`, then the last shared prompt position
+        as a first step), and rows are written in place.
+        """
+        a, spec = self.adapter, self.spec
+        batch_size = tf.shape(lengths)[0]
+        limits, total, start = generation.loop_bounds(tnp, lengths, max_new_tokens)
+        growing = contextlib.nullcontext if self.xla else growing_cache_writes
+        if self.xla:
+            state = a.prefill(tokens, start - 1)
+            first = tf.slice(tokens, [0, start - 1], [batch_size, 1])
+            logits, state = a.step(first, state, start - 1)
+        else:
+            with growing():
+                logits, state = a.step(tokens[:, :start], a.empty_state(batch_size, 0), 0)
+        positions = tf.range(total)[None, :]
+
+        def cond(p, tokens, state, last_logits, done):
+            return tf.logical_and(p < total, tf.logical_not(tf.reduce_all(done)))
+
+        def body(p, tokens, state, last_logits, done):
+            chosen = self.choose(last_logits, options, p)
+            token, tokens, done = generation.decode_position(
+                tnp, p, chosen, tokens, positions, lengths, limits, done, spec.end_id
+            )
+            with growing():
+                logits, state = a.step(token[:, None], state, p)
+            return p + 1, tokens, state, logits[:, -1], done
+
+        loop_vars = (start, tokens, state, logits[:, -1], tf.zeros([batch_size], tf.bool))
+        invariants = None
+        if not self.xla:
+            any_shape = lambda x: tf.TensorShape([None] * x.shape.rank)  # noqa: E731
+            invariants = tf.nest.map_structure(any_shape, loop_vars)
+        _, tokens, _, _, _ = tf.while_loop(
+            cond,
+            body,
+            loop_vars,
+            shape_invariants=invariants,
+            maximum_iterations=total - start,
         )
-        return tf.where(temperature > 0, choice[:, 0], greedy)
+        return tokens
 
     def generate(self, prompts, max_new_tokens, options=None):
         a, spec = self.adapter, self.spec
@@ -245,40 +306,11 @@ class GenerationGraph:
             max_new_tokens = tf.identity(tf.cast(max_new_tokens, tf.int32))
         # The contract's loop (`generation.loop_bounds`, `decode_position`,
         # `shown_tokens`), written once for NumPy and `tf.experimental.numpy`.
-        batch_size = tf.shape(lengths)[0]
-        limits, total, start = generation.loop_bounds(tnp, lengths, max_new_tokens)
+        limits, total, _ = generation.loop_bounds(tnp, lengths, max_new_tokens)
         tokens = ids.to_tensor(default_value=spec.pad_id)
         tokens = tf.pad(tokens, [[0, 0], [0, max_new_tokens]], constant_values=spec.pad_id)
-
-        # The state grows by each step's tokens (`growing_cache_writes`): a
-        # step reads and copies the tokens so far, not a buffer of `total`.
-        with growing_cache_writes():
-            logits, state = a.step(tokens[:, :start], a.empty_state(batch_size, 0), 0)
-        last_logits = logits[:, -1]
+        tokens = self.decode(tokens, lengths, max_new_tokens, options)
         positions = tf.range(total)[None, :]
-
-        def cond(p, tokens, state, last_logits, done):
-            return tf.logical_and(p < total, tf.logical_not(tf.reduce_all(done)))
-
-        def body(p, tokens, state, last_logits, done):
-            chosen = self.choose(last_logits, options, p)
-            token, tokens, done = generation.decode_position(
-                tnp, p, chosen, tokens, positions, lengths, limits, done, spec.end_id
-            )
-            with growing_cache_writes():
-                logits, state = a.step(token[:, None], state, p)
-            return p + 1, tokens, state, logits[:, -1], done
-
-        done = tf.zeros([batch_size], tf.bool)
-        loop_vars = (start, tokens, state, last_logits, done)
-        any_shape = lambda x: tf.TensorShape([None] * x.shape.rank)  # noqa: E731
-        _, tokens, _, _, _ = tf.while_loop(
-            cond,
-            body,
-            loop_vars,
-            shape_invariants=tf.nest.map_structure(any_shape, loop_vars),
-            maximum_iterations=total - start,
-        )
         visible, shown, generated = generation.shown_tokens(
             tnp, tokens, positions, lengths, limits, spec
         )
@@ -289,8 +321,9 @@ class GenerationGraph:
         }
 
 
-def build_module(model, default_max_new_tokens=32):
-    """A `tf.Module` holding the model variables and the three signatures."""
+def build_module(model, default_max_new_tokens=32, xla=False):
+    """A `tf.Module` holding the model variables and the three signatures
+    (the `generate` loops XLA-compiled with `xla`, see `export_saved_model`)."""
     import keras
 
     if keras.backend.backend() != "tensorflow":
@@ -309,7 +342,10 @@ def build_module(model, default_max_new_tokens=32):
             model=adapter.proto, out_type=tf.int32
         )
         module.sentencepiece = sentencepiece  # tracks the op's resource
-    graph = GenerationGraph(adapter, default_max_new_tokens, sentencepiece)
+    graph = GenerationGraph(adapter, default_max_new_tokens, sentencepiece, xla=xla)
+    # Cache writes without `XlaDynamicUpdateSlice` in what TF Serving runs as
+    # a plain graph; an XLA loop writes its rows in place.
+    decode_writes = contextlib.nullcontext if xla else export_safe_cache_writes
 
     @tf.function(
         input_signature=[
@@ -331,7 +367,7 @@ def build_module(model, default_max_new_tokens=32):
         autograph=False,
     )
     def generate(prompts):
-        with export_safe_cache_writes():
+        with decode_writes():
             return graph.generate(prompts, tf.constant(graph.default_max_new_tokens))
 
     @tf.function(
@@ -347,7 +383,7 @@ def build_module(model, default_max_new_tokens=32):
         autograph=False,
     )
     def generate_with_options(prompts, max_new_tokens, temperature, top_k, top_p, seed):
-        with export_safe_cache_writes():
+        with decode_writes():
             return graph.generate(prompts, max_new_tokens, (temperature, top_k, top_p, seed))
 
     signatures = {
@@ -421,13 +457,15 @@ def write_warmup(version_dir, requests):
 _CORE_WITHOUT_RAW_OPS = ("_Arg", "_Retval", "_If", "_While", "NoOp")
 
 
-def check_graph(saved_model_dir, allow_sentencepiece=False):
+def check_graph(saved_model_dir, allow_sentencepiece=False, allow_xla=False):
     """Walks every node of every function of a SavedModel.
 
     Returns the sorted list of op types. Raises ValueError on a forbidden op
     (`PyFunc`, `EagerPyFunc`, `Xla*`, `_XlaCompile`/`_XlaRun`), on a function
     or node marked for XLA compilation, or on an op outside TensorFlow core,
-    except exactly `SENTENCEPIECE_OPS` when `allow_sentencepiece`.
+    except exactly `SENTENCEPIECE_OPS` when `allow_sentencepiece`, and
+    functions marked for XLA with their `Xla*` ops when `allow_xla` (an
+    `--xla` export).
     """
     from tensorflow.core.protobuf import saved_model_pb2
     from tensorflow.python.framework import op_def_registry
@@ -445,7 +483,8 @@ def check_graph(saved_model_dir, allow_sentencepiece=False):
         functions = {f.signature.name for f in graph_def.library.function}
         node_lists = [("<graph>", graph_def.node)]
         for function in graph_def.library.function:
-            if "_XlaMustCompile" in function.attr and function.attr["_XlaMustCompile"].b:
+            marked = "_XlaMustCompile" in function.attr and function.attr["_XlaMustCompile"].b
+            if marked and not allow_xla:
                 problems.append(f"function {function.signature.name} has _XlaMustCompile=True")
             node_lists.append((function.signature.name, function.node_def))
         for owner, nodes in node_lists:
@@ -454,16 +493,17 @@ def check_graph(saved_model_dir, allow_sentencepiece=False):
                 if op in functions:
                     continue
                 op_types.add(op)
-                if op in FORBIDDEN_OPS or op.startswith("Xla"):
+                if op in FORBIDDEN_OPS or (op.startswith("Xla") and not allow_xla):
                     problems.append(f"{owner}: node {node.name} uses forbidden op {op}")
-                elif op in allowed_text_ops:
+                elif op in allowed_text_ops or op.startswith("Xla"):
                     pass
                 elif op_def_registry.get(op) is None:
                     problems.append(f"{owner}: node {node.name} uses unregistered op {op}")
                 elif not hasattr(tf.raw_ops, op) and op not in _CORE_WITHOUT_RAW_OPS:
                     # Registered, but by a library (tensorflow-text, ...), not TF core.
                     problems.append(f"{owner}: node {node.name} uses non-core op {op}")
-                if "_XlaMustCompile" in node.attr and node.attr["_XlaMustCompile"].b:
+                marked = "_XlaMustCompile" in node.attr and node.attr["_XlaMustCompile"].b
+                if marked and not allow_xla:
                     problems.append(f"{owner}: node {node.name} has _XlaMustCompile=True")
     if problems:
         raise ValueError(
@@ -499,7 +539,9 @@ def replay_warmup(version_dir):
             ) from None
 
 
-def export_saved_model(model, base_dir, model_name="primer", version=1, default_max_new_tokens=32):
+def export_saved_model(
+    model, base_dir, model_name="primer", version=1, default_max_new_tokens=32, xla=False
+):
     """Writes `base_dir/<model_name>/<version>/` for `model`; returns that folder.
 
     Nothing is written when the model (or its tokenizer) cannot be exported.
@@ -512,11 +554,15 @@ def export_saved_model(model, base_dir, model_name="primer", version=1, default_
         model_name: TF Serving model name.
         version: Integer version directory.
         default_max_new_tokens: New tokens of the `generate` signature.
+        xla: Compile the `generate` loops with XLA (as Keras `generate`
+            does): faster on a CPU, but TF Serving then needs
+            `--xla_cpu_compilation_enabled=true`, and each new batch and
+            length is compiled once. False: plain ops any TF Serving runs.
     """
     if int(version) < 1:
         raise ValueError(f"`version` must be a positive integer. Received: {version}")
     version_dir = os.path.join(base_dir, model_name, str(int(version)))
-    module, signatures, adapter = build_module(model, default_max_new_tokens)
+    module, signatures, adapter = build_module(model, default_max_new_tokens, xla=xla)
     with tempfile.TemporaryDirectory() as scratch:
         if adapter.proto is not None:
             # A copy of the proto as a SavedModel asset (assets/tokenizer.model).
@@ -534,10 +580,11 @@ def export_saved_model(model, base_dir, model_name="primer", version=1, default_
     meta = dict(
         adapter.metadata(),
         default_max_new_tokens=int(default_max_new_tokens),
+        xla=bool(xla),
         model_name=model_name,
         version=int(version),
     )
     with open(os.path.join(version_dir, METADATA_FILE), "w") as f:
         json.dump(meta, f, indent=2)
-    check_graph(version_dir, allow_sentencepiece=adapter.proto is not None)
+    check_graph(version_dir, allow_sentencepiece=adapter.proto is not None, allow_xla=xla)
     return version_dir
