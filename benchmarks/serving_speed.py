@@ -8,8 +8,10 @@ one process (interleaved, after a warm-up call each), medians.
 
     # 1. In the test environment (.venv): the models, saved and exported.
     python benchmarks/serving_speed.py export --out /tmp/serving
-    # 2. Keras `generate` (XLA) vs the SavedModel vs OrtGenerator, one process.
-    python benchmarks/serving_speed.py time --out /tmp/serving --runtimes keras,saved_model,ort
+    # 2. Keras `generate` (XLA) vs the SavedModel (portable, and `--xla`) vs
+    #    OrtGenerator, one process.
+    python benchmarks/serving_speed.py time --out /tmp/serving \
+        --runtimes keras,saved_model,saved_model_xla,ort
     # 3. OrtGenerator vs Optimum, one process, in the Optimum environment
     #    (requirements/optimum-bench.txt; see benchmarks/optimum_gpt2.py).
     .venv-optimum/bin/python benchmarks/serving_speed.py time --out /tmp/serving \
@@ -40,7 +42,7 @@ MODELS = ("primer_ez", "transformer")
 PROMPTS = ["ROMEO: ", "JULIET:", "Nurse: ", "HAMLET:", "First: ", "KING L:", "Second:", "MACBETH"]
 PROMPT_TOKENS = 8
 CELLS = [(1, 64), (8, 64), (1, 256), (8, 256)]
-RUNTIMES = ("keras", "saved_model", "ort", "optimum", "optimum_bare")
+RUNTIMES = ("keras", "saved_model", "saved_model_xla", "ort", "optimum", "optimum_bare")
 
 
 def _machine() -> str:
@@ -89,6 +91,15 @@ def export(out: str, models, seed: int) -> None:
             os.path.join(folder, "model.keras"),
             os.path.join(folder, "export"),
             name=name,
+            overwrite=True,
+        )
+        # The same model's SavedModel with its loop XLA-compiled (`--xla`).
+        export_model(
+            os.path.join(folder, "model.keras"),
+            os.path.join(folder, "export"),
+            name=f"{name}_xla",
+            xla=True,
+            onnx=False,
             overwrite=True,
         )
         print(json.dumps({"exported": name, "folder": folder}), flush=True)
@@ -197,6 +208,7 @@ def _runners(out, runtimes, models):
                 make = {
                     "ort": lambda: _ort_runner(folder),
                     "saved_model": lambda: _saved_model_runner(folder, name),
+                    "saved_model_xla": lambda: _saved_model_runner(folder, f"{name}_xla"),
                     "keras": lambda: _keras_runner(folder),
                 }[runtime]
                 runners[(runtime, name)] = make()
