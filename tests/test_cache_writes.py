@@ -184,7 +184,7 @@ def test_exporters_trace_without_xla_dynamic_update_slice(family):
     lm = make_lm(family)
     # Control: the decoding step traced for XLA outside the exporters writes
     # with XlaDynamicUpdateSlice, so the checks below can fail.
-    adapter, _, _, (step_fn, step_signature, _) = onnx_export.build_functions(lm)
+    adapter, _, (step_fn, step_signature, _) = onnx_export.build_functions(lm)
     plain = tf.function(
         lambda ids, state, i: adapter.step(ids, state, i), autograph=False, jit_compile=True
     )

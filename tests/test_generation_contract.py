@@ -193,7 +193,7 @@ def test_savedmodel_option_checks_use_the_float32_bounds():
     `check_sampling` pass and fail, with the same texts."""
     import tensorflow as tf
 
-    from keras_primer.export.saved_model import GenerationGraph
+    from keras_primer.export.generation_graph import GenerationGraph
 
     @tf.function(autograph=False)
     def check(temperature, top_p):
@@ -317,13 +317,22 @@ def test_generate_refuses_a_row_without_prompt_tokens(family):
 
 @pytest.mark.parametrize("family", ["primer", "feedback"])
 def test_state_specs_describe_empty_cache(family):
-    """The layout the exporters read is the one `empty_cache` builds."""
+    """The layout the exporters read describes every tensor of the cache
+    `empty_cache` builds and `call_with_cache` returns, each once."""
+    import keras
+
+    from keras_primer_runtime.generation import structure_get
+
     lm = make_lm(family, "bytes")
     cache = lm.empty_cache(3, 7)
     specs = lm.decoding_state_specs()
-    assert [s.name for s in specs] == list(cache)
+    assert len({s.path for s in specs}) == len(specs) == len(keras.tree.flatten(cache))
+    assert len({s.onnx_name for s in specs}) == len(specs)
+    _, _, next_cache = lm.call_with_cache(np.ones((3, 1), "int32"), cache, 0)
+    assert len(keras.tree.flatten(next_cache)) == len(specs)
     for spec in specs:
-        assert tuple(cache[spec.name].shape) == spec.concrete(3, 7)
+        assert tuple(structure_get(cache, spec.path).shape) == spec.concrete(3, 7)
+        assert tuple(structure_get(next_cache, spec.path).shape) == spec.concrete(3, 7)
 
 
 def test_tokenizer_spec_round_trip_and_refusals():
