@@ -40,23 +40,8 @@ Differences from labml, all documented options or implementation choices:
 * Attending to the current step (not in the paper or labml) is not offered:
   the current slot needs the outputs of all layers of the same step.
 
-`use_dconv=True` adds Primer's MDHA convolutions (our extension, no reference
-implements it; with `activation="squared_relu"` this is "Primer EZ +
-Feedback"): causal depthwise convolutions of width `kernel_size` over time,
-one kernel per head-channel, initialised as in Primer (0.5 on the current
-step, the rest shared by the past ones), on
-
-* each layer's queries: `q~_t = sum_i c_i q_{t-i}`, so a step needs that
-  layer's raw queries of the `kernel_size - 1` previous steps (a per-layer
-  conv state, updated every step);
-* the memory's keys and values: slot `s` holds `sum_i c_i k_{s-i}` (same for
-  values), applied once when the slot is written, from the raw projections
-  of the previous slots (conv state: the last `kernel_size - 1` raw rows).
-  Shared K/V: one pair of kernels; per-layer K/V: one pair per layer.
-
-Slots and queries before step 0 are zero; a padding step's raw rows enter
-the states as zeros, so left padding still gives the unpadded outputs. The
-states are part of the decoding cache (`cache_layout`).
+`use_dconv=True` adds Primer's MDHA convolutions over time to the queries
+and the memory (our extension; `feedback_convolutions`).
 """
 
 import contextlib
@@ -67,10 +52,11 @@ from keras.src import backend as keras_backend  # AutocastScope: not in the publ
 
 from keras_primer.activations import get_activation, serialize_activation
 from keras_primer.layers.cache_utils import write_rows
-from keras_primer.layers.causal_depthwise_conv import CausalDepthwiseConv, causal_depthwise_conv
+from keras_primer.layers.causal_depthwise_conv import CausalDepthwiseConv
 from keras_primer.layers.feed_forward import FeedForward
 from keras_primer.layers.residual import call_sublayer, pre_norm_residual
 from keras_primer.models.feedback.feedback_attention import FeedbackAttention
+from keras_primer.models.feedback.feedback_convolutions import convolve_memory
 from keras_primer.models.feedback.feedback_time_loop import (
     dropout_masks,
     recomputes_backward,
@@ -375,36 +361,13 @@ class FeedbackStack(keras.layers.Layer):
         new_keys, new_values = self.project_memory(memory)
         next_cache = {}
         if self.use_dconv:
-            new_keys, new_values, conv_states = self._convolve_memory(
-                new_keys, new_values, cache, keep
+            new_keys, new_values, conv_states = convolve_memory(
+                self, new_keys, new_values, cache, keep
             )
             next_cache.update(conv_states)
         if query_states:
             next_cache["query_conv"] = ops.stack(query_states, axis=1)
         return x, memory, new_keys, new_values, next_cache
-
-    def _convolve_memory(self, new_keys, new_values, cache, keep):
-        """The new slot's keys/values convolved over time with the raw rows of
-        the previous slots; returns `(keys, values, next_conv_states)`."""
-        states = {}
-        convolved = []
-        for name, rows, conv in (
-            ("key_conv", new_keys, self.key_conv),
-            ("value_conv", new_values, self.value_conv),
-        ):
-            if keep is not None:
-                rows = rows * ops.cast(keep, rows.dtype)[:, None, None, None]
-            kernel = ops.reshape(
-                conv.channel_kernel(),
-                (self.kernel_size, self.kv_groups, self.num_heads, self.head_dim),
-            )
-            out, state = causal_depthwise_conv(
-                rows[:, None], kernel, state=cache.get(name), formulation="shifted"
-            )
-            convolved.append(out[:, 0])
-            if state is not None:
-                states[name] = state
-        return convolved[0], convolved[1], states
 
     def cache_layout(self) -> dict:
         """Names and shapes of the cache tensors (`"batch"`/`"length"`
