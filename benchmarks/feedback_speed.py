@@ -93,12 +93,12 @@ TRAINED = (
 
 def figures(args):
     """Yields one figure (a dict) at a time for the current backend."""
-    from keras_primer.benchmarking import (
+    from roofline import matmul_peak_flops, training_flops_per_token
+    from timing import (
         interleaved_train_step_seconds,
         keras_hub_gpt2,
         machine_description,
     )
-    from keras_primer.benchmarking.roofline import matmul_peak_flops, training_flops_per_token
 
     about = {**machine_description(), "quick": args.quick}
     peak = matmul_peak_flops(512 if args.quick else 2048)

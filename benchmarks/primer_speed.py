@@ -70,9 +70,9 @@ def config(quick: bool) -> dict:
 
 def build_models(cfg: dict, jit_compile, variants: list[str]) -> dict:
     import keras
+    from timing import keras_hub_gpt2
 
     from keras_primer import PrimerBackbone, PrimerCausalLM
-    from keras_primer.benchmarking import keras_hub_gpt2
 
     size = dict(
         vocabulary_size=cfg["vocab"],
@@ -97,8 +97,7 @@ def build_models(cfg: dict, jit_compile, variants: list[str]) -> dict:
 def decode_seconds(lm, cfg: dict, peer: bool) -> tuple[float, float]:
     """(cached step, uncached forward) median seconds for the token at `position`."""
     from keras import ops
-
-    from keras_primer.benchmarking import compile_function, median_seconds, random_token_ids
+    from timing import compile_function, median_seconds, random_token_ids
 
     position = cfg["position"]
     prompt = ops.convert_to_tensor(random_token_ids(1, position + 1, cfg["vocab"], seed=1))
@@ -132,14 +131,13 @@ def measure(
     `repeats` overrides the configuration's number of timed steps.
     """
     import keras
-
-    from keras_primer.benchmarking import interleaved_train_step_seconds, machine_description
-    from keras_primer.benchmarking.roofline import (
+    from roofline import (
         copy_bandwidth,
         decode_bytes_per_token,
         matmul_peak_flops,
         training_flops_per_token,
     )
+    from timing import interleaved_train_step_seconds, machine_description
 
     cfg = config(quick)
     if repeats is not None:
@@ -254,7 +252,7 @@ def main() -> None:
         for figure in measure(args.quick, modes, models, args.repeats, not args.train_only):
             print(json.dumps(figure), flush=True)
         return
-    from keras_primer.benchmarking import json_lines_per_backend
+    from timing import json_lines_per_backend
 
     for figure in json_lines_per_backend(__file__, args.backends.split(","), extra):
         print(json.dumps(figure))

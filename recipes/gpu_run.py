@@ -25,6 +25,8 @@ import os
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # H200 SXM, dense bfloat16 (NVIDIA's spec sheet; 2x that is with sparsity).
 H200_BF16_PEAK = 989e12
 
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     _say("2. MFU", start)
     import jax
 
-    from keras_primer.benchmarking.roofline import matmul_peak_flops, training_flops_per_token
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the benchmarks' helpers
+    from roofline import matmul_peak_flops, training_flops_per_token
 
     print(f"JAX devices: {jax.devices()}")
     peak = matmul_peak_flops(size=512 if smoke else 8192, dtype="bfloat16")

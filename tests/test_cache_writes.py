@@ -2,13 +2,15 @@
 export-safe twin (one-hot `where`), cached decoding with both, and the
 exporters tracing with the export-safe form."""
 
+import os
+import sys
+
 import keras
 import numpy as np
 import pytest
 from export_helpers import make_lm
 from keras import ops
 
-from keras_primer.benchmarking import compile_plain
 from keras_primer.layers import cache_utils
 from keras_primer.layers.cache_utils import (
     export_safe_cache_writes,
@@ -17,6 +19,11 @@ from keras_primer.layers.cache_utils import (
     write_rows_export_safe,
     write_rows_fast,
 )
+
+sys.path.insert(  # the benchmarks' helpers (benchmarks/timing.py)
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+)
+from timing import compile_plain  # noqa: E402
 
 BACKEND = keras.backend.backend()
 MAX_LEN = 12

@@ -1,4 +1,5 @@
-"""Timing helpers shared by the scripts in `benchmarks/`."""
+"""Timing helpers shared by the scripts in `benchmarks/` (imported as `timing`:
+a script's own folder is first on `sys.path`)."""
 
 import json
 import os

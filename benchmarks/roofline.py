@@ -13,8 +13,7 @@ import time
 
 import keras
 from keras import ops
-
-from keras_primer.benchmarking import block, compile_plain
+from timing import block, compile_plain
 
 
 def _best_seconds(fn, repeats: int) -> float:
