@@ -66,8 +66,10 @@ elif [[ ${#smoke[@]} -eq 0 ]]; then
   source /tmp/gpu-venv/bin/activate
   # `tensorflow` (what the package requires) at the tested `tensorflow-cpu` version.
   tf=$(sed -n 's/^tensorflow-cpu==//p' requirements/test.txt)
+  # Both distributions of the repository: the runtime (runtime/) first, as
+  # keras-primer requires it.
   timeout "$(left)" pip install -q -c requirements/test.txt "tensorflow==$tf" \
-    -e ".[gpu,onnx-gpu,train]"
+    -e "runtime[gpu,sentencepiece]" -e ".[gpu,onnx-gpu,train]"
 fi
 if [[ ${#smoke[@]} -eq 0 ]]; then
   python3 -c "import jax; print(jax.devices())"
@@ -97,5 +99,16 @@ speed jax default
 if python3 -c "import torch" 2>/dev/null; then
   speed torch default
   speed torch jit
+fi
+
+# Serving on CUDA (issue 31.8), when exports made on a CPU machine were carried here
+# (`python benchmarks/serving_speed.py export --out DIR` there; SERVING=DIR here): OrtGenerator
+# with its state on the device against Optimum's GPT-2 on CUDA, interleaved. Optimum needs
+# its own packages (requirements/optimum-bench.txt, with a CUDA torch and onnxruntime-gpu).
+if [[ -n "${SERVING:-}" ]]; then
+  echo "=== serving on CUDA ($((SECONDS - start)) s since start) ==="
+  timeout "$(left)" python3 benchmarks/serving_speed.py time --out "$SERVING" --device cuda \
+    --runtimes ort,optimum,optimum_bare --models primer_ez | tee -a "$OUT/serving.jsonl" \
+    || echo "serving_speed: exit $?"
 fi
 echo "total: $((SECONDS - start)) s"

@@ -105,11 +105,11 @@ def build_optimum_gpt2(
     return onnx_dir
 
 
-def load_optimum(onnx_dir):
+def load_optimum(onnx_dir, provider="CPUExecutionProvider"):
     """Optimum's `ORTModelForCausalLM` for the export of `build_optimum_gpt2`
-    (CPU, ONNX Runtime's default threads)."""
+    (ONNX Runtime's default threads; `provider` CPU or CUDA)."""
     _, _, ORTModelForCausalLM = _optimum()
-    return ORTModelForCausalLM.from_pretrained(onnx_dir, provider="CPUExecutionProvider")
+    return ORTModelForCausalLM.from_pretrained(onnx_dir, provider=provider)
 
 
 def prompt_ids(batch_size, prompt_length, vocabulary_size=256, seed=0):
@@ -158,7 +158,7 @@ class BareGreedy:
     `min_new_tokens` does in `generate`.
     """
 
-    def __init__(self, onnx_path, intra_op_num_threads=None):
+    def __init__(self, onnx_path, intra_op_num_threads=None, providers=("CPUExecutionProvider",)):
         import onnxruntime as ort
 
         if os.path.isdir(onnx_path):
@@ -166,7 +166,7 @@ class BareGreedy:
         options = ort.SessionOptions()
         if intra_op_num_threads is not None:
             options.intra_op_num_threads = intra_op_num_threads
-        self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(onnx_path, options, providers=list(providers))
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.outputs = ["logits"] + [

@@ -108,11 +108,16 @@ def export(out: str, models, seed: int) -> None:
 # === Runners: each `run(batch, new_tokens) -> steps`, timed around the call ===
 
 
-def _ort_runner(folder):
+def _providers(device):
+    return ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+
+
+def _ort_runner(folder, device):
     sys.path.insert(0, os.path.join(ROOT, "runtime"))  # the runtime alone suffices
     from keras_primer_runtime import OrtGenerator
 
-    generator = OrtGenerator(os.path.join(folder, "export", "onnx"))
+    # On CUDA the state stays on the device between steps (IOBinding).
+    generator = OrtGenerator(os.path.join(folder, "export", "onnx"), providers=_providers(device))
 
     def run(batch, new_tokens):
         ids = generator.generate(PROMPTS[:batch], max_new_tokens=new_tokens, return_token_ids=True)
@@ -159,7 +164,7 @@ def _keras_runner(folder):
     return run
 
 
-def _optimum_runners(out):
+def _optimum_runners(out, device):
     sys.path.insert(0, BENCHMARKS)
     import optimum_gpt2
 
@@ -174,8 +179,8 @@ def _optimum_runners(out):
             vocabulary_size=256,
             max_positions=SIZE["max_length"],
         )
-    model = optimum_gpt2.load_optimum(onnx_dir)
-    bare = optimum_gpt2.BareGreedy(onnx_dir)
+    model = optimum_gpt2.load_optimum(onnx_dir, provider=_providers(device)[0])
+    bare = optimum_gpt2.BareGreedy(onnx_dir, providers=_providers(device))
 
     def run_generate(batch, new_tokens):
         ids = optimum_gpt2.prompt_ids(batch, PROMPT_TOKENS)
@@ -189,13 +194,13 @@ def _optimum_runners(out):
     return {"optimum": run_generate, "optimum_bare": run_bare}
 
 
-def _runners(out, runtimes, models):
+def _runners(out, runtimes, models, device):
     """`{(runtime, model): run}`; exits 2 naming the install for a missing package."""
     runners = {}
     try:
         for runtime in runtimes:
             if runtime in ("optimum", "optimum_bare"):
-                optimum = _optimum_runners(out)
+                optimum = _optimum_runners(out, device)
                 runners[(runtime, "gpt2")] = optimum[runtime]
                 continue
             for name in models:
@@ -206,7 +211,7 @@ def _runners(out, runtimes, models):
                         f"export --out {out}` first (in the test environment)."
                     )
                 make = {
-                    "ort": lambda: _ort_runner(folder),
+                    "ort": lambda: _ort_runner(folder, device),
                     "saved_model": lambda: _saved_model_runner(folder, name),
                     "saved_model_xla": lambda: _saved_model_runner(folder, f"{name}_xla"),
                     "keras": lambda: _keras_runner(folder),
@@ -223,11 +228,12 @@ def _runners(out, runtimes, models):
     return runners
 
 
-def time_runtimes(out, runtimes, models, repeats):
-    runners = _runners(out, runtimes, models)
+def time_runtimes(out, runtimes, models, repeats, device="cpu"):
+    runners = _runners(out, runtimes, models, device)
     stamp = {
         "date": datetime.date.today().isoformat(),
         "machine": _machine(),
+        "device": device,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
     for batch, new_tokens in CELLS:
@@ -284,6 +290,12 @@ def main(argv=None) -> int:
     timing.add_argument("--runtimes", default="ort,optimum,optimum_bare")
     timing.add_argument("--models", default=",".join(MODELS))
     timing.add_argument("--repeats", type=int, default=5)
+    timing.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="ONNX Runtime's provider for OrtGenerator and Optimum",
+    )
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     if args.command == "export":
@@ -293,7 +305,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(runtimes) - set(RUNTIMES))
     if unknown:
         parser.error(f"unknown --runtimes {unknown}; choose from {list(RUNTIMES)}")
-    time_runtimes(args.out, runtimes, models, args.repeats)
+    if args.device == "cuda" and {"keras", "saved_model", "saved_model_xla"} & set(runtimes):
+        parser.error("--device cuda times the ONNX Runtime runtimes (ort, optimum, optimum_bare)")
+    time_runtimes(args.out, runtimes, models, args.repeats, args.device)
     return 0
 
 
