@@ -15,6 +15,8 @@ from __future__ import annotations
 #: Exit status of an expected failure, and of an interrupted command (128 + SIGINT).
 EXIT_EXPECTED_FAILURE = 2
 EXIT_INTERRUPTED = 130
+#: What a command stopped by Ctrl-C before it wrote anything says (`interrupted_line`).
+NOTHING_WRITTEN = "nothing written to --out"
 
 
 class ConfigError(ValueError):
@@ -48,6 +50,15 @@ def error_line(error: BaseException, prog: str | None = None) -> str:
     else:
         hint = " (--debug shows the traceback)"
     return f"{prog}: error: {message}{hint}" if prog else f"{message}{hint}"
+
+
+def interrupted_line(prog: str, outcome: str) -> str:
+    """The one line a command prints when Ctrl-C stops it (exit status 130).
+
+    >>> interrupted_line("keras-primer export", "nothing written to --out")
+    'keras-primer export: interrupted: nothing written to --out'
+    """
+    return f"{prog}: interrupted: {outcome}"
 
 
 def printable(text: str) -> str:

@@ -14,8 +14,17 @@ import json
 import os
 import sys
 
-from keras_primer_cli.errors import EXIT_EXPECTED_FAILURE, ExportError, error_line, printable
+from keras_primer_cli.errors import (
+    EXIT_EXPECTED_FAILURE,
+    EXIT_INTERRUPTED,
+    NOTHING_WRITTEN,
+    ExportError,
+    error_line,
+    interrupted_line,
+    printable,
+)
 from keras_primer_cli.export_options import PROG, build_parser, check_options, options_from_args
+from keras_primer_cli.interrupts import INTERRUPTS
 from keras_primer_cli.logging_setup import quiet_backend_logs
 
 # Failures reported in one line (ExportError: the message names the file and the fix).
@@ -38,8 +47,15 @@ def main(argv: list[str] | None = None) -> int:
 
     0 on success; 2 on an expected failure (bad argument, missing file or
     package, existing output, I/O error), reported as one line, the
-    traceback only with `--debug`.
+    traceback only with `--debug`; 130 when Ctrl-C stopped it, with `--out`
+    as it was (the moves into place are all or nothing; a Ctrl-C after them
+    changes nothing).
     """
+    with INTERRUPTS.installed():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     quiet_backend_logs(args.verbose)
     try:
@@ -51,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         from keras_primer.export.command import run_export  # the one late import
 
         written = run_export(options)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(interrupted_line(PROG, NOTHING_WRITTEN), file=sys.stderr)
+        return EXIT_INTERRUPTED
     except EXPECTED as error:
         if args.debug:
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+from keras_primer_cli.errors import EXIT_INTERRUPTED, NOTHING_WRITTEN, interrupted_line
 from keras_primer_cli.logging_setup import quiet_backend_logs
 
 USAGE = """usage: keras-primer [--verbose] {train,export} ...
@@ -61,14 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     quiet_backend_logs(verbose)
-    if command == "train":
-        from keras_primer_cli.train import main as train_main
-
-        return train_main(rest)
-    if command == "export":
-        from keras_primer_cli.export import main as export_main
-
-        return export_main(rest)
+    if command in ("train", "export"):
+        try:
+            if command == "train":
+                from keras_primer_cli.train import main as command_main
+            else:
+                from keras_primer_cli.export import main as command_main
+        except KeyboardInterrupt:  # the command's own handler is not in place yet
+            print(interrupted_line(f"keras-primer {command}", NOTHING_WRITTEN), file=sys.stderr)
+            return EXIT_INTERRUPTED
+        return command_main(rest)
     print(
         f"keras-primer: error: unknown command {command!r} (choose train or export)\n",
         file=sys.stderr,

@@ -60,8 +60,11 @@ def check_prompt(prompt) -> str:
     try:
         (checked,) = check_prompts([given])
     except ValueError as error:
+        message = str(error).rstrip(".")
+        if "Received:" not in message:
+            message += f". Received: {prompt!r}"
         raise ConfigError(
-            f"--prompt: {error}. Pass --prompt TEXT, or --sample-tokens 0 for no samples."
+            f"--prompt: {message}. Pass --prompt TEXT, or --sample-tokens 0 for no samples."
         ) from None
     return checked
 

@@ -18,7 +18,15 @@ from __future__ import annotations
 import os
 import sys
 
-from keras_primer_cli.errors import EXIT_EXPECTED_FAILURE, EXPECTED_ERRORS, error_line
+from keras_primer_cli.errors import (
+    EXIT_EXPECTED_FAILURE,
+    EXIT_INTERRUPTED,
+    EXPECTED_ERRORS,
+    NOTHING_WRITTEN,
+    error_line,
+    interrupted_line,
+)
+from keras_primer_cli.interrupts import INTERRUPTS
 from keras_primer_cli.logging_setup import quiet_backend_logs
 from keras_primer_cli.run_config import TRAIN_PROG, build_train_parser, config_from_args
 
@@ -49,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     0: trained; 2: an expected failure (one line on stderr); 130: interrupted
     (rerun the same command to resume). argparse exits 2 for unknown flags.
     """
+    with INTERRUPTS.installed():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_train_parser(PROG)
     config = config_from_args(parser.parse_args(argv))
@@ -58,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         quiet_backend_logs(verbose=config.verbose >= 2)
         # The one import of the library (the entry function): Keras starts here.
         from keras_primer.training.command import run
+    except KeyboardInterrupt:
+        if config.debug:
+            raise
+        print(interrupted_line(PROG, NOTHING_WRITTEN), file=sys.stderr)
+        return EXIT_INTERRUPTED
     except EXPECTED_ERRORS as error:
         if config.debug:
             raise

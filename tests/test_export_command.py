@@ -8,6 +8,9 @@ tests export for real); what is tested is what the command does around them.
 import ast
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -15,6 +18,10 @@ import pytest
 from keras_primer_cli import errors, export_options, ownership
 
 pytestmark = pytest.mark.tensorflow_only
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A hang guard only, never a speed check.
+HANG_GUARD_S = 1800
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +40,9 @@ def fakes(monkeypatch):
 
     state = {"fail": None, "calls": [], "hold": None, "holding": threading.Event()}
 
-    def fake_saved_model(model, base_dir, model_name, version, default_max_new_tokens=32):
+    def fake_saved_model(
+        model, base_dir, model_name, version, default_max_new_tokens=32, xla=False
+    ):
         base_dir.encode("utf-8")  # as TensorFlow does: a path must be UTF-8 text
         version_dir = os.path.join(base_dir, model_name, str(version))
         os.makedirs(os.path.join(version_dir, "variables"))
@@ -42,6 +51,12 @@ def fakes(monkeypatch):
         state["calls"].append(("saved_model", model_name, version))
         if state["fail"] == "saved_model":
             raise OSError(28, "No space left on device", os.path.join(version_dir, "variables"))
+        if state["fail"] == "full_disk":  # what TensorFlow's own writer raises
+            import tensorflow as tf
+
+            raise tf.errors.ResourceExhaustedError(
+                None, None, f"{version_dir}/saved_model.pb.tmp1234; No space left on device"
+            )
         if state["hold"] is not None:  # a slow export: wait until the test lets it go on
             state["holding"].set()
             assert state["hold"].wait(600)
@@ -120,7 +135,7 @@ def test_existing_version_needs_overwrite(model_path, fakes, tmp_path, capsys):
     assert _tree(out) == before
 
 
-@pytest.mark.parametrize("where", ["saved_model", "replay", "onnx"])
+@pytest.mark.parametrize("where", ["saved_model", "replay", "onnx", "full_disk"])
 def test_failed_export_leaves_output_as_it_was(model_path, fakes, tmp_path, capsys, where):
     out = tmp_path / "out"
     assert _run(capsys, model_path, "--out", out, "--name", "m")[0] == 0
@@ -131,7 +146,13 @@ def test_failed_export_leaves_output_as_it_was(model_path, fakes, tmp_path, caps
         capsys, model_path, "--out", out, "--name", "m", "--version", 2, "--overwrite"
     )
     assert status == 2 and err.count("\n") == 1, err
-    expected = {"saved_model": "No space left", "replay": "Warmup request 2", "onnx": "tf2onnx"}
+    # Issue 32: TensorFlow's ResourceExhaustedError on a full disk was a 29-line traceback.
+    expected = {
+        "saved_model": "No space left",
+        "replay": "Warmup request 2",
+        "onnx": "tf2onnx",
+        "full_disk": "TensorFlow could not write the export (ResourceExhaustedError: ",
+    }
     assert expected[where] in err
     after = {p: (out / p).read_bytes() for p in _tree(out) if (out / p).is_file()}
     assert after == before  # no version 2, no temporary folder, old files untouched
@@ -573,3 +594,195 @@ def test_onnx_state_names_and_config_file_are_declared_once():
                         if '"export_config.json"' in f.read():
                             spelled.append(filename)
     assert spelled == ["export_folder.py"]
+
+
+def test_a_failure_while_moving_into_place_puts_back_what_was_there(
+    model_path, fakes, tmp_path, capsys, monkeypatch
+):
+    from keras_primer.export import command
+
+    out = tmp_path / "out"
+    assert _run(capsys, model_path, "--out", out, "--name", "m")[0] == 0
+    before = {p: (out / p).read_bytes() for p in _tree(out) if (out / p).is_file()}
+    moves = []
+    swap_in = command._swap_in
+
+    def failing_second_move(staged, final, trash):
+        moves.append(final)
+        if len(moves) == 2:  # ONNX, after the new version and models.config are in place
+            raise OSError(28, "No space left on device", final)
+        return swap_in(staged, final, trash)
+
+    monkeypatch.setattr(command, "_swap_in", failing_second_move)
+    argv = [model_path, "--out", out, "--name", "n", "--overwrite"]
+    status, _, err = _run(capsys, *argv)
+    assert status == 2 and "No space left on device" in err, err
+    assert {p: (out / p).read_bytes() for p in _tree(out) if (out / p).is_file()} == before
+    assert sorted(os.listdir(out / "serving")) == ["m", "models.config"]  # no empty n/
+
+
+# Runs `keras-primer export ARGV` in a fresh interpreter that sends itself SIGINT
+# (what Ctrl-C sends) at one point (argv[1]). The exporters are small fakes.
+_INTERRUPTED_EXPORT = textwrap.dedent("""
+    import gc, os, signal, sys
+
+    from keras_primer_cli.logging_setup import quiet_backend_logs
+
+    quiet_backend_logs(False)  # as `keras-primer` does first
+    where = sys.argv[1]
+
+    def interrupt():
+        os.kill(os.getpid(), signal.SIGINT)
+
+    if where == "before_tensorflow":
+        import keras_primer_cli.export as cli
+
+        check_options = cli.check_options
+
+        def checked_then_interrupted(options):
+            options = check_options(options)
+            assert "tensorflow" not in sys.modules
+            interrupt()
+            return options
+
+        cli.check_options = checked_then_interrupted
+    elif where == "importing_tensorflow":
+
+        class Interrupter:
+            def find_spec(self, name, path=None, target=None):
+                if name == "tensorflow":
+                    sys.meta_path.remove(self)
+                    interrupt()
+                return None
+
+        sys.meta_path.insert(0, Interrupter())
+    else:
+        from keras_primer.export import command, onnx_export, saved_model
+
+        def fake_saved_model(model, base_dir, name, version, default_max_new_tokens=32, xla=False):
+            version_dir = os.path.join(base_dir, name, str(version))
+            os.makedirs(version_dir)
+            open(os.path.join(version_dir, "saved_model.pb"), "w").close()
+            if where == "exporting":
+                interrupt()
+            elif where == "collecting_garbage":  # a raise in a gc callback is lost
+
+                def collecting(phase, info):
+                    if phase == "start":
+                        gc.callbacks.remove(collecting)
+                        interrupt()
+                        sum(range(1000))  # the handler runs here, inside the collection
+
+                gc.callbacks.append(collecting)
+                gc.collect()
+            return version_dir
+
+        def fake_onnx(model, out_dir, int8=False):
+            os.makedirs(out_dir)
+            open(os.path.join(out_dir, "export_config.json"), "w").close()
+            return {}
+
+        saved_model.export_saved_model = fake_saved_model
+        saved_model.replay_warmup = lambda version_dir: None
+        onnx_export.export_onnx = fake_onnx
+        if where == "moving_into_place":
+            swap_in = command._swap_in
+
+            def interrupted_swap_in(staged, final, trash):
+                undo = swap_in(staged, final, trash)
+                interrupt()
+                return undo
+
+            command._swap_in = interrupted_swap_in
+
+    from keras_primer_cli.export import main
+
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "where",
+    [
+        "before_tensorflow",
+        "importing_tensorflow",
+        "exporting",
+        "collecting_garbage",
+        "moving_into_place",
+    ],
+)
+@pytest.mark.parametrize("fresh_out", [True, False])
+def test_ctrl_c_always_ends_with_130_and_out_as_it_was(model_path, tmp_path, where, fresh_out):
+    """Issue 32: Ctrl-C during an export printed 46-70 lines of traceback, and one
+    in the first seconds (it landed in JAX's garbage-collector callback) was lost:
+    the export finished with status 0."""
+    out = tmp_path / "out"
+    if not fresh_out:  # an earlier export, to be left as it is
+        (out / "serving" / "m" / "1").mkdir(parents=True)
+        (out / "serving" / "m" / "1" / "saved_model.pb").write_text("earlier")
+        (out / "serving" / "models.config").write_text(
+            'model_config_list { config { name: "m" base_path: "/models/m" } }\n'
+        )
+        (out / "onnx").mkdir()
+        (out / "onnx" / "export_config.json").write_text("earlier")
+    before = {p: (out / p).read_bytes() for p in _tree(out) if (out / p).is_file()}
+    argv = [model_path, "--out", str(out), "--name", "m", "--version", "2", "--overwrite"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "runtime")]))
+    result = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_EXPORT, where, *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        cwd=ROOT,
+    )
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.stderr == "keras-primer export: interrupted: nothing written to --out\n"
+    assert result.stdout == ""
+    if fresh_out:
+        assert not out.exists()
+    else:
+        assert {p: (out / p).read_bytes() for p in _tree(out) if (out / p).is_file()} == before
+        assert sorted(set(os.listdir(out)) - {".lock"}) == ["onnx", "serving"]  # no staging
+
+
+def _serving_request():
+    import importlib.util
+
+    path = os.path.join(ROOT, "export", "serving_request.py")
+    spec = importlib.util.spec_from_file_location("serving_request", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once it is closed
+
+
+@pytest.mark.parametrize("how", ["rest", "grpc", "bad_name"])
+def test_serving_request_failures_are_one_line(capsys, how):
+    # Issue 32: a closed REST or gRPC port, or `--model ../admin`, was a traceback.
+    port = _closed_port()
+    argv = {
+        "rest": ["--port", str(port)],
+        "grpc": ["--grpc", f"127.0.0.1:{port}"],
+        "bad_name": ["--model", "../admin"],
+    }[how]
+    main = _serving_request().main
+    assert main(argv + ["ROMEO:"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("serving_request.py: error: "), err
+    expected = {
+        "rest": f"No TF Serving answered at http://localhost:{port}/v1/models/primer:predict",
+        "grpc": f"The gRPC request to 127.0.0.1:{port} failed (UNAVAILABLE: ",
+        "bad_name": "`model_name` '../admin' is not a TF Serving model name",
+    }[how]
+    assert expected in err
+    with pytest.raises(Exception):  # noqa: B017 (any: the traceback is the point)
+        main(argv + ["ROMEO:", "--debug"])

@@ -435,3 +435,93 @@ def test_run_folder_inside_data_is_not_corpus_and_extends(tmp_path, capsys):
     )
     files = json.loads((out / "run.json").read_text())["definition"]["data"]["files"]
     assert [name for name, _ in files] == ["sonnets.txt"]
+
+
+# Runs `keras-primer train ARGV` in a fresh interpreter that sends itself SIGINT
+# (what Ctrl-C sends) at one point (argv[1]).
+_INTERRUPTED_TRAIN = textwrap.dedent("""
+    import gc, os, signal, sys
+
+    from keras_primer_cli.logging_setup import quiet_backend_logs
+
+    quiet_backend_logs(False)  # as `keras-primer` does first
+    where = sys.argv[1]
+
+    def interrupt():
+        os.kill(os.getpid(), signal.SIGINT)
+
+    if where == "before_keras":
+        import keras_primer_cli.train as cli
+
+        use_backend = cli._use_backend
+
+        def interrupted(backend):
+            assert "keras" not in sys.modules
+            interrupt()
+            use_backend(backend)
+
+        cli._use_backend = interrupted
+    else:
+        import keras
+        from keras_primer.training import driver
+
+        make_callbacks = driver.make_callbacks
+
+        def at_the_second_step(batch, logs=None):
+            if batch != 1:
+                return
+            if where == "training":
+                interrupt()
+            else:  # a raise inside a garbage-collector callback is lost
+
+                def collecting(phase, info):
+                    if phase == "start":
+                        gc.callbacks.remove(collecting)
+                        interrupt()
+                        sum(range(1000))  # the handler runs here, inside the collection
+
+                gc.callbacks.append(collecting)
+                gc.collect()
+
+        def with_an_interrupt(run, lm, extra=None):
+            callbacks = make_callbacks(run, lm, extra)
+            callbacks.all.append(keras.callbacks.LambdaCallback(on_train_batch_end=at_the_second_step))
+            return callbacks
+
+        driver.make_callbacks = with_an_interrupt
+
+    from keras_primer_cli.train import main
+
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize("where", ["before_keras", "training", "collecting_garbage"])
+def test_ctrl_c_ends_training_with_130_and_one_line(tmp_path, where):
+    # Issue 32: the same Ctrl-C contract as the export's (a lost one would train on).
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--data", SAMPLE, "--steps", "200", "--sequence-length", "16"]
+    argv += ["--batch-size", "2", "--sample-tokens", "0", "--verbose", "0", "--no-tensorboard"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "runtime")]))
+    env.pop("KERAS_BACKEND", None)
+    result = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_TRAIN, where, *argv, "--backend", "tensorflow"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        cwd=ROOT,
+    )
+    assert result.returncode == 130, result.stderr[-3000:]
+    outcome = (
+        "nothing written to --out"
+        if where == "before_keras"
+        else "the last checkpoint is kept; rerun the same command to resume"
+    )
+    assert result.stderr == f"keras-primer train: interrupted: {outcome}\n"
+    if where == "before_keras":
+        assert not out.exists()
+    else:
+        assert not (out / "model.keras").exists()  # stopped long before the last step

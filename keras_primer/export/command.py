@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 
 from keras_primer_cli.errors import ExportError, printable
 from keras_primer_cli.export_options import (
@@ -35,6 +36,7 @@ from keras_primer_cli.export_options import (
     check_outputs,
 )
 from keras_primer_cli.folder_lock import FolderLock
+from keras_primer_cli.interrupts import INTERRUPTS
 from keras_primer_cli.ownership import EXPORT_STAGING
 
 #: The default `max_new_tokens` of the `generate` signature, when the model has room.
@@ -200,22 +202,50 @@ def _utf8_alias(folder: str):
     yield folder
 
 
-def _swap_in(staged: str, final: str, trash: str) -> None:
+def _swap_in(staged: str, final: str, trash: str) -> Callable[[], None]:
     """Renames `staged` to `final`; an existing `final` (an export's, or an
-    empty folder: `check_outputs`) goes to `trash` first."""
+    empty folder: `check_outputs`) goes to `trash` first. Returns what undoes it."""
+    created = []
+    parent = os.path.dirname(final)
+    while not os.path.lexists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
     os.makedirs(os.path.dirname(final), exist_ok=True)
-    if os.path.lexists(final):
+    replaced = os.path.lexists(final)
+    if replaced:
         os.rename(final, trash)
     os.rename(staged, final)
 
+    def undo() -> None:
+        os.rename(final, staged)
+        if replaced:
+            os.rename(trash, final)
+        for folder in created:  # deepest first
+            os.rmdir(folder)
 
-def _write_atomic(path: str, text: str, staging: str) -> None:
+    return undo
+
+
+def _write_atomic(path: str, text: str, staging: str) -> Callable[[], None]:
+    """Writes `path` through a file in `staging`; returns what puts the old one back."""
+    old = os.path.join(staging, os.path.basename(path) + ".old")
+    replaced = os.path.lexists(path)
+    if replaced:
+        shutil.copy2(path, old)
     tmp = os.path.join(staging, os.path.basename(path) + ".new")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+    def undo() -> None:
+        if replaced:
+            os.replace(old, path)
+        else:
+            os.remove(path)
+
+    return undo
 
 
 def remove_stale_staging(out_dir: str) -> list[str]:
@@ -264,43 +294,82 @@ def run_export(options: ExportOptions) -> dict:
 
 def _export_locked(o: ExportOptions, config) -> dict:
     staging = os.path.join(o.out_dir, EXPORT_STAGING.name())
-    os.mkdir(staging, 0o700)
     try:
-        model, adapter = _load(o.model_path)
-        start_tokens = 1 if adapter.tokenizer.add_start_token else 0
-        max_new_tokens = fit_max_new_tokens(
-            o.max_new_tokens, adapter.max_sequence_length, start_tokens
-        )
-        written: dict = {"name": o.name, "version": o.version}
-        staged_onnx = os.path.join(staging, "onnx")
-        with _utf8_alias(staging) as work:
-            if o.saved_model:
-                from keras_primer.export.saved_model import export_saved_model, replay_warmup
-
-                version = export_saved_model(
-                    model,
-                    os.path.join(work, "serving"),
-                    o.name,
-                    o.version,
-                    default_max_new_tokens=max_new_tokens,
-                )
-                replay_warmup(version)
-                staged_version = _relocate(version, work, staging)
-            if o.onnx:
-                from keras_primer.export.onnx_export import export_onnx
-
-                work_onnx = os.path.join(work, "onnx")
-                written["onnx"] = _relocate(
-                    export_onnx(model, work_onnx, int8=o.int8), work_onnx, o.onnx_dir
-                )
-        # Every file is written and checked: move the results into place.
-        if o.saved_model:
-            _swap_in(staged_version, o.version_dir, os.path.join(staging, "replaced-version"))
-            _write_atomic(o.models_config, add_model(config, o.name, f"/models/{o.name}"), staging)
-            written["saved_model"] = o.version_dir
-            written["models_config"] = o.models_config
-        if o.onnx:
-            _swap_in(staged_onnx, o.onnx_dir, os.path.join(staging, "replaced-onnx"))
-        return written
+        os.mkdir(staging, 0o700)
+        written = _write_and_move(o, config, staging)
+    except Exception as error:
+        resource = _resource_error(error)
+        if resource is None:
+            raise
+        raise resource from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+def _resource_error(error: Exception) -> ExportError | None:
+    """TensorFlow's error for a full disk, no memory or no permission, as an
+    `ExportError` (one line); None for any other error."""
+    import tensorflow as tf
+
+    if not isinstance(error, (tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError)):
+        return None
+    message = " ".join(str(error.message).split())
+    return ExportError(
+        f"TensorFlow could not write the export ({type(error).__name__}: {message}). Check "
+        "the free disk space, the memory and the permissions of --out; nothing was written "
+        "to --out."
+    )
+
+
+def _write_and_move(o: ExportOptions, config, staging: str) -> dict:
+    """Writes every file into `staging`, checks them, then moves them into place."""
+    model, adapter = _load(o.model_path)
+    start_tokens = 1 if adapter.tokenizer.add_start_token else 0
+    max_new_tokens = fit_max_new_tokens(o.max_new_tokens, adapter.max_sequence_length, start_tokens)
+    written: dict = {"name": o.name, "version": o.version}
+    staged_onnx = os.path.join(staging, "onnx")
+    with _utf8_alias(staging) as work:
+        if o.saved_model:
+            from keras_primer.export.saved_model import export_saved_model, replay_warmup
+
+            version = export_saved_model(
+                model,
+                os.path.join(work, "serving"),
+                o.name,
+                o.version,
+                default_max_new_tokens=max_new_tokens,
+                xla=o.xla,
+            )
+            replay_warmup(version)
+            staged_version = _relocate(version, work, staging)
+        if o.onnx:
+            from keras_primer.export.onnx_export import export_onnx
+
+            work_onnx = os.path.join(work, "onnx")
+            written["onnx"] = _relocate(
+                export_onnx(model, work_onnx, int8=o.int8), work_onnx, o.onnx_dir
+            )
+    # Every file is written and checked: move the results into place, all or
+    # nothing: a failure or a Ctrl-C on the way puts back what was there.
+    with INTERRUPTS.deferred():
+        undo = []
+        try:
+            if o.saved_model:
+                trash = os.path.join(staging, "replaced-version")
+                undo.append(_swap_in(staged_version, o.version_dir, trash))
+                text = add_model(config, o.name, f"/models/{o.name}")
+                undo.append(_write_atomic(o.models_config, text, staging))
+                written["saved_model"] = o.version_dir
+                written["models_config"] = o.models_config
+            if o.onnx:
+                undo.append(
+                    _swap_in(staged_onnx, o.onnx_dir, os.path.join(staging, "replaced-onnx"))
+                )
+            INTERRUPTS.check()
+        except BaseException:
+            for step in reversed(undo):
+                step()
+            raise
+        INTERRUPTS.finish()  # the export is complete: a later Ctrl-C changes nothing
+    return written

@@ -7,6 +7,7 @@ library) and calls it.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -16,6 +17,7 @@ from keras_primer_cli.errors import (
     EXIT_INTERRUPTED,
     EXPECTED_ERRORS,
     error_line,
+    interrupted_line,
     printable,
 )
 from keras_primer_cli.run_config import TRAIN_PROG, RunConfig
@@ -29,20 +31,29 @@ def run(config: RunConfig) -> int:
     0: trained; 2: an expected failure (one line on stderr, `config.debug`
     raises it instead); 130: interrupted (rerun the same command to resume).
     """
+    summary = None
     try:
         summary = train(config)
     except KeyboardInterrupt:
-        print(
-            f"{TRAIN_PROG}: interrupted; rerun the same command to resume from the last "
-            "checkpoint.",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
+        if config.debug:
+            raise
     except EXPECTED_ERRORS as error:
         if config.debug:
             raise
         print(error_line(error, TRAIN_PROG), file=sys.stderr)
         return EXIT_EXPECTED_FAILURE
+    if summary is None:
+        # Out of the `except` block (its traceback holds the stopped fit's data
+        # iterator), free that iterator now: TensorFlow warns on stderr about
+        # one that is left to finalize after the interpreter has shut down.
+        gc.collect()
+        print(
+            interrupted_line(
+                TRAIN_PROG, "the last checkpoint is kept; rerun the same command to resume"
+            ),
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     speed = summary["tokens_per_second"]
     print(
         f"\n{summary['model']}: {summary['steps']} steps, val loss "

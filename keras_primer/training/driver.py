@@ -88,6 +88,7 @@ from keras_primer.training.run_dir import (
 )
 from keras_primer_cli.errors import ConfigError, printable
 from keras_primer_cli.folder_lock import LOCK_FILE
+from keras_primer_cli.interrupts import INTERRUPTS
 from keras_primer_cli.ownership import ATOMIC_WRITE, RUN_RECORD, read_run_record
 from keras_primer_cli.presets import TrainPreset
 from keras_primer_cli.run_config import PRECISIONS, TOKENIZERS, RunConfig
@@ -750,7 +751,9 @@ def make_callbacks(run: Run, lm, extra: list | None = None) -> Callbacks:
         eval_interval=run.eval_interval,
         reseed=step_seeder(config.seed),
     )
-    callbacks = [log, recorder]
+    # A Ctrl-C that a garbage-collector callback swallowed still stops the run.
+    stop = keras.callbacks.LambdaCallback(on_train_batch_end=lambda *_, **__: INTERRUPTS.check())
+    callbacks = [log, recorder, stop]
     if run.outputs["tensorboard"]:
         callbacks.append(keras.callbacks.TensorBoard(run.path("tensorboard"), write_graph=False))
     return Callbacks(log, recorder, callbacks + list(extra or []))
