@@ -28,6 +28,7 @@ from __future__ import annotations
 import keras
 from keras_hub.tokenizers import ByteTokenizer, SentencePieceTokenizer
 
+from keras_primer_cli.logging_setup import quiet_native_logs
 from keras_primer_runtime.generation import (
     END_ID,
     PAD_ID,
@@ -185,6 +186,12 @@ class PrimerSentencePieceTokenizer(_DescribedTokenizer, SentencePieceTokenizer):
         self._add_special_token("</s>", "end_token")
         self._add_special_token("<pad>", "pad_token")
         super().__init__(proto=proto, **kwargs)
+
+    def set_proto(self, proto):
+        # tensorflow-text's SentencePiece logs an INFO line on fd 2 for every
+        # model it loads; the commands keep it out of their output.
+        with quiet_native_logs():
+            super().set_proto(proto)
 
     def tokenizer_spec(self, add_start_token: bool = True) -> TokenizerSpec:
         """This tokenizer as the decoding contract describes it (its proto is

@@ -39,7 +39,8 @@ class FolderLock:
 
     Args:
         folder: The folder (created if needed).
-        holder: What kind of process holds it, for messages ("training process").
+        holder: What kind of process this is ("training process", "export"),
+            recorded in the lock file for the messages of a process that finds it held.
         on_wait: When given, `acquire` waits for the lock instead of raising,
             calling `on_wait(message)` once first (the message names the holder).
 
@@ -60,10 +61,16 @@ class FolderLock:
         self.path = os.path.join(folder, LOCK_FILE)
         self._fd = None
 
-    def _holder(self, fd: int) -> str:
+    def _holder(self, fd: int) -> tuple[str, str]:
+        """`(kind, who)` of the process holding the lock, read from its record."""
+        record = b""
         with contextlib.suppress(OSError):
-            return os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
-        return "unknown"
+            record = os.pread(fd, 4096, 0)
+        kind, _, who = record.partition(b"\n") if b"\n" in record else (b"", b"", record)
+        return (
+            kind.decode("utf-8", "surrogateescape").strip() or "process",
+            who.decode("utf-8", "surrogateescape").strip() or "unknown",
+        )
 
     def acquire(self) -> FolderLock:
         os.makedirs(self.folder, exist_ok=True)
@@ -83,10 +90,12 @@ class FolderLock:
         return self
 
     def _record(self) -> bytes:
-        """Who holds the lock, as bytes: the command line is written as the bytes
-        it was given (`os.fsencode`: a path need not be UTF-8 on Linux)."""
+        """Who holds the lock, as bytes: its kind on the first line (so that a
+        waiting process of another kind names it), then the process; the
+        command line as the bytes it was given (`os.fsencode`: a path need
+        not be UTF-8 on Linux)."""
         owner = (
-            f"pid {os.getpid()} on {socket.gethostname()}, started "
+            f"{self.holder}\npid {os.getpid()} on {socket.gethostname()}, started "
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}: "
         ).encode("utf-8", "surrogateescape")
         command = b" ".join(os.fsencode(arg) for arg in sys.argv)
@@ -101,7 +110,8 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            message = f"{self.folder} is in use by another {self.holder} ({self._holder(fd)})."
+            kind, who = self._holder(fd)
+            message = f"{self.folder} is in use by another {kind} ({who})."
             if self.on_wait is None:
                 os.close(fd)
                 raise FolderLockedError(

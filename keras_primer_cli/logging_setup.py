@@ -38,6 +38,8 @@ QUIET_LOGGERS = ("tensorflow", "absl", "jax", "jax._src.xla_bridge", "h5py", "tf
 # The variables this module set, so `verbose=True` undoes only its own
 # changes and never a value the user exported.
 _set_by_us: set[str] = set()
+# Whether the backends' logs are off (`quiet_backend_logs(verbose=False)`).
+_quiet = False
 
 
 @contextlib.contextmanager
@@ -54,6 +56,16 @@ def native_stderr_silenced() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def quiet_native_logs() -> contextlib.AbstractContextManager:
+    """`native_stderr_silenced()` while the backends' logs are off, else nothing.
+
+    For native libraries that log to file descriptor 2 at INFO level with no
+    switch of their own, e.g. the SentencePiece copy inside tensorflow-text
+    ("normalizer.cc(51) LOG(INFO) ...") each time it loads a model.
+    """
+    return native_stderr_silenced() if _quiet else contextlib.nullcontext()
 
 
 class _QuietImportLoader(importlib.abc.Loader):
@@ -104,6 +116,8 @@ def quiet_backend_logs(verbose: bool) -> None:
     >>> if saved is not None:
     ...     os.environ["ABSL_MIN_LOG_LEVEL"] = saved
     """
+    global _quiet
+    _quiet = not verbose
     if verbose:
         for name in _set_by_us:
             os.environ.pop(name, None)

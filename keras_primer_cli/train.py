@@ -15,6 +15,7 @@ the entry function. Nothing else here imports `keras_primer`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -23,19 +24,37 @@ from keras_primer_cli.errors import (
     EXIT_INTERRUPTED,
     EXPECTED_ERRORS,
     NOTHING_WRITTEN,
+    ConfigError,
     error_line,
     interrupted_line,
 )
 from keras_primer_cli.interrupts import INTERRUPTS
 from keras_primer_cli.logging_setup import quiet_backend_logs
-from keras_primer_cli.run_config import TRAIN_PROG, build_train_parser, config_from_args
+from keras_primer_cli.run_config import BACKENDS, TRAIN_PROG, build_train_parser, config_from_args
 
 PROG = TRAIN_PROG
+# Backends installed by an extra of keras-primer (TensorFlow is a dependency).
+BACKEND_EXTRAS = ("jax", "torch")
 
 
 def _use_backend(backend: str | None) -> None:
-    """Makes Keras start on `backend` (it must not be imported yet with another)."""
+    """Makes Keras start on `backend` (it must not be imported yet with another),
+    else on `$KERAS_BACKEND`; checks the choice and that its package is installed.
+
+    Raises:
+        ConfigError: `$KERAS_BACKEND` names no backend this package runs on,
+            or the backend's package is missing (with the pip command).
+    """
     if not backend:
+        named = os.environ.get("KERAS_BACKEND")
+        if named is None or "keras" in sys.modules:
+            return
+        if named not in BACKENDS:
+            raise ConfigError(
+                f"KERAS_BACKEND={named!r} is not a Keras backend keras-primer runs on: set it "
+                f"to one of {', '.join(BACKENDS)} (or unset it), or pass --backend."
+            )
+        _check_installed(named, f"KERAS_BACKEND={named}")
         return
     if "keras" in sys.modules:
         import keras
@@ -48,7 +67,19 @@ def _use_backend(backend: str | None) -> None:
                 f"KERAS_BACKEND={backend} before importing Keras."
             )
         return
+    _check_installed(backend, f"--backend {backend}")
     os.environ["KERAS_BACKEND"] = backend
+
+
+def _check_installed(backend: str, chosen_by: str) -> None:
+    """Raises `ConfigError` with the pip command when `backend`'s package is missing."""
+    if importlib.util.find_spec(backend) is not None:  # the package is named as the backend
+        return
+    extra = f"keras-primer[{backend}]" if backend in BACKEND_EXTRAS else "keras-primer"
+    raise ConfigError(
+        f"{chosen_by} needs the `{backend}` package, which is not installed: "
+        f'pip install "{extra}", or choose another backend.'
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

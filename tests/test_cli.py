@@ -136,3 +136,40 @@ def test_quiet_backend_logs_keeps_user_settings(monkeypatch):
         logging_setup.quiet_backend_logs(True)
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1" and "GRPC_VERBOSITY" not in os.environ
     assert logging_setup._FINDER not in sys.meta_path
+
+
+# Loads a SentencePiece model into the keras-hub tokenizer (tensorflow-text's
+# op, which logs "normalizer.cc(51) LOG(INFO) ..." on fd 2), quiet or not.
+SENTENCEPIECE_LOAD = textwrap.dedent("""
+    import sys
+    from keras_primer_cli.logging_setup import quiet_backend_logs
+    quiet_backend_logs(verbose=sys.argv[1] == "verbose")
+    from keras_primer.data import train_sentencepiece
+    from keras_primer.tokenizers import keras_tokenizer
+    codec = train_sentencepiece([sys.argv[2]], 400)
+    print(keras_tokenizer(codec)("ROMEO:").shape, flush=True)
+""")
+
+
+def test_sentencepiece_info_lines_are_silenced_unless_verbose():
+    # Issue 32: every train and export with SentencePiece printed
+    # "normalizer.cc(51) LOG(INFO) precompiled_charsmap is empty ...".
+    pytest.importorskip("tensorflow_text")
+    sample = os.path.join(ROOT, "tests", "data", "sonnets.txt")
+    env = _env(KERAS_BACKEND="tensorflow")
+    for name in ("TF_CPP_MIN_LOG_LEVEL", "ABSL_MIN_LOG_LEVEL", "GLOG_minloglevel"):
+        env.pop(name, None)
+    runs = {
+        mode: subprocess.run(
+            [sys.executable, "-c", SENTENCEPIECE_LOAD, mode, sample],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1800,
+        )
+        for mode in ("quiet", "verbose")
+    }
+    for result in runs.values():
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "LOG(INFO)" not in runs["quiet"].stderr, runs["quiet"].stderr[-3000:]
+    assert "normalizer.cc" in runs["verbose"].stderr  # the line the quiet run hides

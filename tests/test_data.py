@@ -241,3 +241,18 @@ def test_symlinked_folders_are_followed_and_loops_skipped(tmp_path):
     assert "3 symlinked folder(s) leading to a folder it reads already" in message
     for name in ("linked_again", "loop", "parent"):
         assert str(data / name) in message
+
+
+@pytest.mark.tensorflow_only
+def test_sentencepiece_on_a_corpus_without_usable_lines_says_so(tmp_path):
+    # Issue 32: a one-line corpus failed with SentencePiece's "[!sentences_.empty()]".
+    pytest.importorskip("sentencepiece")
+    from keras_primer.data import train_sentencepiece
+
+    one_line = _write(str(tmp_path / "one_line.txt"), "word " * 2000 + "\n")
+    with pytest.raises(ValueError) as raised:
+        train_sentencepiece([one_line], 300)
+    message = str(raised.value)
+    assert message.startswith("Too little text for SentencePiece: the corpus (1 file(s))")
+    assert "longer than 4192 bytes" in message and "--tokenizer bytes" in message
+    assert "sentences_" not in message

@@ -786,3 +786,16 @@ def test_serving_request_failures_are_one_line(capsys, how):
     assert expected in err
     with pytest.raises(Exception):  # noqa: B017 (any: the traceback is the point)
         main(argv + ["ROMEO:", "--debug"])
+
+
+def test_lock_message_names_the_kind_of_process_that_holds_it(tmp_path):
+    # Issue 32: an export that found a training run's lock called it "another export".
+    from keras_primer.training.run_dir import RunLock
+    from keras_primer_cli.folder_lock import FolderLock, FolderLockedError
+
+    with RunLock(str(tmp_path)):
+        with pytest.raises(FolderLockedError, match=r"in use by another training process \(pid "):
+            FolderLock(str(tmp_path), "export").acquire()
+    with FolderLock(str(tmp_path), "export"):
+        with pytest.raises(FolderLockedError, match=r"in use by another export \(pid "):
+            RunLock(str(tmp_path)).acquire()

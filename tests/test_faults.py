@@ -251,7 +251,7 @@ def test_second_writer_on_one_out_is_refused_naming_the_first(tmp_path):
             import fcntl, os, sys, time
             fd = os.open({str(out / ".lock")!r}, os.O_RDWR | os.O_CREAT)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, b"pid %d: the other trainer" % os.getpid())
+            os.write(fd, b"training process\\npid %d: the other trainer" % os.getpid())
             print("locked", flush=True)
             time.sleep(120)
         """),

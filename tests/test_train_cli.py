@@ -525,3 +525,71 @@ def test_ctrl_c_ends_training_with_130_and_one_line(tmp_path, where):
         assert not out.exists()
     else:
         assert not (out / "model.keras").exists()  # stopped long before the last step
+
+
+# Runs `keras-primer train ARGV` (argv[2:]) in a bare interpreter in which the
+# modules named in argv[1] (comma-separated) cannot be imported.
+_WITHOUT_MODULES = textwrap.dedent("""
+    import sys
+    for name in filter(None, sys.argv[1].split(",")):
+        sys.modules[name] = None  # as if it were not installed
+    from keras_primer_cli.train import main
+    status = main(sys.argv[2:])
+    print("STATUS", status, "KERAS", "keras" in sys.modules, file=sys.stderr)
+""")
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize(
+    "keras_backend, flags, missing, message",
+    [
+        (
+            "nonsense",
+            [],
+            "",
+            "KERAS_BACKEND='nonsense' is not a Keras backend keras-primer runs on: set it to one "
+            "of tensorflow, jax, torch (or unset it), or pass --backend.",
+        ),
+        (
+            None,
+            ["--backend", "torch"],
+            "torch",
+            "--backend torch needs the `torch` package, which is not installed: "
+            'pip install "keras-primer[torch]", or choose another backend.',
+        ),
+        (
+            None,
+            ["--backend", "jax"],
+            "jax",
+            "--backend jax needs the `jax` package, which is not installed: "
+            'pip install "keras-primer[jax]", or choose another backend.',
+        ),
+        (
+            "jax",
+            [],
+            "jax",
+            "KERAS_BACKEND=jax needs the `jax` package, which is not installed: "
+            'pip install "keras-primer[jax]", or choose another backend.',
+        ),
+    ],
+)
+def test_backend_choice_is_checked_in_one_line(tmp_path, keras_backend, flags, missing, message):
+    # Issue 32: `KERAS_BACKEND=nonsense` was "Unable to import backend : nonsense";
+    # `--backend torch` without torch had no install hint.
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "runtime")]))
+    env.pop("KERAS_BACKEND", None)
+    if keras_backend:
+        env["KERAS_BACKEND"] = keras_backend
+    argv = ["--out", str(out), "--data", SAMPLE, *flags]
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_MODULES, missing, *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        cwd=ROOT,
+    )
+    lines = result.stderr.splitlines()
+    assert lines == [f"keras-primer train: error: {message}", "STATUS 2 KERAS False"], lines
+    assert not out.exists()

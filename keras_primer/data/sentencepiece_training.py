@@ -17,6 +17,9 @@ from keras_primer_runtime.generation import END_ID, PAD_ID, START_ID, UNK_ID, Se
 
 __all__ = ["train_sentencepiece"]
 
+# The longest line SentencePiece learns from (its `max_sentence_length`, in bytes).
+MAX_LINE_BYTES = 4192
+
 
 def _iter_lines(files: list[str]):
     """The corpus line by line (without line ends), file after file."""
@@ -27,7 +30,15 @@ def _iter_lines(files: list[str]):
 
 
 def _vocabulary_error(message: str, vocabulary_size: int, num_files: int) -> str:
-    """SentencePiece's vocabulary errors as the size that would work."""
+    """SentencePiece's errors as what is wrong and what to do (for a vocabulary
+    error: the size that would work)."""
+    if "sentences_.empty()" in message:
+        return (
+            f"Too little text for SentencePiece: the corpus ({num_files} file(s)) has no line "
+            f"it can learn from (it reads the text line by line and skips empty lines and "
+            f"lines longer than {MAX_LINE_BYTES} bytes). Use more text on more, shorter "
+            "lines, or --tokenizer bytes."
+        )
     too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
     if too_small:
         return (
@@ -114,6 +125,7 @@ def train_sentencepiece(
             split_digits=True,
             character_coverage=1.0,
             input_sentence_size=max_sentences,
+            max_sentence_length=MAX_LINE_BYTES,
             shuffle_input_sentence=True,
             minloglevel=2,
         )

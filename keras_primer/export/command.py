@@ -37,6 +37,7 @@ from keras_primer_cli.export_options import (
 )
 from keras_primer_cli.folder_lock import FolderLock
 from keras_primer_cli.interrupts import INTERRUPTS
+from keras_primer_cli.logging_setup import quiet_native_logs
 from keras_primer_cli.ownership import EXPORT_STAGING
 
 #: The default `max_new_tokens` of the `generate` signature, when the model has room.
@@ -341,7 +342,8 @@ def _write_and_move(o: ExportOptions, config, staging: str) -> dict:
                 default_max_new_tokens=max_new_tokens,
                 xla=o.xla,
             )
-            replay_warmup(version)
+            with quiet_native_logs():  # loading it logs tensorflow-text's SentencePiece
+                replay_warmup(version)
             staged_version = _relocate(version, work, staging)
         if o.onnx:
             from keras_primer.export.onnx_export import export_onnx
