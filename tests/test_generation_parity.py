@@ -1,6 +1,7 @@
-"""Parity matrix: {Keras on TensorFlow, JAX, PyTorch} x {Primer EZ, Feedback,
-Feedback + MDHA (shared and per-layer K/V)} x {bytes, SentencePiece} x
-{Keras, SavedModel, ONNX Runtime}.
+"""Parity matrix: {Keras on TensorFlow, JAX, PyTorch} x {every exportable model
+of the registry (Primer EZ, the Transformer baseline, Feedback, Feedback +
+MDHA), with bytes; Primer EZ and Feedback with SentencePiece; Feedback + MDHA
+with per-layer K/V} x {Keras, SavedModel, ONNX Runtime}.
 
 Each model (numpy-drawn random weights) is saved once and exported once
 (`export_model`, under TensorFlow). Keras loads the saved file and generates
@@ -32,19 +33,22 @@ from export_helpers import (
     sample_ids,
 )
 
+from keras_primer_cli.model_registry import MODELS
 from keras_primer_runtime import generation
 
 pytestmark = pytest.mark.slow
 # A hang guard only: many times the normal time on a loaded 2-core machine.
 HANG_GUARD_S = 1800
 
-# name -> `make_lm` arguments.
+# name -> `make_lm` arguments: the registry's exportable models (what
+# `keras-primer train --model` makes) with bytes, two with SentencePiece.
 CASES = {
-    f"{family}_{tokenizer}": dict(family=family, tokenizer=tokenizer)
-    for family in ("primer", "feedback")
-    for tokenizer in ("bytes", "sentencepiece")
+    f"{name}_bytes": dict(family=name, tokenizer="bytes")
+    for name, entry in MODELS.items()
+    if entry.exportable
 }
-CASES["feedback_primer_ez_shared"] = dict(family="feedback_primer_ez", shared_kv=True)
+for name in ("primer_ez", "feedback"):
+    CASES[f"{name}_sentencepiece"] = dict(family=name, tokenizer="sentencepiece")
 CASES["feedback_primer_ez_per_layer"] = dict(family="feedback_primer_ez", shared_kv=False)
 KERAS_BACKENDS = ("tensorflow", "jax", "torch")
 PROMPTS = ["Hello", "Hi", "To be, or not"]
@@ -343,10 +347,13 @@ def test_same_text_in_keras_savedmodel_and_ort(tmp_path):
             )
         # The ONNX config names the family and its decoding state (the
         # Feedback state: keys/values of the memory of past steps).
-        family = CASES[name]["family"].split("_")[0]
+        family = MODELS[CASES[name]["family"]].family
         assert ort[name]["config"]["family"] == family, name
         if name.startswith("feedback_bytes"):
-            assert [s["name"] for s in ort[name]["config"]["states"]] == ["key", "value"]
+            assert [s["past"] for s in ort[name]["config"]["states"]] == [
+                "past_key_values.memory.key",
+                "past_key_values.memory.value",
+            ]
         for runtime in (served, ort):
             first, second = runtime[name]["sampled"]
             assert first == second and all(t.startswith(p) for t, p in zip(first, PROMPTS))

@@ -107,18 +107,7 @@ def test_mixed_precision_fit_generate_and_score(model, policy):
 
 @pytest.mark.slow
 @pytest.mark.tensorflow_only
-@pytest.mark.parametrize(
-    "model",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                name == "transformer", reason="tf2onnx emits Erfc for exact GELU", strict=True
-            ),
-        )
-        for name in EXPORTABLE
-    ],
-)
+@pytest.mark.parametrize("model", EXPORTABLE)
 def test_mixed_precision_file_exports_the_float32_text(model, tmp_path):
     """`export_model` on a mixed_bfloat16 `.keras` file (after a step of
     training) upcasts it (`load_float32`); its SavedModel and ONNX Runtime
