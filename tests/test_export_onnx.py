@@ -186,6 +186,31 @@ def test_int8_agreement_is_reported(exported, record_property):
     assert report["next_token_agreement"] >= 0.5
 
 
+def test_int8_quantizes_every_projection_but_the_lm_head(exported):
+    """`quantize_int8` reaches tf2onnx's Gemms (the fused QKV and output
+    projections) as well as the feed-forward MatMuls, per output channel;
+    the LM head, the MatMul `logits` comes from, stays float32."""
+    import onnx
+
+    num_layers = exported["lm"].backbone.num_layers
+    for key in ("model_int8", "decoder_step_int8"):
+        graph = onnx.load(exported["onnx"][key]).graph
+        ops = [n.op_type for n in graph.node]
+        assert "Gemm" not in ops, key
+        # QKV, output projection, feed-forward up and down, in every layer.
+        assert ops.count("MatMulInteger") == 4 * num_layers, key
+        initializers = {i.name: i for i in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "MatMulInteger":
+                scale = initializers[node.input[1].replace("_quantized", "_scale")]
+                assert scale.dims[0] > 1, f"{key}: {node.name} is not per channel"
+        producers = {out: n for n in graph.node for out in n.output}
+        head = producers["logits"]
+        while head.op_type != "MatMul":
+            head = producers[head.input[0]]
+        assert initializers[head.input[1]].data_type == onnx.TensorProto.FLOAT, key
+
+
 def test_bad_inputs_give_clear_errors(generator):
     with pytest.raises(ValueError, match="integer token ids"):
         generator.logits(np.ones((1, 3), "float32"))

@@ -26,7 +26,8 @@ Writes, into one directory (the contract is documented in export/README.md):
   sizes are stored in each graph's metadata too.
 * `tokenizer.json` (+ `tokenizer.model`, the SentencePiece proto).
 * optionally `model.int8.onnx` and `decoder_step.int8.onnx` (dynamic int8
-  quantization of the MatMul weights, per channel, `onnxruntime.quantization`).
+  quantization of every weight MatMul but the LM head, weights per output
+  channel, `onnxruntime.quantization`: `quantize_int8`).
 
 The models use opset 17 and IR version 8, which onnxruntime 1.30 loads; each
 layer norm is one `LayerNormalization` op (`onnx_graph.fuse_layer_norms`).
@@ -174,14 +175,88 @@ def build_functions(model):
 
 
 def quantize_int8(src, dst, metadata):
-    """Dynamic int8 quantization of the MatMul weights, per output channel
-    (activations quantized on the fly by ORT's `DynamicQuantizeMatMul`)."""
+    """Dynamic int8 quantization of every weight MatMul but the LM head:
+    weights int8 per output channel, activations quantized per tensor on the
+    fly (ORT's `DynamicQuantizeMatMul`).
+
+    Chosen by measurement (docs/benchmarks.md, "int8";
+    `benchmarks/int8_tradeoff.py`). tf2onnx writes the fused QKV and output
+    projections as `Gemm` (the output projection's kernel behind a
+    `Reshape`), which ORT's dynamic quantizer does not handle, so the graph
+    first goes through ORT's basic optimizations (constant folding: every
+    kernel becomes an initializer) and each `Gemm` with a constant B becomes
+    `MatMul` (+ `Add`); quantizing those too is what makes a decoding step
+    faster. The LM head (the MatMul the `logits` output comes from) stays
+    float32: its int8 errors flip near-tied next tokens for little speed.
+    """
+    import tempfile
+
     import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"]
-    )
+    with tempfile.TemporaryDirectory(prefix="keras-primer-int8-") as scratch:
+        folded = os.path.join(scratch, "folded.onnx")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = folded
+        ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
+        model = onnx.load(folded)
+        graph = model.graph
+        initializers = {i.name: i for i in graph.initializer}
+        transposed = {}  # Gemm B name -> the [K, N] kernel's initializer name
+        nodes = []
+        for node in graph.node:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if (
+                node.op_type != "Gemm"
+                or node.input[1] not in initializers
+                or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0
+                or attrs.get("beta", 1.0) not in (0.0, 1.0)
+            ):
+                nodes.append(node)
+                continue
+            if node.input[1] not in transposed:
+                kernel = numpy_helper.to_array(initializers[node.input[1]])
+                kernel = np.ascontiguousarray(kernel.T if attrs.get("transB", 0) else kernel)
+                transposed[node.input[1]] = node.input[1] + "_kernel"
+                graph.initializer.append(numpy_helper.from_array(kernel, transposed[node.input[1]]))
+            name = node.name or node.output[0]
+            bias = node.input[2] if len(node.input) > 2 and attrs.get("beta", 1.0) else ""
+            product = node.output[0] + "_product" if bias else node.output[0]
+            nodes.append(
+                helper.make_node(
+                    "MatMul", [node.input[0], transposed[node.input[1]]], [product], name
+                )
+            )
+            if bias:
+                nodes.append(
+                    helper.make_node("Add", [product, bias], [node.output[0]], name + "_bias")
+                )
+        del graph.node[:]
+        graph.node.extend(nodes)
+        used = {i for n in graph.node for i in n.input}
+        kept = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        # The LM head: the first MatMul up the data inputs from `logits`.
+        producers = {out: n for n in graph.node for out in n.output}
+        head, tensor = [], "logits"
+        while tensor in producers and not head:
+            node = producers[tensor]
+            head = [node.name] if node.op_type == "MatMul" else []
+            tensor = node.input[0] if node.input else ""
+        onnx.save(model, folded)
+        quantize_dynamic(
+            folded,
+            dst,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=head,
+        )
     proto = onnx.load(dst)
     proto.ir_version = max(IR_VERSION, min(proto.ir_version, 10))
     _set_metadata(proto, metadata)
