@@ -76,13 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         if base.backend:  # before anything imports Keras
             os.environ["KERAS_BACKEND"] = base.backend
         quiet_backend_logs(base.verbose >= 2)
-        from keras_primer.training.compare import (
-            check_models,
-            compare,
-            load_summaries,
-            report,
-            report_seeds,
-        )
+        from keras_primer.training.compare import check_models, compare, load_summaries
+        from keras_primer.training.compare_report import report, report_seeds
         from keras_primer_cli.presets import get_preset
 
         if args.warmup_steps is not None and args.warmup_steps < 0:

@@ -37,7 +37,7 @@ def _summary(losses, final, steps=20, seconds_per_step=0.5):
 
 
 def test_steps_to_reach_first_crossing_interpolated():
-    from keras_primer.training.compare import steps_to_reach
+    from keras_primer.training.compare_report import steps_to_reach
 
     # Falls to 2.0 between steps 10 (3.0) and 20 (1.0), goes back above it,
     # and falls below it again: the first crossing counts, interpolated.
@@ -89,7 +89,7 @@ BY_SEED = {
 
 
 def test_rows_against_gpt2():
-    from keras_primer.training.compare import comparison_rows, reference_model
+    from keras_primer.training.compare_report import comparison_rows, reference_model
 
     assert reference_model(BY_SEED[0]) == "gpt2"
     rows = {r["model"]: r for r in comparison_rows(BY_SEED[0])}
@@ -126,7 +126,7 @@ def test_rows_against_gpt2():
 
 
 def test_spread_statistics():
-    from keras_primer.training.compare import spread
+    from keras_primer.training.compare_report import spread
 
     stats = spread([0.75, 0.5, None])
     assert stats["n"] == 2 and stats["missing"] == 1
@@ -139,7 +139,7 @@ def test_spread_statistics():
 
 
 def test_report_seeds_against_gpt2(tmp_path):
-    from keras_primer.training.compare import report_seeds
+    from keras_primer.training.compare_report import report_seeds
 
     result = report_seeds(BY_SEED, str(tmp_path))
     assert result["seeds"] == [0, 1, 2] and result["reference"] == "gpt2"
@@ -192,7 +192,7 @@ def test_report_seeds_against_gpt2(tmp_path):
 
 
 def test_report_seeds_refuses_seeds_with_other_models(tmp_path):
-    from keras_primer.training.compare import report_seeds
+    from keras_primer.training.compare_report import report_seeds
 
     uneven = {0: BY_SEED[0], 1: {"gpt2": GPT2, "primer_ez": BY_SEED[1]["primer_ez"]}}
     with pytest.raises(ValueError, match="same models"):
@@ -285,8 +285,8 @@ def test_feedback_primer_ez_arm_is_feedback_with_primer_ez_changes():
 def test_shared_sentencepiece_model(tmp_path, sample_text_path):
     import dataclasses
 
+    from keras_primer.training import RunConfig
     from keras_primer.training.compare import shared_tokenizer
-    from keras_primer.training.driver import RunConfig
 
     base = RunConfig(
         out=str(tmp_path), data=sample_text_path, tokenizer="sentencepiece", vocabulary_size=400
@@ -309,8 +309,8 @@ def test_shared_sentencepiece_model(tmp_path, sample_text_path):
 def test_every_arm_sees_the_same_batches(tmp_path, sample_text_path, monkeypatch):
     """Tiny end-to-end run: GPT-2 and Primer EZ, two seeds, 3 steps each."""
     from keras_primer.data import pipeline
+    from keras_primer.training import RunConfig
     from keras_primer.training import compare as compare_module
-    from keras_primer.training.driver import RunConfig
     from keras_primer_cli.presets import get_preset
 
     batches = {}  # (model, seed) -> [(global step, digest of the batch)]

@@ -182,8 +182,10 @@ def test_expected_failures_are_one_line_and_debug_shows_the_traceback(
 
 
 def test_damaged_checkpoint_is_one_line_with_the_fix(tmp_path, capsys):
-    from keras_primer.training import driver
+    from keras_primer.training.definition import run_definition
+    from keras_primer.training.run_data import locate_corpus
     from keras_primer.training.run_dir import CheckpointStore, write_json_atomic
+    from keras_primer.training.run_setup import resolve_preset
 
     out = tmp_path / "run"
     argv = [
@@ -201,8 +203,8 @@ def test_damaged_checkpoint_is_one_line_with_the_fix(tmp_path, capsys):
         "2",
     ]
     config = config_from_args(build_train_parser().parse_args(argv))
-    preset = driver.resolve_preset(config)
-    definition = driver.run_definition(config, preset, driver.locate_corpus(config))
+    preset = resolve_preset(config)
+    definition = run_definition(config, preset, locate_corpus(config))
     write_json_atomic(str(out / "run.json"), {"definition": definition, "steps": 4, "changes": []})
     store = CheckpointStore(str(out / "checkpoints"))
     store.commit(4, [], {"history": []})
@@ -234,6 +236,7 @@ def test_import_keras_primer_leaves_out_the_driver_run_folder_and_pipeline():
         import sys
         import keras_primer
         heavy = ("keras_primer.training.driver", "keras_primer.training.run_dir",
+                 "keras_primer.training.run_setup", "keras_primer.training.fit_loop",
                  "keras_primer.data.pipeline", "keras_primer.training.callbacks")
         print("LOADED", sorted(m for m in heavy if m in sys.modules))
         from keras_primer.training import train, plan_segments, RunConfig
@@ -315,8 +318,7 @@ def test_user_files_named_like_ours_are_not_taken_for_ours(tmp_path, capsys, nam
 def test_a_start_that_was_killed_is_ours_to_take_over(tmp_path):
     # What a killed start leaves before its run.json: the lock, run.json's
     # temporary file, another host's empty worker folder. Nothing else.
-    from keras_primer.training.driver import check_folder_owned
-    from keras_primer.training.run_dir import temp_path
+    from keras_primer.training.run_dir import check_folder_owned, temp_path
 
     out = tmp_path / "run"
     (out / "worker-1").mkdir(parents=True)
@@ -332,8 +334,7 @@ def test_a_start_that_was_killed_is_ours_to_take_over(tmp_path):
 
 
 def test_only_temporary_files_of_our_exact_names_are_removed(tmp_path):
-    from keras_primer.training import driver
-    from keras_primer.training.run_dir import CheckpointStore, temp_path
+    from keras_primer.training.run_dir import claim_folder, temp_path
 
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
@@ -351,11 +352,7 @@ def test_only_temporary_files_of_our_exact_names_are_removed(tmp_path):
     for path in ours + users:
         with open(path, "w") as f:
             f.write("x")
-    run = driver.Run(
-        config=None, preset=None, tokenizer=None, out=str(out), outputs={}
-    )  # claim_folder reads only the folder
-    assert run.store.folder == CheckpointStore(str(out / "checkpoints")).folder
-    driver.claim_folder(run)
+    claim_folder(str(out))
     assert not [p for p in ours if os.path.exists(p)]
     assert all(p.read_text() == "x" for p in users)
 

@@ -177,7 +177,7 @@ def test_feedback_model_trains(tmp_path, sample_text_path):
 
 @pytest.mark.tensorflow_only
 def test_steps_to_reach_interpolates():
-    from keras_primer.training.compare import steps_to_reach
+    from keras_primer.training.compare_report import steps_to_reach
 
     history = [
         {"step": 10, "val_loss": 3.0},
@@ -260,7 +260,8 @@ def test_mixed_precision_run(tmp_path, sample_text_path, precision):
 
 @pytest.mark.tensorflow_only
 def test_run_definition_keys_on_content_and_diff_names_each_change(tmp_path, sample_text_path):
-    from keras_primer.training.driver import definition_diff, locate_corpus, run_definition
+    from keras_primer.training.definition import definition_diff, run_definition
+    from keras_primer.training.run_data import locate_corpus
 
     config = _config(tmp_path / "run", sample_text_path)
     corpus = locate_corpus(config)
@@ -284,7 +285,7 @@ def test_run_definition_keys_on_content_and_diff_names_each_change(tmp_path, sam
 
 @pytest.mark.tensorflow_only
 def test_reconcile_run_fresh_same_extended(tmp_path):
-    from keras_primer.training.driver import reconcile_run
+    from keras_primer.training.definition import reconcile_run
 
     notes = []
     definition = {"model": "primer_ez", "seed": 0}
@@ -302,9 +303,9 @@ def test_reconcile_run_fresh_same_extended(tmp_path):
 def test_missing_optional_packages_are_said_once_and_the_run_finishes(
     tmp_path, sample_text_path, monkeypatch, capsys
 ):
-    from keras_primer.training import driver
+    from keras_primer.training import run_setup
 
-    monkeypatch.setattr(driver, "_installed", lambda package: False)
+    monkeypatch.setattr(run_setup, "_installed", lambda package: False)
     summary = train(
         _config(
             tmp_path / "run",

@@ -1,27 +1,19 @@
-"""What a run leaves behind: history, learning curve, samples, summary."""
+"""What a run leaves behind (stage 11 of `driver.train`): the final
+evaluation, `model.keras`, samples, learning curve and `summary.json`."""
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import math
-import os
 
+import keras
 
-def read_history(path: str) -> list[dict]:
-    """Rows of a `CSVLogger` file as dicts of floats (empty list if missing)."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            parsed = {}
-            for key, value in row.items():
-                try:
-                    parsed[key] = float(value)
-                except (TypeError, ValueError):
-                    parsed[key] = value
-            rows.append(parsed)
-    return rows
+from keras_primer.models.base import PERPLEXITY_LOSS_CAP
+from keras_primer.training.callbacks import TrainingLog, optimizer_step
+from keras_primer.training.fit_loop import Callbacks
+from keras_primer.training.run_dir import atomic_write, write_json_atomic
+from keras_primer.training.run_model import save_model_atomic
+from keras_primer.training.run_setup import Run
 
 
 def plot_learning_curve(history: list[dict], path: str, title: str = "") -> str | None:
@@ -92,6 +84,91 @@ def write_json(path: str, data: dict) -> None:
             return [clean(v) for v in value]
         return value
 
-    from keras_primer.training.run_dir import write_json_atomic
-
     write_json_atomic(path, clean(data))
+
+
+def tokens_per_second(log: TrainingLog, history: list) -> float | None:
+    """This call's measured throughput, else the last measured in the run's
+    history (a rerun of a finished run trains nothing), else None."""
+    if math.isfinite(log.tokens_per_second):
+        return log.tokens_per_second
+    measured = [
+        r["tokens_per_second"]
+        for r in history
+        if isinstance(r.get("tokens_per_second"), (int, float))
+        and math.isfinite(r["tokens_per_second"])
+    ]
+    return float(measured[-1]) if measured else None
+
+
+def write_reports(run: Run, lm, dist, callbacks: Callbacks) -> dict:
+    """Final evaluation, `model.keras`, samples, learning curve and `summary.json`."""
+    config, preset, splits = run.config, run.preset, run.splits
+    history = callbacks.recorder.rows
+    val_x, val_y = run.val
+    final_step = optimizer_step(lm)
+    results = keras.Model.evaluate(
+        lm,
+        val_x,
+        val_y,
+        batch_size=dist.eval_batch_size(preset.batch_size),
+        verbose=0,
+        return_dict=True,
+    )
+    model_path = run.path("model.keras")
+    save_model_atomic(lm, model_path)
+    samples = {}
+    if config.sample_tokens > 0 and dist.input_shard[1] > 1:
+        # keras-hub's generate reads its outputs back on the host, which a
+        # batch spread over several processes does not allow.
+        print("No samples in a multi-host run: generate from model.keras on one host.")
+    elif config.sample_tokens > 0:
+        for prompt in config.prompts:
+            samples[prompt] = generate_text(lm, prompt, config.sample_tokens)
+        text = "".join(f"=== {p!r} ===\n{t}\n\n" for p, t in samples.items())
+        with atomic_write(run.path("samples.txt"), "w") as f:
+            f.write(text)
+    preset_name = config.preset if isinstance(config.preset, str) else "custom"
+    curve = None
+    if run.outputs["learning_curve"]:
+        curve = plot_learning_curve(
+            history, run.path("learning_curve.png"), f"{config.model} ({preset_name})"
+        )
+    val_loss = float(results["loss"])
+    losses = [r["val_loss"] for r in history if "val_loss" in r]
+    summary = {
+        "model": config.model,
+        "preset": preset_name,
+        "backend": keras.backend.backend(),
+        "precision": config.precision,
+        "distribution": config.distribution,
+        "tokenizer": run.codec.describe(),
+        "data": run.corpus.path,
+        "parameters": int(lm.backbone.count_params()),
+        "steps": final_step,
+        "resumed_from_step": run.start,
+        "batch_size": preset.batch_size,
+        "sequence_length": preset.sequence_length,
+        "train_tokens": int(len(splits.train)),
+        "val_tokens": int(len(splits.val)),
+        "val_loss": val_loss,
+        "val_perplexity": math.exp(min(val_loss, PERPLEXITY_LOSS_CAP)),
+        "val_bits_per_char": val_loss * splits.val_tokens_per_char / math.log(2.0),
+        "best_val_loss": min(losses or [val_loss]),
+        "tokens_per_second": tokens_per_second(callbacks.log, history),
+        "wall_time_s": run.clock(),
+        "history": history,
+        "samples": samples,
+        "files": {
+            "model": model_path,
+            "best_model": run.path("best.keras"),
+            "history": run.path("history.csv"),
+            "learning_curve": curve,
+            "tensorboard": run.path("tensorboard") if run.outputs["tensorboard"] else None,
+            "checkpoints": run.path("checkpoints"),
+        },
+        "preset_settings": dataclasses.asdict(preset),
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "preset"},
+    }
+    write_json(run.path("summary.json"), summary)
+    return summary

@@ -9,6 +9,10 @@
   The sibling's name (`temp_path`) and its recognizer (`remove_temp_files`)
   are one template (`keras_primer_cli.ownership.ATOMIC_WRITE`): a clean-up
   removes only names a run writes, never a user's `.draft.tmp-1`.
+* `check_folder_owned`, `claim_folder` (stage 2 of `driver.train`): a
+  folder is a run's only with our `run.json` (any other non-empty folder is
+  refused before any work), and a run removes only the temporary files it
+  writes.
 * `CheckpointStore`: one file per checkpoint (`checkpoints/step-<N>.npz`,
   committed with `atomic_write`) holding every variable of the model and of
   the optimizer (seed-generator states included: the RNG), the step, the
@@ -38,9 +42,10 @@ import zipfile
 
 import numpy as np
 
-from keras_primer_cli.folder_lock import FolderLock
+from keras_primer_cli.errors import ConfigError
+from keras_primer_cli.folder_lock import LOCK_FILE, FolderLock
 from keras_primer_cli.folder_lock import FolderLockedError as RunLockedError  # noqa: F401
-from keras_primer_cli.ownership import ATOMIC_WRITE
+from keras_primer_cli.ownership import ATOMIC_WRITE, RUN_RECORD, read_run_record
 
 # Fault injection for tests: "STEP:PHASE" kills this process with SIGKILL
 # when checkpoint commit of STEP reaches PHASE; "STEP:PHASE:wait=PATH"
@@ -178,6 +183,106 @@ class RunLock(FolderLock):
 
     def __init__(self, folder: str):
         super().__init__(folder, "training process")
+
+
+# Files of a run folder written through a temporary sibling (`atomic_write`):
+# a temporary file is ours to remove only if it stands for one of these.
+ATOMIC_OUTPUTS = (
+    RUN_RECORD,
+    "history.csv",
+    "best.keras",
+    "model.keras",
+    "samples.txt",
+    "summary.json",
+)
+# What a run writes into its folder (`--out`): a folder holding any other
+# file is not refused only if it is a run folder (it has our `run.json`).
+RUN_OUTPUTS = ATOMIC_OUTPUTS + (
+    "checkpoints",
+    "data",
+    "tokenizer.model",
+    "learning_curve.png",
+    "tensorboard",
+)
+# The folder of process i > 0 of a multi-host run, inside process 0's `--out`.
+WORKER_FOLDER = re.compile(r"worker-[1-9]\d*")
+# Folders a run writes into: each must be a folder (or not exist yet).
+RUN_FOLDERS = ("checkpoints", "data", "tensorboard")
+
+
+def check_folder_owned(out: str) -> None:
+    """Refuses an `--out` that is not new, empty or a run folder (our `run.json`).
+
+    Call before anything is written to `out`. What a killed start of a run
+    leaves before its `run.json` (the lock, the temporary file of `run.json`,
+    the `worker-<i>` folders of the other processes of a multi-host run, each
+    one new, empty or a run folder itself) does not count; anything else does,
+    whatever its name.
+
+    Raises:
+        ConfigError: `out` holds other files (the message names those a run
+            would overwrite), or a `run.json` that is not a run record.
+    """
+    if not os.path.isdir(out):
+        return
+    record = os.path.join(out, RUN_RECORD)
+    if os.path.lexists(record):
+        read_run_record(record)  # a run folder only with our run.json
+        return
+    foreign = sorted(name for name in os.listdir(out) if not _left_by_a_start(out, name))
+    if not foreign:
+        return
+    clashes = [name for name in foreign if name in RUN_OUTPUTS]
+    what = (
+        f"a run would overwrite {', '.join(clashes)}"
+        if clashes
+        else f"it holds {len(foreign)} other file(s) ({', '.join(foreign[:5])})"
+    )
+    raise ConfigError(
+        f"--out {out} is not a keras-primer run folder (no run.json) and is not empty: "
+        f"{what}. Pass a new or empty folder as --out."
+    )
+
+
+def _left_by_a_start(out: str, name: str) -> bool:
+    """Whether `out/name` is what a killed start of a run leaves before its `run.json`."""
+    path = os.path.join(out, name)
+    if name == LOCK_FILE or ATOMIC_WRITE.matches(name, target=(RUN_RECORD,)):
+        return os.path.isfile(path) and not os.path.islink(path)
+    if WORKER_FOLDER.fullmatch(name) and os.path.isdir(path) and not os.path.islink(path):
+        try:
+            check_folder_owned(path)
+        except ConfigError:
+            return False
+        return True
+    return False
+
+
+def claim_folder(out: str) -> None:
+    """Checks, under the run's lock, that every folder the run writes into is
+    a folder, and removes temporary files that a killed run left."""
+    refuse_old_layout(out)
+    for name in RUN_FOLDERS:
+        path = os.path.join(out, name)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(
+                f"{path} is a file, but the run keeps its {name} in a folder of that name. "
+                "Move the file away, or pass another --out."
+            )
+    CheckpointStore(os.path.join(out, "checkpoints")).remove_leftovers()
+    # Our atomic writes that a kill interrupted; this process holds the lock.
+    remove_temp_files(out, ATOMIC_OUTPUTS)
+
+
+def refuse_old_layout(out: str) -> None:
+    """Refuses a folder written by keras-primer before checkpoints/ existed."""
+    if os.path.isdir(os.path.join(out, "backup")) and not os.path.isdir(
+        os.path.join(out, "checkpoints")
+    ):
+        raise ConfigError(
+            f"{out} was written by an older keras-primer (a backup/ folder, no checkpoints/), "
+            "which this version cannot resume safely. Pass another --out."
+        )
 
 
 #: The name of a checkpoint file (its group: the step).
