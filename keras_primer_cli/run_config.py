@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from keras_primer_cli.errors import ConfigError
 from keras_primer_cli.model_registry import MODELS, TRAINABLE_MODELS
 from keras_primer_cli.presets import PRESETS, TrainPreset, get_preset
-from keras_primer_runtime.generation import check_prompts
+from keras_primer_runtime.generation import ByteCodec, check_prompt_tokens, check_prompts
 
 TOKENIZERS = ("bytes", "sentencepiece")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -38,11 +38,13 @@ MIN_SENTENCEPIECE_VOCABULARY = 300
 TRAIN_PROG = "keras-primer train"
 
 
-def check_prompt(prompt) -> str:
+def check_prompt(prompt, byte_tokenizer: bool = False) -> str:
     r"""Returns `prompt` if the decoding contract accepts it, else raises `ConfigError`.
 
     A command-line argument is the bytes it was given (undecodable bytes come
     as surrogate escapes), so the contract's Unicode rule judges those bytes.
+    With the byte tokenizer, a character that is a special id (NUL, STX, ETX)
+    is refused here too, before any training (SentencePiece never makes one).
 
     >>> check_prompt("ROMEO:")
     'ROMEO:'
@@ -59,6 +61,9 @@ def check_prompt(prompt) -> str:
             pass  # a lone surrogate no command line can give: the rule judges the str
     try:
         (checked,) = check_prompts([given])
+        if byte_tokenizer:
+            codec = ByteCodec()
+            check_prompt_tokens(checked, codec.encode(checked), codec.spec.special_ids)
     except ValueError as error:
         message = str(error).rstrip(".")
         if "Received:" not in message:
@@ -229,7 +234,7 @@ class RunConfig:
             if not self.prompts:
                 raise ConfigError("No sample prompts: pass --prompt TEXT or --sample-tokens 0.")
             for prompt in self.prompts:
-                check_prompt(prompt)
+                check_prompt(prompt, byte_tokenizer=self.tokenizer == "bytes")
         if self.tokenizer == "sentencepiece" and not self.spm_model:
             if self.vocabulary_size < MIN_SENTENCEPIECE_VOCABULARY:
                 raise ConfigError(

@@ -379,6 +379,21 @@ def test_prompt_that_is_not_unicode_is_refused_only_when_used(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_prompt_with_a_special_byte_is_refused_before_training(tmp_path, capsys):
+    # Issue 32: with the byte tokenizer a NUL (the pad id) in --prompt was refused
+    # only at the sample step, after the whole training run.
+    argv = ["--out", str(tmp_path / "run"), "--data", SAMPLE, "--prompt", "a\x00b"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "U+0000 at character 1 is the special id 0" in err
+    assert not (tmp_path / "run").exists()
+    # SentencePiece encodes a NUL as a byte piece: not refused by this check.
+    from keras_primer_cli.run_config import check_prompt
+
+    assert check_prompt("a\x00b") == "a\x00b"
+
+
 @pytest.mark.slow
 @pytest.mark.tensorflow_only
 def test_paths_that_are_not_utf8_round_trip(tmp_path):
