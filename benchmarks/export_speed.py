@@ -81,7 +81,7 @@ def run(args):
 
     from keras_primer.export import export_model
     from keras_primer.export.adapters import load_float32
-    from keras_primer.export.onnx_export import int8_agreement
+    from keras_primer.export.onnx_int8 import int8_agreement
     from keras_primer_runtime.ort_generator import OrtGenerator
 
     work = tempfile.mkdtemp(prefix="export_speed_")

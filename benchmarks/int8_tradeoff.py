@@ -27,7 +27,7 @@ setting writes its own int8 `model.onnx` / `decoder_step.onnx` copies under
 Settings (`SETTINGS`): `dynamic_*` is `quantize_dynamic` (int8 weights per
 output channel, activations per tensor on the fly); `dynamic_matmul*` on the
 graph as tf2onnx writes it (only the feed-forward and LM head MatMuls have
-constant weights there), `dynamic_all_weights*` after `_gemm_as_matmul` (the
+constant weights there), `dynamic_all_weights*` after `gemms_as_matmuls` (the
 QKV and output projections too), `preprocessed_*` after ORT's
 `quant_pre_process`; `static_*` is `quantize_static` (MatMuls with constant
 weights, calibrated on training text: windows for `model.onnx`, the inputs of
@@ -37,7 +37,7 @@ embedding tables too), `_no_head` (LM head left in float32), `_no_ffn_out`
 (feed-forward down projections left in float32), `_no_first_last` (the
 feed-forward MatMuls of the first and last layers left in float32).
 `export_int8` is what `keras-primer export --int8` writes
-(`keras_primer.export.onnx_export.quantize_int8`; imports TensorFlow).
+(`keras_primer.export.onnx_int8.quantize_int8`).
 
 Not part of CI: it needs a trained export and takes minutes.
 """
@@ -52,14 +52,14 @@ import numpy as np
 
 SETTINGS = (
     "fp32",
-    "export_int8",  # what `--int8` writes: `keras_primer.export.onnx_export.quantize_int8`
+    "export_int8",  # what `--int8` writes: `keras_primer.export.onnx_int8.quantize_int8`
     "dynamic_matmul",  # what `--int8` wrote before issue 31.5
     "dynamic_matmul_reduce_range",
     "dynamic_matmul_gather",
     "dynamic_matmul_no_head",
     "dynamic_matmul_no_first_last_no_head",
     "preprocessed_dynamic_matmul",
-    # Gemm with constant weights as MatMul + Add (`_gemm_as_matmul`), then dynamic
+    # Gemm with constant weights as MatMul + Add (`gemms_as_matmuls`), then dynamic
     "dynamic_all_weights",
     "dynamic_all_weights_no_head",
     "dynamic_all_weights_no_ffn_out",
@@ -134,61 +134,6 @@ def _excluded(setting, path):
     return exclude
 
 
-def _gemm_as_matmul(src, dst):
-    """ORT's basic graph optimizations (constant folding: the reshaped output
-    projection kernels become initializers), then every Gemm whose B is an
-    initializer rewritten as MatMul (+ Add of C), so that dynamic
-    quantization (which has no Gemm) reaches the fused QKV and output
-    projections too."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper, numpy_helper
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = dst
-    ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
-    model = onnx.load(dst)
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    nodes = []
-    for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (
-            node.op_type != "Gemm"
-            or node.input[1] not in inits
-            or attrs.get("transA", 0)
-            or attrs.get("alpha", 1.0) != 1.0
-            or attrs.get("beta", 1.0) not in (0.0, 1.0)
-        ):
-            nodes.append(node)
-            continue
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        if attrs.get("transB", 0):
-            weight = weight.T
-        name = node.input[1] + "_as_matmul"
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
-        has_bias = len(node.input) > 2 and node.input[2] and attrs.get("beta", 1.0) == 1.0
-        product = node.output[0] + "_matmul" if has_bias else node.output[0]
-        nodes.append(
-            helper.make_node("MatMul", [node.input[0], name], [product], node.name + "_mm")
-        )
-        if has_bias:
-            nodes.append(
-                helper.make_node(
-                    "Add", [product, node.input[2]], [node.output[0]], node.name + "_b"
-                )
-            )
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    onnx.save(model, dst)
-    return dst
-
-
 def _matmul_nbits8(src, dst, block_size, accuracy_level, exclude=()):
     """Every MatMul with a 2-D initializer B as `MatMulNBits` (com.microsoft),
     8-bit symmetric blocks of `block_size` along K, ORT's own block quantizer
@@ -196,6 +141,8 @@ def _matmul_nbits8(src, dst, block_size, accuracy_level, exclude=()):
     import onnx
     from onnx import helper, numpy_helper
     from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+
+    from keras_primer.export.onnx_int8 import drop_unused_initializers  # imports keras_primer
 
     model = onnx.load(src)
     graph = model.graph
@@ -235,10 +182,7 @@ def _matmul_nbits8(src, dst, block_size, accuracy_level, exclude=()):
         )
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    drop_unused_initializers(graph)
     if all(o.domain != "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, dst)
@@ -248,7 +192,7 @@ def _matmul_nbits8(src, dst, block_size, accuracy_level, exclude=()):
 def _export_int8(src, dst):
     import onnx
 
-    from keras_primer.export.onnx_export import quantize_int8  # imports TensorFlow
+    from keras_primer.export.onnx_int8 import quantize_int8  # imports keras_primer
     from keras_primer_runtime.export_folder import METADATA_KEY
 
     props = {p.key: p.value for p in onnx.load(src, load_external_data=False).metadata_props}
@@ -311,6 +255,8 @@ def make_setting(name, fp32_paths, work, train_ids, config):
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from keras_primer.export.onnx_int8 import gemms_as_matmuls  # imports keras_primer
+
     if name == "fp32":
         return dict(fp32_paths)
     folder = os.path.join(work, name)
@@ -333,7 +279,7 @@ def make_setting(name, fp32_paths, work, train_ids, config):
         elif name.startswith("dynamic_matmul"):
             pre = src
         else:
-            pre = _gemm_as_matmul(src, dst + ".pre.onnx")
+            pre = gemms_as_matmuls(src, dst + ".pre.onnx")
         exclude = _excluded(name, pre)
         if "dynamic_" in name:
             quantize_dynamic(pre, dst, nodes_to_exclude=exclude, **dynamic)

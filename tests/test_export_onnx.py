@@ -163,7 +163,7 @@ def test_sampling_is_seeded(generator):
 
 
 def test_int8_agreement_is_reported(exported, record_property):
-    from keras_primer.export.onnx_export import int8_agreement
+    from keras_primer.export.onnx_int8 import int8_agreement
     from keras_primer_runtime.ort_generator import OrtGenerator
 
     report = int8_agreement(

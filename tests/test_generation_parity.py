@@ -13,6 +13,8 @@ identical everywhere, for a batch of prompts of different lengths, and so
 must the full forward pass's logits (`model.onnx`, `serving_default`). In each
 runtime a fixed seed repeats, and bad options and prompts that are not valid
 Unicode (the contract's Unicode rule) fail with the contract's error text.
+ONNX Runtime's stream joins to the greedy text, and its decoding step's past
+grows by each step's tokens (not a buffer sized for the request).
 Runs once, in the TensorFlow-backend pass (it covers every backend itself).
 """
 
@@ -51,6 +53,10 @@ for name in ("primer_ez", "feedback"):
     CASES[f"{name}_sentencepiece"] = dict(family=name, tokenizer="sentencepiece")
 CASES["feedback_primer_ez_per_layer"] = dict(family="feedback_primer_ez", shared_kv=False)
 KERAS_BACKENDS = ("tensorflow", "jax", "torch")
+# Keras samples with one sampler class for every model: its edge and bad
+# options are checked once per decoding loop (Primer's cached loop, Feedback's
+# memory loop), on every backend. Each exported graph checks them all.
+KERAS_SAMPLER_CASES = ("primer_ez_bytes", "feedback_bytes")
 PROMPTS = ["Hello", "Hi", "To be, or not"]
 NEW_TOKENS = 6
 SAMPLING = dict(temperature=1.0, top_k=8, top_p=0.9, seed=11)
@@ -176,7 +182,19 @@ for name, onnx_dir in cases.items():
             special_out.append({"text": gen.generate(prompt, new_tokens)})
         except ValueError as e:
             special_out.append({"error": str(e)})
+    # The step's past grows by each step's tokens (prefill 4, then one at a
+    # time) and the last step's logits equal the full pass's (row 0 of ids).
+    row = np.array(ids[:1], np.int32)
+    state = gen.empty_state(1)
+    step_logits, state = gen.step(row[:, :4], 0, state)
+    lengths = []
+    for position in range(4, row.shape[1]):
+        lengths.append(sorted({state[t["past"]].shape()[t["shape"].index("length")]
+                               for t in gen.state_tensors if "length" in t["shape"]}))
+        step_logits, state = gen.step(row[:, position:position + 1], position, state)
     result[name] = {"greedy": gen.generate(prompts, new_tokens), "logits": logits, "special": special_out,
+                    "stream": ["".join(gen.stream(p, new_tokens)) for p in prompts],
+                    "growth": lengths, "step_logits": step_logits.tolist(),
                     "sampled": [gen.generate(prompts, new_tokens, **sampling) for _ in range(2)], "errors": errors,
                     "edge": [gen.generate(prompts, new_tokens, **options) for options in edge],
                     "config": {k: gen.config[k] for k in ("family", "states")}}
@@ -220,14 +238,16 @@ def _fresh(script, cases, tmp_path, name):
 
 
 def keras_side(lm, name):
-    """Keras greedy text of `lm`, after checking that it refuses the bad
-    options and the prompts that are not valid Unicode with the contract's
-    text (run on every backend)."""
+    """Keras greedy text of `lm`, after checking (on every backend) that the
+    edge options give it, that bad options fail with the contract's text
+    (`KERAS_SAMPLER_CASES`), and the prompt checks."""
     from keras_hub.samplers import TopPSampler
 
     from keras_primer.generation import ContractSampler
 
     text = keras_greedy(lm, PROMPTS, NEW_TOKENS)
+    if name not in KERAS_SAMPLER_CASES:
+        return _keras_prompt_checks(lm, name, text)
     for options in EDGE:
         lm.compile(sampler=ContractSampler(**options))
         assert keras_text(lm, PROMPTS, NEW_TOKENS) == text, (name, options)
@@ -244,6 +264,12 @@ def keras_side(lm, name):
         with pytest.raises(ValueError, match="^" + re.escape(message)):
             lm.generate("Hi", max_length=8)
     lm.compile(sampler="greedy")
+    return _keras_prompt_checks(lm, name, text)
+
+
+def _keras_prompt_checks(lm, name, text):
+    """Prompts that are not valid Unicode or that hold special ids: the
+    contract's errors (SentencePiece keeps special characters as text)."""
     for prompt in BAD_UNICODE:
         with pytest.raises(ValueError) as error:
             lm.generate(prompt, max_length=8)
@@ -307,6 +333,7 @@ def test_same_text_in_keras_savedmodel_and_ort(tmp_path):
 
     from keras_primer.export import export_model
 
+    assert set(KERAS_SAMPLER_CASES) <= set(CASES)
     paths = {}
     for name, options in CASES.items():
         paths[name] = str(tmp_path / f"{name}.keras")
@@ -339,6 +366,11 @@ def test_same_text_in_keras_savedmodel_and_ort(tmp_path):
             assert keras_text[backend][name] == reference, (name, backend)
         assert served[name]["greedy"] == reference, name
         assert ort[name]["greedy"] == reference, name
+        assert ort[name]["stream"] == reference, name  # streamed pieces joined
+        assert ort[name]["growth"] == [[n] for n in range(4, LOGITS_IDS.shape[1])], name
+        np.testing.assert_allclose(
+            ort[name]["step_logits"], keras_logits[name][0, -1:], atol=1e-4, rtol=0, err_msg=name
+        )
         for runtime in (served, ort):
             assert runtime[name]["edge"] == [reference] * len(EDGE), name
         for runtime in (served, ort):

@@ -1,6 +1,7 @@
 """ONNX Runtime serving: an export folder is checked before it is served,
 streaming ends with `generate`'s text, and the decoding step's past grows
-with the tokens so far (not with a buffer sized for the request)."""
+with the tokens so far (not with a buffer sized for the request). One
+family here; every family's stream and past growth: test_generation_parity."""
 
 import json
 import os
@@ -30,7 +31,6 @@ def exports(tmp_path_factory):
     for name, family, tokenizer in (
         ("primer_bytes", "primer", "bytes"),
         ("primer_sp", "primer", "sentencepiece"),
-        ("feedback_bytes", "feedback", "bytes"),
     ):
         out[name] = _export(root, family, tokenizer, name)
     return out
@@ -74,14 +74,13 @@ def test_swapped_tokenizer_files_are_refused_by_name(exports, tmp_path):
         _generator(missing)
 
 
-@pytest.mark.parametrize("family", ["primer_bytes", "feedback_bytes"])
-def test_edited_config_is_refused(exports, tmp_path, family):
+def test_edited_config_is_refused(exports, tmp_path):
     """A raised max_sequence_length (Feedback would generate past the model's
     length, Primer fail inside ORT) or renamed state tensors are refused: each
     graph carries the sizes it was built with."""
     from keras_primer_runtime.export_folder import ExportFolderError
 
-    _, folder = exports[family]
+    _, folder = exports["primer_bytes"]
     edited = _copy(folder, tmp_path)
     config = json.loads((edited / "export_config.json").read_text())
     config["max_sequence_length"] *= 4
@@ -120,7 +119,7 @@ def test_unreadable_or_foreign_config_is_refused(exports, tmp_path):
 # === Streaming ===
 
 
-@pytest.mark.parametrize("name", ["primer_bytes", "primer_sp", "feedback_bytes"])
+@pytest.mark.parametrize("name", ["primer_bytes", "primer_sp"])
 @pytest.mark.parametrize("options", [{}, {"temperature": 1.0, "top_k": 20, "seed": 3}])
 def test_stream_ends_with_generate_text(exports, name, options):
     generator = _generator(exports[name][1])
@@ -159,13 +158,12 @@ def test_stream_takes_one_prompt(exports):
 # === The past grows with the tokens so far ===
 
 
-@pytest.mark.parametrize("name", ["primer_bytes", "feedback_bytes"])
-def test_step_past_grows_by_each_steps_tokens(exports, name):
+def test_step_past_grows_by_each_steps_tokens(exports):
     """The step's state holds exactly the positions so far, whatever the
     model's max_sequence_length; prefill + steps equal the full pass."""
     import keras
 
-    lm, folder = exports[name]
+    lm, folder = exports["primer_bytes"]
     generator = _generator(folder)
     ids = np.array([[2, 72, 105, 33, 44, 55, 66]], np.int32)
     state = generator.empty_state(1)

@@ -18,7 +18,8 @@ Whatever backend trained the model, the export runs under the TensorFlow
 backend: in this process when it already uses it, else in a
 `KERAS_BACKEND=tensorflow` subprocess.
 
-Submodules: `saved_model`, `onnx_export` (TensorFlow backend). The runtime
+Submodules: `saved_model`, `onnx_export` (TensorFlow backend), `onnx_int8`
+(`--int8`; onnx and onnxruntime only). The runtime
 side (no Keras/TensorFlow) is `keras_primer_runtime.ort_generator` and
 `keras_primer_runtime.serving_client`.
 """

@@ -27,7 +27,7 @@ Writes, into one directory (the contract is documented in export/README.md):
 * `tokenizer.json` (+ `tokenizer.model`, the SentencePiece proto).
 * optionally `model.int8.onnx` and `decoder_step.int8.onnx` (dynamic int8
   quantization of every weight MatMul but the LM head, weights per output
-  channel, `onnxruntime.quantization`: `quantize_int8`).
+  channel, `onnxruntime.quantization`: `onnx_int8.quantize_int8`).
 
 The models use opset 17 and IR version 8, which onnxruntime 1.30 loads; each
 layer norm is one `LayerNormalization` op (`onnx_graph.fuse_layer_norms`).
@@ -38,24 +38,22 @@ import json
 import os
 import threading
 
-import numpy as np
 import tensorflow as tf
 
 from keras_primer.export.adapters import get_adapter
-from keras_primer.export.onnx_graph import fuse_layer_norms
+from keras_primer.export.onnx_graph import IR_VERSION, fuse_layer_norms, set_graph_metadata
+from keras_primer.export.onnx_int8 import quantize_int8
 from keras_primer.layers.cache_utils import export_safe_cache_writes, growing_cache_writes
 from keras_primer_runtime import generation
 from keras_primer_runtime.export_folder import (
     CONFIG_FILE,
     EXPORT_FORMAT,
-    METADATA_KEY,
     file_fingerprint,
     graph_metadata,
 )
 from keras_primer_runtime.generation import empty_structure, structure_get
 
 OPSET = 17
-IR_VERSION = 8
 CATCH_ERRORS_VARIABLE = "TF2ONNX_CATCH_ERRORS"
 # One conversion at a time in a process: tf2onnx builds in global graphs and
 # name counters, and `_optimizers_in_place` sets a process-wide variable.
@@ -77,15 +75,6 @@ def _optimizers_in_place():
             del os.environ[CATCH_ERRORS_VARIABLE]
         else:
             os.environ[CATCH_ERRORS_VARIABLE] = saved
-
-
-def _set_metadata(model_proto, metadata: str) -> None:
-    """Stores the export's sizes in the graph (`export_folder.METADATA_KEY`)."""
-    entries = {p.key: p.value for p in model_proto.metadata_props}
-    entries[METADATA_KEY] = metadata
-    del model_proto.metadata_props[:]
-    for key, value in entries.items():
-        model_proto.metadata_props.add(key=key, value=value)
 
 
 def _convert(function, input_signature, output_names, path, metadata):
@@ -119,7 +108,7 @@ def _convert(function, input_signature, output_names, path, metadata):
         output.name = renames.get(output.name, output.name)
     model_proto.ir_version = IR_VERSION
     fuse_layer_norms(model_proto)
-    _set_metadata(model_proto, metadata)
+    set_graph_metadata(model_proto, metadata)
     onnx.checker.check_model(model_proto)
     onnx.save(model_proto, path)
     return path
@@ -174,96 +163,6 @@ def build_functions(model):
     )
 
 
-def quantize_int8(src, dst, metadata):
-    """Dynamic int8 quantization of every weight MatMul but the LM head:
-    weights int8 per output channel, activations quantized per tensor on the
-    fly (ORT's `DynamicQuantizeMatMul`).
-
-    Chosen by measurement (docs/benchmarks.md, "int8";
-    `benchmarks/int8_tradeoff.py`). tf2onnx writes the fused QKV and output
-    projections as `Gemm` (the output projection's kernel behind a
-    `Reshape`), which ORT's dynamic quantizer does not handle, so the graph
-    first goes through ORT's basic optimizations (constant folding: every
-    kernel becomes an initializer) and each `Gemm` with a constant B becomes
-    `MatMul` (+ `Add`); quantizing those too is what makes a decoding step
-    faster. The LM head (the MatMul the `logits` output comes from) stays
-    float32: its int8 errors flip near-tied next tokens for little speed.
-    """
-    import tempfile
-
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper, numpy_helper
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with tempfile.TemporaryDirectory(prefix="keras-primer-int8-") as scratch:
-        folded = os.path.join(scratch, "folded.onnx")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = folded
-        ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
-        model = onnx.load(folded)
-        graph = model.graph
-        initializers = {i.name: i for i in graph.initializer}
-        transposed = {}  # Gemm B name -> the [K, N] kernel's initializer name
-        nodes = []
-        for node in graph.node:
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if (
-                node.op_type != "Gemm"
-                or node.input[1] not in initializers
-                or attrs.get("transA", 0)
-                or attrs.get("alpha", 1.0) != 1.0
-                or attrs.get("beta", 1.0) not in (0.0, 1.0)
-            ):
-                nodes.append(node)
-                continue
-            if node.input[1] not in transposed:
-                kernel = numpy_helper.to_array(initializers[node.input[1]])
-                kernel = np.ascontiguousarray(kernel.T if attrs.get("transB", 0) else kernel)
-                transposed[node.input[1]] = node.input[1] + "_kernel"
-                graph.initializer.append(numpy_helper.from_array(kernel, transposed[node.input[1]]))
-            name = node.name or node.output[0]
-            bias = node.input[2] if len(node.input) > 2 and attrs.get("beta", 1.0) else ""
-            product = node.output[0] + "_product" if bias else node.output[0]
-            nodes.append(
-                helper.make_node(
-                    "MatMul", [node.input[0], transposed[node.input[1]]], [product], name
-                )
-            )
-            if bias:
-                nodes.append(
-                    helper.make_node("Add", [product, bias], [node.output[0]], name + "_bias")
-                )
-        del graph.node[:]
-        graph.node.extend(nodes)
-        used = {i for n in graph.node for i in n.input}
-        kept = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-        # The LM head: the first MatMul up the data inputs from `logits`.
-        producers = {out: n for n in graph.node for out in n.output}
-        head, tensor = [], "logits"
-        while tensor in producers and not head:
-            node = producers[tensor]
-            head = [node.name] if node.op_type == "MatMul" else []
-            tensor = node.input[0] if node.input else ""
-        onnx.save(model, folded)
-        quantize_dynamic(
-            folded,
-            dst,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["MatMul"],
-            nodes_to_exclude=head,
-        )
-    proto = onnx.load(dst)
-    proto.ir_version = max(IR_VERSION, min(proto.ir_version, 10))
-    _set_metadata(proto, metadata)
-    onnx.save(proto, dst)
-    return dst
-
-
 def export_onnx(model, out_dir, int8=False):
     """Writes `model.onnx`, `decoder_step.onnx` (+ int8 copies), the config
     and the tokenizer files. Nothing is written for a model (or tokenizer)
@@ -307,24 +206,3 @@ def export_onnx(model, out_dir, int8=False):
     with open(paths["config"], "w") as f:
         json.dump(config, f, indent=2)
     return paths
-
-
-def int8_agreement(fp32_path, int8_path, token_ids, padding_mask=None):
-    """Next-token (argmax) agreement and max |logit| change of int8 vs fp32."""
-    import onnxruntime as ort
-
-    token_ids = np.asarray(token_ids, np.int32)
-    if padding_mask is None:
-        padding_mask = np.ones_like(token_ids)
-    feeds = {"input_ids": token_ids, "attention_mask": np.asarray(padding_mask, np.int32)}
-    results = []
-    for path in (fp32_path, int8_path):
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        results.append(session.run(["logits"], feeds)[0])
-    mask = feeds["attention_mask"].astype(bool)
-    agree = (results[0].argmax(-1) == results[1].argmax(-1))[mask]
-    return {
-        "next_token_agreement": float(agree.mean()),
-        "max_abs_logit_diff": float(np.abs(results[0] - results[1]).max()),
-        "positions": int(mask.sum()),
-    }

@@ -15,6 +15,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from keras_primer_runtime.export_folder import METADATA_KEY
+
+# The IR version of every graph written (onnxruntime 1.30 loads it).
+IR_VERSION = 8
+
+
+def set_graph_metadata(model_proto, metadata: str) -> None:
+    """Stores the export's sizes in the graph (`export_folder.METADATA_KEY`),
+    which the runtime checks against the folder's config."""
+    entries = {p.key: p.value for p in model_proto.metadata_props}
+    entries[METADATA_KEY] = metadata
+    del model_proto.metadata_props[:]
+    for key, value in entries.items():
+        model_proto.metadata_props.add(key=key, value=value)
+
 
 def _single_consumer(consumers, name, op_type):
     nodes = consumers.get(name, [])
