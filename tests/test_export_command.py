@@ -703,16 +703,18 @@ _INTERRUPTED_EXPORT = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "where",
+    "where, fresh_out",
     [
-        "before_tensorflow",
-        "importing_tensorflow",
-        "exporting",
-        "collecting_garbage",
-        "moving_into_place",
+        # Before staging: nothing of --out is touched yet, a new --out suffices.
+        ("before_tensorflow", True),
+        ("importing_tensorflow", True),
+        # Staged, then interrupted: a new --out and an earlier export in it.
+        ("exporting", False),
+        ("collecting_garbage", True),
+        ("moving_into_place", True),
+        ("moving_into_place", False),
     ],
 )
-@pytest.mark.parametrize("fresh_out", [True, False])
 def test_ctrl_c_always_ends_with_130_and_out_as_it_was(model_path, tmp_path, where, fresh_out):
     """Issue 32: Ctrl-C during an export printed 46-70 lines of traceback, and one
     in the first seconds (it landed in JAX's garbage-collector callback) was lost:
