@@ -211,6 +211,82 @@ def test_int8_quantizes_every_projection_but_the_lm_head(exported):
         assert initializers[head.input[1]].data_type == onnx.TensorProto.FLOAT, key
 
 
+def _matmul_graph(path, inside_loop):
+    """`logits = (x @ W) @ H` with constant W and H; with `inside_loop`, the
+    first product runs in a one-iteration `Loop` body, as a Feedback model's
+    layers do."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "W")
+    head = numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "H")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 8])
+    if inside_loop:
+        body = helper.make_graph(
+            [
+                helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                helper.make_node("MatMul", ["x", "W"], ["h_out"]),
+            ],
+            "body",
+            [
+                helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [2, 8]),
+            ],
+            [
+                helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [2, 8]),
+            ],
+            [weight],  # the body's own constant, as tf2onnx writes a loop's weights
+        )
+        first = [
+            helper.make_node(
+                "Constant", [], ["trips"], value=helper.make_tensor("t", TensorProto.INT64, [], [1])
+            ),
+            helper.make_node(
+                "Constant",
+                [],
+                ["cond"],
+                value=helper.make_tensor("c", TensorProto.BOOL, [], [True]),
+            ),
+            helper.make_node("Loop", ["trips", "cond", "x"], ["h"], body=body),
+        ]
+    else:
+        first = [helper.make_node("MatMul", ["x", "W"], ["h"])]
+    graph = helper.make_graph(
+        [*first, helper.make_node("MatMul", ["h", "H"], ["logits"], name="lm_head")],
+        "g",
+        [x],
+        [logits],
+        [head] if inside_loop else [weight, head],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def test_int8_refuses_a_graph_with_nothing_to_quantize(tmp_path):
+    """A weight MatMul inside a `Loop` (a Feedback model's layers) is out of
+    the quantizer's reach: `--int8` refuses rather than write an "int8" file
+    that computes in float32. The same product outside the Loop is quantized."""
+    import onnx
+
+    from keras_primer.export.onnx_int8 import quantize_int8
+    from keras_primer_cli.errors import ExportError
+
+    flat = _matmul_graph(str(tmp_path / "flat.onnx"), inside_loop=False)
+    out = quantize_int8(flat, str(tmp_path / "flat.int8.onnx"), "{}")
+    assert "MatMulInteger" in [n.op_type for n in onnx.load(out).graph.node]
+    looped = _matmul_graph(str(tmp_path / "step.onnx"), inside_loop=True)
+    with pytest.raises(ExportError, match=r"--int8: .* in step\.onnx outside an ONNX Loop"):
+        quantize_int8(looped, str(tmp_path / "step.int8.onnx"), "{}")
+    assert not (tmp_path / "step.int8.onnx").exists()
+
+
 def test_bad_inputs_give_clear_errors(generator):
     with pytest.raises(ValueError, match="integer token ids"):
         generator.logits(np.ones((1, 3), "float32"))

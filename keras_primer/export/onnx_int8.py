@@ -15,6 +15,10 @@ import tempfile
 import numpy as np
 
 from keras_primer.export.onnx_graph import IR_VERSION, set_graph_metadata
+from keras_primer_cli.errors import ExportError
+
+# The ops ORT's dynamic quantizer writes for a weight MatMul.
+QUANTIZED_OPS = frozenset({"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"})
 
 
 def drop_unused_initializers(graph) -> None:
@@ -95,7 +99,12 @@ def quantize_int8(src: str, dst: str, metadata: str) -> str:
     `DynamicQuantizeMatMul`, weights int8 per output channel, activations
     quantized per tensor on the fly. The LM head stays float32: its int8
     errors flip near-tied next tokens for little speed. `metadata` is the
-    export's graph metadata (`export_folder.graph_metadata`)."""
+    export's graph metadata (`export_folder.graph_metadata`).
+
+    Raises `ExportError` when nothing could be quantized: a Feedback model
+    runs its layers inside an ONNX `Loop`, which the quantizer does not
+    enter, and an "int8" file that computes in float32 would mislead.
+    """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -111,6 +120,13 @@ def quantize_int8(src: str, dst: str, metadata: str) -> str:
             nodes_to_exclude=head,
         )
     proto = onnx.load(dst)
+    if not any(node.op_type in QUANTIZED_OPS for node in proto.graph.node):
+        os.remove(dst)
+        raise ExportError(
+            f"--int8: ONNX Runtime's quantizer found no weight MatMul to quantize in "
+            f"{os.path.basename(src)} outside an ONNX Loop (a Feedback model runs its layers "
+            "inside one), so its int8 copy would compute in float32: export without --int8."
+        )
     proto.ir_version = max(IR_VERSION, min(proto.ir_version, 10))
     set_graph_metadata(proto, metadata)
     onnx.save(proto, dst)
