@@ -122,6 +122,23 @@ def test_versions_and_models_are_merged_not_overwritten(model_path, fakes, tmp_p
     assert sorted(os.listdir(out)) == [".lock", "onnx", "serving"]  # no temporary folder left
 
 
+def test_int8_prints_the_measured_tradeoff_beside_the_model_size(
+    model_path, fakes, tmp_path, capsys
+):
+    """Issue 31.5: small models gain little from int8; the export says what
+    was measured and how large this model is."""
+    import keras
+
+    from keras_primer.export.onnx_int8 import MEASURED_TRADEOFF
+
+    status, _, err = _run(capsys, model_path, "--out", tmp_path / "out", "--int8")
+    assert status == 0 and ("onnx", True) in fakes["calls"]
+    size = keras.saving.load_model(model_path).count_params()
+    assert f"keras-primer export: note: {MEASURED_TRADEOFF}; this model has {size:,}." in err
+    _, _, err = _run(capsys, model_path, "--out", tmp_path / "plain")
+    assert "--int8" not in err
+
+
 def test_existing_version_needs_overwrite(model_path, fakes, tmp_path, capsys):
     out = tmp_path / "out"
     assert _run(capsys, model_path, "--out", out, "--name", "m", "--max-new-tokens", 3)[0] == 0

@@ -352,6 +352,10 @@ def _write_and_move(o: ExportOptions, config, staging: str) -> dict:
             written["onnx"] = _relocate(
                 export_onnx(model, work_onnx, int8=o.int8), work_onnx, o.onnx_dir
             )
+            if o.int8:
+                from keras_primer.export.onnx_int8 import MEASURED_TRADEOFF
+
+                _say(f"note: {MEASURED_TRADEOFF}; this model has {model.count_params():,}.")
     # Every file is written and checked: move the results into place, all or
     # nothing: a failure or a Ctrl-C on the way puts back what was there.
     with INTERRUPTS.deferred():
