@@ -6,6 +6,7 @@ tests export for real); what is tested is what the command does around them.
 """
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -137,6 +138,46 @@ def test_int8_prints_the_measured_tradeoff_beside_the_model_size(
     assert f"keras-primer export: note: {MEASURED_TRADEOFF}; this model has {size:,}." in err
     _, _, err = _run(capsys, model_path, "--out", tmp_path / "plain")
     assert "--int8" not in err
+
+
+def test_export_from_another_backend_passes_on_the_subprocess_notes(
+    model_path, tmp_path, monkeypatch, capsys
+):
+    """`export_model` on JAX or PyTorch exports in a TensorFlow subprocess:
+    what that export says to its user (notes) reaches this process's stderr;
+    its error comes back as the `ExportError` raised here, not printed too."""
+    import subprocess as subprocess_module
+
+    from keras_primer.export import command
+
+    def fake_run(args, **kwargs):
+        result_file = args[args.index("--result-file") + 1]
+        with open(result_file, "w") as f:
+            json.dump({"written": {"name": "m"}}, f)
+        stderr = (
+            "2026 TensorFlow start-up log\n"
+            "keras-primer export: note: --int8 measured ...; this model has 1,234.\n"
+        )
+        return subprocess_module.CompletedProcess(args, 0, "", stderr)
+
+    monkeypatch.setattr(command, "_backend", lambda: "jax")
+    monkeypatch.setattr(command.subprocess, "run", fake_run)
+    assert command.export_model(model_path, str(tmp_path / "out")) == {"name": "m"}
+    err = capsys.readouterr().err
+    assert err == "keras-primer export: note: --int8 measured ...; this model has 1,234.\n"
+
+    def failing_run(args, **kwargs):
+        result_file = args[args.index("--result-file") + 1]
+        with open(result_file, "w") as f:
+            json.dump({"error": "--int8: nothing to quantize", "expected": True}, f)
+        return subprocess_module.CompletedProcess(
+            args, 2, "", "keras-primer export: error: --int8: nothing to quantize\n"
+        )
+
+    monkeypatch.setattr(command.subprocess, "run", failing_run)
+    with pytest.raises(errors.ExportError, match="--int8: nothing to quantize"):
+        command.export_model(model_path, str(tmp_path / "out"))
+    assert capsys.readouterr().err == ""
 
 
 def test_existing_version_needs_overwrite(model_path, fakes, tmp_path, capsys):

@@ -42,6 +42,8 @@ from keras_primer_cli.ownership import EXPORT_STAGING
 
 #: The default `max_new_tokens` of the `generate` signature, when the model has room.
 DEFAULT_MAX_NEW_TOKENS = 32
+# How the export's notes to its user start (and its errors: `+ "error:"`).
+SAY_PREFIX = "keras-primer export: "
 
 
 def _backend() -> str:
@@ -80,6 +82,10 @@ def export_model(model_path: str, out_dir: str, **options) -> dict:
             capture_output=True,
             text=True,
         )
+        # What the export said to its user (`_say`: notes, stale folders removed).
+        for line in process.stderr.splitlines():
+            if line.startswith(SAY_PREFIX) and not line.startswith(SAY_PREFIX + "error:"):
+                print(line, file=sys.stderr, flush=True)
         result = None
         if os.path.exists(result_file):
             with open(result_file) as f:
@@ -267,7 +273,7 @@ def remove_stale_staging(out_dir: str) -> list[str]:
 
 
 def _say(message: str) -> None:
-    print(f"keras-primer export: {printable(message)}", file=sys.stderr, flush=True)
+    print(f"{SAY_PREFIX}{printable(message)}", file=sys.stderr, flush=True)
 
 
 def run_export(options: ExportOptions) -> dict:
