@@ -135,7 +135,10 @@ def test_int8_prints_the_measured_tradeoff_beside_the_model_size(
     status, _, err = _run(capsys, model_path, "--out", tmp_path / "out", "--int8")
     assert status == 0 and ("onnx", True) in fakes["calls"]
     size = keras.saving.load_model(model_path).count_params()
-    assert f"keras-primer export: note: {MEASURED_TRADEOFF}; this model has {size:,}." in err
+    assert (
+        f"keras-primer export: note: {MEASURED_TRADEOFF}; this model has {size:,} parameters."
+        in err
+    )
     _, _, err = _run(capsys, model_path, "--out", tmp_path / "plain")
     assert "--int8" not in err
 

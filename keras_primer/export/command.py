@@ -361,7 +361,9 @@ def _write_and_move(o: ExportOptions, config, staging: str) -> dict:
             if o.int8:
                 from keras_primer.export.onnx_int8 import MEASURED_TRADEOFF
 
-                _say(f"note: {MEASURED_TRADEOFF}; this model has {model.count_params():,}.")
+                _say(
+                    f"note: {MEASURED_TRADEOFF}; this model has {model.count_params():,} parameters."
+                )
     # Every file is written and checked: move the results into place, all or
     # nothing: a failure or a Ctrl-C on the way puts back what was there.
     with INTERRUPTS.deferred():
