@@ -151,3 +151,30 @@ FRAMEWORKS = (
     "jax",
     "torch",
 )
+
+
+# Prepended to a script run as `python -c SCRIPT WHERE ARGV...` that sends
+# itself SIGINT (what Ctrl-C sends) at the point its `where` names:
+# `interrupt()` at once, `interrupt_during_gc()` inside a garbage collection
+# (where a raised `KeyboardInterrupt` is printed and lost).
+SIGINT_PREAMBLE = r"""
+import gc, os, signal, sys
+
+from keras_primer_cli.logging_setup import quiet_backend_logs
+
+quiet_backend_logs(False)  # as `keras-primer` does first
+where = sys.argv[1]
+
+def interrupt():
+    os.kill(os.getpid(), signal.SIGINT)
+
+def interrupt_during_gc():
+    def collecting(phase, info):
+        if phase == "start":
+            gc.callbacks.remove(collecting)
+            interrupt()
+            sum(range(1000))  # the handler runs here, inside the collection
+
+    gc.callbacks.append(collecting)
+    gc.collect()
+"""

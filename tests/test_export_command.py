@@ -15,6 +15,7 @@ import textwrap
 import threading
 
 import pytest
+from export_helpers import SIGINT_PREAMBLE
 
 from keras_primer_cli import errors, export_options, ownership
 
@@ -684,17 +685,7 @@ def test_a_failure_while_moving_into_place_puts_back_what_was_there(
 
 # Runs `keras-primer export ARGV` in a fresh interpreter that sends itself SIGINT
 # (what Ctrl-C sends) at one point (argv[1]). The exporters are small fakes.
-_INTERRUPTED_EXPORT = textwrap.dedent("""
-    import gc, os, signal, sys
-
-    from keras_primer_cli.logging_setup import quiet_backend_logs
-
-    quiet_backend_logs(False)  # as `keras-primer` does first
-    where = sys.argv[1]
-
-    def interrupt():
-        os.kill(os.getpid(), signal.SIGINT)
-
+_INTERRUPTED_EXPORT = SIGINT_PREAMBLE + textwrap.dedent("""
     if where == "before_tensorflow":
         import keras_primer_cli.export as cli
 
@@ -726,16 +717,8 @@ _INTERRUPTED_EXPORT = textwrap.dedent("""
             open(os.path.join(version_dir, "saved_model.pb"), "w").close()
             if where == "exporting":
                 interrupt()
-            elif where == "collecting_garbage":  # a raise in a gc callback is lost
-
-                def collecting(phase, info):
-                    if phase == "start":
-                        gc.callbacks.remove(collecting)
-                        interrupt()
-                        sum(range(1000))  # the handler runs here, inside the collection
-
-                gc.callbacks.append(collecting)
-                gc.collect()
+            elif where == "collecting_garbage":
+                interrupt_during_gc()
             return version_dir
 
         def fake_onnx(model, out_dir, int8=False):

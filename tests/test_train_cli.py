@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+from export_helpers import SIGINT_PREAMBLE
 
 from keras_primer_cli.errors import printable
 from keras_primer_cli.run_config import (
@@ -451,17 +452,7 @@ def test_run_folder_inside_data_is_not_corpus_and_extends(tmp_path, capsys):
 
 # Runs `keras-primer train ARGV` in a fresh interpreter that sends itself SIGINT
 # (what Ctrl-C sends) at one point (argv[1]).
-_INTERRUPTED_TRAIN = textwrap.dedent("""
-    import gc, os, signal, sys
-
-    from keras_primer_cli.logging_setup import quiet_backend_logs
-
-    quiet_backend_logs(False)  # as `keras-primer` does first
-    where = sys.argv[1]
-
-    def interrupt():
-        os.kill(os.getpid(), signal.SIGINT)
-
+_INTERRUPTED_TRAIN = SIGINT_PREAMBLE + textwrap.dedent("""
     if where == "before_keras":
         import keras_primer_cli.train as cli
 
@@ -484,16 +475,8 @@ _INTERRUPTED_TRAIN = textwrap.dedent("""
                 return
             if where == "training":
                 interrupt()
-            else:  # a raise inside a garbage-collector callback is lost
-
-                def collecting(phase, info):
-                    if phase == "start":
-                        gc.callbacks.remove(collecting)
-                        interrupt()
-                        sum(range(1000))  # the handler runs here, inside the collection
-
-                gc.callbacks.append(collecting)
-                gc.collect()
+            else:
+                interrupt_during_gc()
 
         def with_an_interrupt(run, lm, extra=None):
             callbacks = make_callbacks(run, lm, extra)
