@@ -142,7 +142,7 @@ def _matmul_nbits8(src, dst, block_size, accuracy_level, exclude=()):
     from onnx import helper, numpy_helper
     from onnxruntime.capi._pybind_state import quantize_matmul_8bits
 
-    from keras_primer.export.onnx_int8 import drop_unused_initializers  # imports keras_primer
+    from keras_primer.export.onnx_graph import drop_unused_initializers  # imports keras_primer
 
     model = onnx.load(src)
     graph = model.graph

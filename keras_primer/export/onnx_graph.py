@@ -135,11 +135,17 @@ def fuse_layer_norms(model) -> int:
         )
         fused += 1
     if fused:  # drop the initializers only the removed nodes read
-        used = _names_read(graph)
-        for init in list(graph.initializer):
-            if init.name not in used:
-                graph.initializer.remove(init)
+        drop_unused_initializers(graph)
     return fused
+
+
+def drop_unused_initializers(graph) -> None:
+    """Removes the initializers that nothing in `graph` reads (after a rewrite
+    replaced the nodes that did); names read inside subgraphs count."""
+    used = _names_read(graph)
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def _names_read(graph) -> set:

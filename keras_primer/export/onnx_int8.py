@@ -14,7 +14,11 @@ import tempfile
 
 import numpy as np
 
-from keras_primer.export.onnx_graph import IR_VERSION, set_graph_metadata
+from keras_primer.export.onnx_graph import (
+    IR_VERSION,
+    drop_unused_initializers,
+    set_graph_metadata,
+)
 from keras_primer_cli.errors import ExportError
 
 # What `--int8` was measured to give (docs/benchmarks.md, "int8"); the export
@@ -26,14 +30,6 @@ MEASURED_TRADEOFF = (
 )
 # The ops ORT's dynamic quantizer writes for a weight MatMul.
 QUANTIZED_OPS = frozenset({"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"})
-
-
-def drop_unused_initializers(graph) -> None:
-    """Removes the initializers no node reads (after a rewrite replaced them)."""
-    used = {name for node in graph.node for name in node.input}
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
 
 
 def gemms_as_matmuls(src: str, dst: str) -> str:
