@@ -202,7 +202,7 @@ class OrtGenerator:
         for position 0). The next state comes back as `OrtValue`s left on the
         session's device (no copy through NumPy), keyed by the same names.
         """
-        ort = _onnxruntime()
+        ort = self._ort
         token_ids = self._check_ids(token_ids)
         position = int(position)
         values = []
